@@ -1,0 +1,26 @@
+"""Test-session setup: four fake CPU devices so every sharded code path runs."""
+import os
+
+# Must happen before jax initialises its backends.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 4)
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long-running (large models); run with -m slow")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Skip @slow tests unless selected explicitly with -m slow or NSJAX_SLOW=1."""
+  if os.environ.get("NSJAX_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+    return
+  skip = pytest.mark.skip(reason="slow: run with `-m slow` or NSJAX_SLOW=1")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
