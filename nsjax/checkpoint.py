@@ -1,0 +1,98 @@
+"""Exported models: the artifact that hands a teacher to the next stage.
+
+An export directory holds
+  model.json   -- `nsjax.models.describe(model)` plus `metadata` (class names, provenance, ...);
+  variables/   -- an Orbax checkpoint of {"params", "batch_stats"} (the EMA values for trained runs).
+Restoring needs nothing but the directory: the model is rebuilt from model.json, and its
+`jax.eval_shape` gives Orbax a target, so leaves come back as arrays in the right tree (Orbax
+restore without a target turns tuples into lists).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from nsjax import models
+
+MODEL_JSON = "model.json"
+VARIABLES_DIR = "variables"
+
+
+def _atomic_write_text(path: epath.Path, text: str) -> None:
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp.write_text(text)
+  tmp.rename(path)
+
+
+def abstract_variables(model: models.EfficientNet, resolution: int | None = None) -> Any:
+  """ShapeDtypeStructs of {"params", "batch_stats"} without allocating them."""
+  res = resolution or model.test_resolution
+  x = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def export_model(directory: str | os.PathLike, model: models.EfficientNet, variables: Any,
+                 metadata: dict[str, Any] | None = None) -> epath.Path:
+  """Writes model.json and the variables; the variables are committed first, model.json last.
+
+  model.json's presence marks a complete export (`is_exported`), so a crash mid-export never leaves
+  a directory that looks finished. Multi-host safe: every process calls it, Orbax coordinates.
+  """
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  var_dir = directory / VARIABLES_DIR
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(var_dir, variables, force=True)
+  if jax.process_index() == 0:
+    description = {"model": models.describe(model), "metadata": metadata or {}}
+    _atomic_write_text(directory / MODEL_JSON, json.dumps(description, indent=2, sort_keys=True))
+  return directory
+
+
+def is_exported(directory: str | os.PathLike) -> bool:
+  directory = epath.Path(directory)
+  return (directory / MODEL_JSON).exists() and (directory / VARIABLES_DIR).exists()
+
+
+def read_description(directory: str | os.PathLike) -> dict[str, Any]:
+  directory = epath.Path(directory)
+  if not is_exported(directory):
+    raise FileNotFoundError(
+        f"No exported model at {directory}: expected {MODEL_JSON} and {VARIABLES_DIR}/ there. "
+        "Export one with nsjax.checkpoint.export_model, run the stage that produces it, or convert "
+        "an official TF checkpoint with `python -m nsjax.tools.convert_checkpoint`.")
+  return json.loads((directory / MODEL_JSON).read_text())
+
+
+def load_exported(directory: str | os.PathLike, shardings: Any = None,
+                  **model_overrides: Any) -> tuple[models.EfficientNet, Any, dict[str, Any]]:
+  """(model, variables, metadata) from an export. `model_overrides` e.g. dtype="bfloat16"."""
+  description = read_description(directory)
+  config = dict(description["model"], **model_overrides)
+  model = models.model_from_config(config)
+  abstract = abstract_variables(model)
+  if shardings is not None:
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(epath.Path(directory) / VARIABLES_DIR, abstract)
+  return model, variables, description["metadata"]
+
+
+def params_sha256(params: Any) -> str:
+  """A hash of the parameters' bytes in tree order (for summaries and bitwise-resume checks)."""
+  import hashlib
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                           key=lambda kv: jax.tree_util.keystr(kv[0])):
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.asarray(jax.device_get(leaf)).tobytes())
+  return h.hexdigest()

@@ -1,0 +1,66 @@
+"""Model registry: `create_model(name, num_classes, **overrides)` and the spec table."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from nsjax.models.efficientnet import EfficientNet
+from nsjax.models.specs import MODEL_SPECS, ModelSpec, get_spec
+
+OVERRIDABLE = ("width", "depth", "dropout_rate", "stochastic_depth_rate", "small_image", "dtype",
+               "depthwise_impl", "frozen_blocks", "train_resolution", "test_resolution")
+DTYPES = ("float32", "bfloat16")
+
+
+def model_config(name: str, num_classes: int, **overrides: Any) -> dict[str, Any]:
+  """The JSON-serialisable description of a model: spec defaults with `overrides` applied.
+
+  `resolution` is a shorthand that sets both train and test resolution.
+  """
+  spec = get_spec(name)
+  if "resolution" in overrides:
+    res = overrides.pop("resolution")
+    overrides.setdefault("train_resolution", res)
+    overrides.setdefault("test_resolution", res)
+  unknown = sorted(set(overrides) - set(OVERRIDABLE))
+  if unknown:
+    raise ValueError(f"Unknown model override(s) {unknown}; valid: {', '.join(OVERRIDABLE)}, "
+                     "resolution.")
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+  config = dict(model_name=name, num_classes=num_classes, width=spec.width, depth=spec.depth,
+                dropout_rate=spec.dropout_rate, stochastic_depth_rate=0.2, small_image=False,
+                dtype="float32", depthwise_impl="auto", frozen_blocks=-1,
+                train_resolution=spec.train_resolution, test_resolution=spec.test_resolution)
+  config.update(overrides)
+  if config["dtype"] not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}.")
+  for key in ("dropout_rate", "stochastic_depth_rate"):
+    if not 0.0 <= config[key] < 1.0:
+      raise ValueError(f"{key} must be in [0, 1), got {config[key]}.")
+  return config
+
+
+def create_model(name: str, num_classes: int, **overrides: Any) -> EfficientNet:
+  """An EfficientNet (`efficientnet-b0` ... `-b7`, `-l0`, `-l1`, `-l2`) with optional overrides.
+
+  Overrides: width, depth, dropout_rate, stochastic_depth_rate, small_image, dtype ("float32" or
+  "bfloat16"), depthwise_impl, frozen_blocks, train_resolution, test_resolution, resolution.
+  """
+  return EfficientNet(**model_config(name, num_classes, **overrides))
+
+
+def model_from_config(config: dict[str, Any]) -> EfficientNet:
+  """Rebuilds a model from `model_config(...)` output (e.g. read back from an exported teacher)."""
+  config = dict(config)
+  return create_model(config.pop("model_name"), config.pop("num_classes"), **config)
+
+
+def describe(model: EfficientNet) -> dict[str, Any]:
+  """The model's fields as a JSON-ready dict (inverse of `model_from_config`)."""
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+          if f.name in ("model_name", "num_classes") + OVERRIDABLE}
+
+
+__all__ = ["EfficientNet", "MODEL_SPECS", "ModelSpec", "create_model", "describe", "get_spec",
+           "model_config", "model_from_config"]

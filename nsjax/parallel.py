@@ -1,0 +1,78 @@
+"""The one parallel code path: `jax.jit` over a 1-D `data` mesh with `NamedSharding`.
+
+Batches are sharded along their leading axis over `data`. Parameters are replicated by default;
+`fsdp_sharding` shards each large array's biggest divisible axis over `data` instead (for L1/L2).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D mesh over all (or the first `num_devices`) global devices, with Auto axis types.
+
+  Auto (not Explicit) axis types keep sharding a property of the arrays and of jit's in/out
+  shardings, as in pjit; jax>=0.7 defaults `make_mesh` to Explicit.
+  """
+  devices = jax.devices()
+  if num_devices is not None:
+    if num_devices > len(devices):
+      raise ValueError(f"Asked for a mesh of {num_devices} devices but only {len(devices)} exist.")
+    devices = devices[:num_devices]
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def fsdp_spec(shape: tuple[int, ...], num_shards: int, min_size: int = 2**14) -> P:
+  """Shard the largest axis divisible by `num_shards`; small or indivisible arrays stay replicated."""
+  if num_shards <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % num_shards == 0:
+      spec = [None] * len(shape)
+      spec[axis] = DATA_AXIS
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(mesh: Mesh, abstract_tree: Any, fsdp: bool = False) -> Any:
+  """Shardings for a pytree of arrays / ShapeDtypeStructs: replicated, or FSDP over `data`."""
+  n = mesh.shape[DATA_AXIS]
+
+  def one(x):
+    if not fsdp or not hasattr(x, "shape"):
+      return replicated(mesh)
+    return NamedSharding(mesh, fsdp_spec(tuple(x.shape), n))
+
+  return jax.tree.map(one, abstract_tree)
+
+
+def global_batch_from_local(local_batch: Any, mesh: Mesh) -> Any:
+  """Per-process numpy batch (leading axis = local batch) -> global `jax.Array`s sharded over data."""
+  sharding = data_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
+  """The slice of a global batch that this process feeds; checks divisibility up front."""
+  num_devices = mesh.size if mesh is not None else jax.device_count()
+  if global_batch_size % num_devices:
+    raise ValueError(f"Global batch size {global_batch_size} is not divisible by the number of "
+                     f"devices ({num_devices}); choose a multiple of {num_devices}.")
+  return global_batch_size // jax.process_count()

@@ -1,0 +1,167 @@
+"""EfficientNet family: exact sizes, formulation equivalence, noise only in train mode."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nsjax import models
+from nsjax.models import layers, specs
+
+
+def count_params(model, resolution=32):
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, resolution, resolution, 3)), train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"])), abstract
+
+
+@pytest.mark.parametrize("name", list(models.MODEL_SPECS))
+def test_parameter_counts_match_reference(name):
+  spec = models.get_spec(name)
+  n, abstract = count_params(models.create_model(name, 1000))
+  assert n == spec.reference_params
+  assert set(abstract) == {"params", "batch_stats"}
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract["params"]))
+
+
+def test_block_counts_and_official_names():
+  model = models.create_model("efficientnet-b0", 10)
+  _, abstract = count_params(model)
+  params = abstract["params"]
+  assert len(model.blocks) == 16
+  assert set(params["blocks_0"]) == {"depthwise_conv2d", "tpu_batch_normalization", "se",
+                                     "conv2d", "tpu_batch_normalization_1"}
+  assert set(params["blocks_1"]) == {"conv2d", "tpu_batch_normalization", "depthwise_conv2d",
+                                     "tpu_batch_normalization_1", "se", "conv2d_1",
+                                     "tpu_batch_normalization_2"}
+  # SE is sized from the block's INPUT filters (16 * 0.25 = 4), not the expanded width (96).
+  assert params["blocks_1"]["se"]["conv2d"]["kernel"].shape == (1, 1, 96, 4)
+  assert params["blocks_1"]["depthwise_conv2d"]["kernel"].shape == (3, 3, 1, 96)
+  assert params["head"]["dense"]["kernel"].shape == (1280, 10)
+
+
+def test_round_filters_official_rule():
+  assert specs.round_filters(32, 1.0) == 32
+  assert specs.round_filters(32, 4.3) == 136
+  assert specs.round_filters(1280, 2.0) == 2560
+  assert specs.round_filters(16, 0.1) == 8  # never below the divisor
+  assert specs.round_repeats(3, 3.1) == 10
+
+
+def test_small_image_variant_keeps_resolution_longer():
+  big = models.create_model("efficientnet-b0", 10)
+  small = models.create_model("efficientnet-b0", 10, small_image=True)
+  assert [b.stride for b in big.blocks if b.stride == 2] == [2, 2, 2, 2]
+  assert sum(b.stride == 2 for b in small.blocks) == 2
+  x = jnp.zeros((1, 32, 32, 3))
+  feats = lambda m: m.apply(m.init(jax.random.key(0), x), x).shape
+  assert feats(small) == (1, 10)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("size", [7, 8])
+def test_shift_depthwise_equals_xla_conv(stride, kernel, size):
+  x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 6))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6))
+  out = {impl: layers.depthwise_conv(x, w, stride, impl) for impl in ("xla", "shift")}
+  np.testing.assert_allclose(out["shift"], out["xla"], rtol=1e-5, atol=1e-5)
+  assert out["xla"].shape[1] == -(-size // stride)
+  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(layers.depthwise_conv(x, w, stride, impl)))
+  g_xla = jax.grad(loss("xla"), (0, 1))(x, w)
+  g_shift = jax.grad(loss("shift"), (0, 1))(x, w)
+  for a, b in zip(g_shift, g_xla):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_same_padding_matches_tf_rule():
+  assert layers.same_padding(224, 3, 2) == ((0, 1), 112)
+  assert layers.same_padding(224, 5, 2) == ((1, 2), 112)
+  assert layers.same_padding(113, 3, 2) == ((1, 1), 57)
+  assert layers.same_padding(7, 5, 1) == ((2, 2), 7)
+
+
+def tiny(**kw):
+  kw = dict(dict(width=0.25, depth=0.25, dropout_rate=0.5, stochastic_depth_rate=0.5), **kw)
+  return models.create_model("efficientnet-b0", 5, **kw)
+
+
+def test_noise_only_in_train_mode():
+  model = tiny()
+  x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x)
+  eval_a = model.apply(variables, x, train=False)
+  eval_b = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  train = lambda seed: model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(seed)},
+                                   mutable=["batch_stats"])[0]
+  np.testing.assert_array_equal(train(0), train(0))  # deterministic given the rng
+  assert not np.allclose(train(0), train(1))  # noise depends on the rng
+  no_noise = tiny(dropout_rate=0.0, stochastic_depth_rate=0.0)
+  t0 = no_noise.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)},
+                      mutable=["batch_stats"])[0]
+  t1 = no_noise.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)},
+                      mutable=["batch_stats"])[0]
+  np.testing.assert_array_equal(t0, t1)
+
+
+def test_drop_rates_follow_linear_schedule():
+  model = models.create_model("efficientnet-b0", 10)
+  rates = model.block_drop_rates()
+  assert len(rates) == 16 and rates[0] == 0.0
+  np.testing.assert_allclose(rates, [0.2 * i / 16 for i in range(16)])
+
+
+def test_drop_connect_is_per_example_and_unbiased():
+  x = jnp.ones((20000, 2, 2, 3))
+  y = layers.drop_connect(x, 0.25, jax.random.key(0))
+  per_example = np.asarray(y[:, 0, 0, 0])
+  assert set(np.unique(per_example)) <= {0.0, np.float32(1 / 0.75)}
+  assert np.all(np.asarray(y) == per_example[:, None, None, None])  # whole example kept or dropped
+  assert abs(per_example.mean() - 1.0) < 0.03
+  assert abs((per_example == 0).mean() - 0.25) < 0.02
+
+
+def test_bfloat16_compute_with_float32_params():
+  model = tiny(dtype="bfloat16")
+  x = jnp.ones((2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+  logits = model.apply(variables, x)
+  assert logits.dtype == jnp.float32
+  ref = tiny().apply(variables, x)
+  np.testing.assert_allclose(logits, ref, rtol=0.1, atol=0.1)
+
+
+def test_frozen_blocks_use_running_stats_and_block_gradients():
+  model = tiny(frozen_blocks=2)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x)
+
+  def loss(params):
+    out, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                               train=True, rngs={"dropout": jax.random.key(0)},
+                               mutable=["batch_stats"])
+    return jnp.sum(out ** 2), updates
+
+  grads, updates = jax.grad(loss, has_aux=True)(variables["params"])
+  for frozen in ("stem", "blocks_0", "blocks_1"):
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads[frozen]))
+    jax.tree.map(np.testing.assert_array_equal, updates["batch_stats"][frozen],
+                 variables["batch_stats"][frozen])
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["blocks_2"]))
+
+
+def test_bad_names_and_overrides_fail_clearly():
+  with pytest.raises(ValueError, match="Unknown model 'efficientnet-b9'.*efficientnet-l2"):
+    models.create_model("efficientnet-b9", 10)
+  with pytest.raises(ValueError, match="Unknown model override"):
+    models.create_model("efficientnet-b0", 10, widht=2.0)
+  with pytest.raises(ValueError, match="dtype"):
+    models.create_model("efficientnet-b0", 10, dtype="float16")
+
+
+def test_config_round_trip():
+  model = tiny(resolution=48)
+  again = models.model_from_config(models.describe(model))
+  assert again == model
+  assert model.train_resolution == model.test_resolution == 48
