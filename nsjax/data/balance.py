@@ -1,0 +1,124 @@
+"""Filtering and class balancing of pseudo labels, as the official offline mode.
+
+1. Per predicted class, a histogram of top-1 confidence in 0.01 bins (summed over shards and hosts).
+2. Per class, walk the bins from 1.00 down until the cumulative count reaches `num_image`; that bin's
+   lower edge is the class threshold, never below `min_threshold`. Keep images at or above it.
+3. Each kept image gets copies c = num_image / kept_count(class), stochastically rounded
+   (floor(c) + Bernoulli(frac(c))): full classes are subsampled, rare classes duplicated.
+Copies are applied at read time (no physical duplicates), deterministic for a seed and source id.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+NUM_BINS = 100  # 0.01-wide confidence bins
+
+
+def confidence_bins(confidence: np.ndarray) -> np.ndarray:
+  """Bin index of each top-1 probability: [0, 0.01) -> 0, ..., [0.99, 1.0] -> 99."""
+  return np.clip(np.floor(np.asarray(confidence, np.float64) * NUM_BINS), 0, NUM_BINS - 1).astype(
+      np.int64)
+
+
+def class_histograms(pred_class: np.ndarray, confidence: np.ndarray, num_classes: int) -> np.ndarray:
+  """[num_classes, 100] counts of top-1 confidence per predicted class; add them to merge shards."""
+  hist = np.zeros((num_classes, NUM_BINS), np.int64)
+  np.add.at(hist, (np.asarray(pred_class, np.int64), confidence_bins(confidence)), 1)
+  return hist
+
+
+def class_thresholds(hist: np.ndarray, num_image: int, min_threshold: float = 0.3) -> np.ndarray:
+  """Per-class confidence threshold keeping about `num_image` images (never below min_threshold)."""
+  if num_image < 1:
+    raise ValueError(f"num_image (images per class after balancing) must be >= 1, got {num_image}.")
+  if not 0.0 <= min_threshold < 1.0:
+    raise ValueError(f"min_threshold must be in [0, 1), got {min_threshold}.")
+  min_bin = int(round(min_threshold * NUM_BINS))
+  thresholds = np.full(hist.shape[0], min_threshold, np.float64)
+  for c, counts in enumerate(hist):
+    cumulative = 0
+    for b in range(NUM_BINS - 1, min_bin - 1, -1):
+      cumulative += counts[b]
+      if cumulative >= num_image:
+        thresholds[c] = max(b / NUM_BINS, min_threshold)
+        break
+  return thresholds
+
+
+def kept_counts(hist: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+  """Images per class at or above that class's threshold (bin-exact, like `keep_mask`)."""
+  first_bin = np.round(np.asarray(thresholds) * NUM_BINS).astype(np.int64)
+  return np.array([counts[b:].sum() for counts, b in zip(hist, first_bin)], np.int64)
+
+
+def keep_mask(pred_class: np.ndarray, confidence: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+  """Compares in bin units so that the mask agrees exactly with the histogram counts."""
+  first_bin = np.round(np.asarray(thresholds) * NUM_BINS).astype(np.int64)
+  return confidence_bins(confidence) >= first_bin[np.asarray(pred_class, np.int64)]
+
+
+def copy_factors(kept: np.ndarray, num_image: int) -> np.ndarray:
+  """num_image / kept per class (0 where nothing was kept)."""
+  kept = np.asarray(kept, np.float64)
+  return np.where(kept > 0, num_image / np.maximum(kept, 1), 0.0)
+
+
+_HASH_BUCKETS = 2**53  # exactly representable in float64
+
+
+def uniform_from_id(seed: int, source_id) -> tf.Tensor:
+  """U[0,1) draws that depend only on (seed, source id): stable across shards, hosts and reruns.
+
+  Keyed SipHash of the id (tf.strings.to_hash_bucket_strong), so the same function serves eager
+  code and tf.data graphs. `source_id`: a string / bytes or a tensor of them.
+  """
+  bucket = tf.strings.to_hash_bucket_strong(source_id, _HASH_BUCKETS, key=[int(seed), 0x6e736a6178])
+  return tf.cast(bucket, tf.float64) / _HASH_BUCKETS
+
+
+def stochastic_round(factor: float, u: float) -> int:
+  """floor(c) + Bernoulli(frac(c)) with the given uniform draw u."""
+  whole = math.floor(factor)
+  return int(whole + (1 if u < factor - whole else 0))
+
+
+@dataclasses.dataclass
+class BalancePlan:
+  """Everything the student's reader needs to filter and balance, plus statistics for the report."""
+  num_image: int
+  min_threshold: float
+  seed: int
+  thresholds: list[float]
+  histogram: list[list[int]]
+  kept: list[int]
+  factors: list[float]
+
+  def copies(self, pred_class: int, confidence: float, source_id: str | bytes) -> int:
+    """How many times this pseudo-labeled image is read per pass (0 = filtered out)."""
+    if confidence_bins(np.asarray([confidence]))[0] < round(self.thresholds[pred_class] * NUM_BINS):
+      return 0
+    u = float(uniform_from_id(self.seed, source_id))
+    return stochastic_round(self.factors[pred_class], u)
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: dict[str, Any]) -> "BalancePlan":
+    return cls(**data)
+
+
+def plan_balance(hist: np.ndarray, num_image: int, min_threshold: float = 0.3,
+                 seed: int = 0) -> BalancePlan:
+  """From merged histograms to thresholds, kept counts and copy factors."""
+  thresholds = class_thresholds(hist, num_image, min_threshold)
+  kept = kept_counts(hist, thresholds)
+  return BalancePlan(num_image=int(num_image), min_threshold=float(min_threshold), seed=int(seed),
+                     thresholds=[float(t) for t in thresholds], histogram=hist.tolist(),
+                     kept=[int(k) for k in kept],
+                     factors=[float(f) for f in copy_factors(kept, num_image)])

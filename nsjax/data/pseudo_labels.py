@@ -1,0 +1,214 @@
+"""Pseudo-labeled shards: self-contained TFRecords written atomically, indexed by manifests.
+
+A record (tf.train.Example) holds
+  image       -- the source's encoded image bytes (decoded again by the student's pipeline);
+  probs       -- the teacher's probabilities as float16 bytes: all classes, or the top-k values;
+  classes     -- the top-k class indices (absent when all classes are stored);
+  label       -- argmax class;  confidence -- top-1 probability;  id -- the source id.
+Each host writes its own shards `shard-h<host>-<index>.tfrecord` (temporary name, then rename) and,
+after each, rewrites its `manifest-h<host>.json` (also atomically) with the shard list and the
+running per-class confidence histogram. A rerun reads the manifest and resumes after the last
+recorded shard, so a killed job loses at most the shard in flight. `merge_manifests` sums the hosts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+import numpy as np
+import tensorflow as tf
+
+from nsjax.data import balance
+
+MANIFEST = "manifest.json"
+
+
+def _atomic_write_bytes(path: str, write_fn) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  write_fn(tmp)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def atomic_write_json(path: str, data: Any) -> None:
+  def write(tmp):
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      f.write(json.dumps(data, indent=1, sort_keys=True))
+  _atomic_write_bytes(path, write)
+
+
+def read_json(path: str) -> Any:
+  with tf.io.gfile.GFile(path) as f:
+    return json.loads(f.read())
+
+
+def host_manifest_path(directory: str, host: int) -> str:
+  return os.path.join(directory, f"manifest-h{host:03d}.json")
+
+
+def _bytes(values):
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+
+
+def _ints(values):
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+
+def _floats(values):
+  return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+
+
+def encode_record(image: bytes, probs: np.ndarray, source_id: bytes, top_k: int = 0) -> bytes:
+  """One serialised example. `probs` is the full [num_classes] distribution (float)."""
+  probs = np.asarray(probs, np.float32)
+  label = int(np.argmax(probs))
+  feature = {"image": _bytes([image]), "id": _bytes([source_id]), "label": _ints([label]),
+             "confidence": _floats([float(probs[label])])}
+  if top_k:
+    classes = np.argsort(-probs, kind="stable")[:top_k]
+    feature["classes"] = _ints(classes.tolist())
+    feature["probs"] = _bytes([probs[classes].astype(np.float16).tobytes()])
+  else:
+    feature["probs"] = _bytes([probs.astype(np.float16).tobytes()])
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+class HostShardWriter:
+  """Writes one host's shards in order and keeps its manifest current (resumable)."""
+
+  def __init__(self, directory: str, host: int, num_classes: int, top_k: int = 0):
+    self.directory, self.host = directory, host
+    tf.io.gfile.makedirs(directory)
+    path = host_manifest_path(directory, host)
+    if tf.io.gfile.exists(path):
+      self.manifest = read_json(path)
+      if self.manifest["num_classes"] != num_classes or self.manifest["top_k"] != top_k:
+        raise ValueError(
+            f"{path} was written with num_classes={self.manifest['num_classes']}, "
+            f"top_k={self.manifest['top_k']}, but this run uses num_classes={num_classes}, "
+            f"top_k={top_k}. Use a fresh workdir or delete {directory} to relabel.")
+    else:
+      self.manifest = {"host": host, "num_classes": num_classes, "top_k": top_k, "shards": [],
+                       "histogram": np.zeros((num_classes, balance.NUM_BINS), int).tolist(),
+                       "num_skipped": 0, "complete": False}
+
+  @property
+  def num_examples_done(self) -> int:
+    return sum(s["count"] for s in self.manifest["shards"])
+
+  @property
+  def num_shards_done(self) -> int:
+    return len(self.manifest["shards"])
+
+  def write_shard(self, images: list[bytes], probs: np.ndarray, ids: list[bytes],
+                  num_skipped: int = 0) -> str:
+    """Writes shard number `num_shards_done` and records it; returns its file name."""
+    name = f"shard-h{self.host:03d}-{self.num_shards_done:05d}.tfrecord"
+    top_k = self.manifest["top_k"]
+
+    def write(tmp):
+      with tf.io.TFRecordWriter(tmp) as w:
+        for image, p, i in zip(images, probs, ids):
+          w.write(encode_record(image, p, i, top_k))
+
+    _atomic_write_bytes(os.path.join(self.directory, name), write)
+    probs = np.asarray(probs, np.float32)
+    hist = balance.class_histograms(probs.argmax(-1), probs.max(-1), self.manifest["num_classes"])
+    self.manifest["histogram"] = (np.asarray(self.manifest["histogram"]) + hist).tolist()
+    self.manifest["shards"].append({"file": name, "count": len(images)})
+    self.manifest["num_skipped"] += int(num_skipped)
+    self._save()
+    return name
+
+  def finish(self) -> None:
+    self.manifest["complete"] = True
+    self._save()
+
+  def _save(self):
+    atomic_write_json(host_manifest_path(self.directory, self.host), self.manifest)
+
+
+def merge_manifests(directory: str, num_hosts: int) -> dict[str, Any]:
+  """Sums the hosts' manifests into manifest.json (call on one process after all hosts finish)."""
+  hosts = [read_json(host_manifest_path(directory, h)) for h in range(num_hosts)]
+  incomplete = [h["host"] for h in hosts if not h["complete"]]
+  if incomplete:
+    raise RuntimeError(f"Pseudo-labeling in {directory} is incomplete on hosts {incomplete}; "
+                       "rerun the label stage to finish it.")
+  merged = {"num_classes": hosts[0]["num_classes"], "top_k": hosts[0]["top_k"],
+            "shards": [s for h in hosts for s in h["shards"]],
+            "histogram": np.sum([h["histogram"] for h in hosts], axis=0).tolist(),
+            "num_skipped": sum(h["num_skipped"] for h in hosts)}
+  merged["num_examples"] = sum(s["count"] for s in merged["shards"])
+  atomic_write_json(os.path.join(directory, MANIFEST), merged)
+  return merged
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, MANIFEST)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"No pseudo-label manifest at {path}: run the label stage first.")
+  return read_json(path)
+
+
+_FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "id": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64),
+    "confidence": tf.io.FixedLenFeature([], tf.float32),
+    "probs": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def parse_fn(num_classes: int, top_k: int):
+  """record -> {image (encoded), id, label, confidence, probs [num_classes] float32}.
+
+  With top-k storage the dense distribution is the stored mass scattered and renormalised.
+  """
+  features = dict(_FEATURES)
+  if top_k:
+    features["classes"] = tf.io.FixedLenFeature([top_k], tf.int64)
+
+  def parse(record):
+    ex = tf.io.parse_single_example(record, features)
+    probs = tf.cast(tf.io.decode_raw(ex.pop("probs"), tf.float16), tf.float32)
+    if top_k:
+      probs = tf.scatter_nd(ex.pop("classes")[:, None], probs, [num_classes])
+    ex["probs"] = probs / tf.reduce_sum(probs)
+    ex["label"] = tf.cast(ex["label"], tf.int32)
+    return ex
+
+  return parse
+
+
+def read_dataset(directory: str, files: Iterable[str] | None = None) -> tf.data.Dataset:
+  """All pseudo-labeled records of a finished label stage, in shard order (single pass)."""
+  manifest = read_manifest(directory)
+  names = list(files) if files is not None else [s["file"] for s in manifest["shards"]]
+  paths = [os.path.join(directory, n) for n in names]
+  ds = tf.data.TFRecordDataset(paths)
+  return ds.map(parse_fn(manifest["num_classes"], manifest["top_k"]),
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def balanced_dataset(directory: str, plan: balance.BalancePlan,
+                     files: Iterable[str] | None = None) -> tf.data.Dataset:
+  """Filtered and balanced at read time: each record repeated `plan.copies(...)` times (0 = dropped).
+
+  The same arithmetic as `BalancePlan.copies`, in the graph, so nothing is duplicated on disk.
+  """
+  first_bin = tf.constant(np.round(np.asarray(plan.thresholds) * balance.NUM_BINS), tf.int64)
+  factors = tf.constant(plan.factors, tf.float64)
+
+  def num_copies(ex):
+    bin_ = tf.minimum(tf.cast(tf.floor(tf.cast(ex["confidence"], tf.float64) * balance.NUM_BINS),
+                              tf.int64), balance.NUM_BINS - 1)
+    keep = bin_ >= tf.gather(first_bin, ex["label"])
+    factor = tf.gather(factors, ex["label"])
+    whole = tf.floor(factor)
+    extra = balance.uniform_from_id(plan.seed, ex["id"]) < factor - whole
+    copies = tf.cast(whole, tf.int64) + tf.cast(extra, tf.int64)
+    return tf.where(keep, copies, tf.constant(0, tf.int64))
+
+  ds = read_dataset(directory, files)
+  return ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(num_copies(ex)))
