@@ -20,15 +20,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from nsjax import models
+from nsjax.files import atomic_write_text
 
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
-
-
-def _atomic_write_text(path: epath.Path, text: str) -> None:
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_text(text)
-  tmp.rename(path)
 
 
 def abstract_variables(model: models.EfficientNet, resolution: int | None = None) -> Any:
@@ -53,7 +48,7 @@ def export_model(directory: str | os.PathLike, model: models.EfficientNet, varia
     ckptr.save(var_dir, variables, force=True)
   if jax.process_index() == 0:
     description = {"model": models.describe(model), "metadata": metadata or {}}
-    _atomic_write_text(directory / MODEL_JSON, json.dumps(description, indent=2, sort_keys=True))
+    atomic_write_text(str(directory / MODEL_JSON), json.dumps(description, indent=2, sort_keys=True))
   return directory
 
 

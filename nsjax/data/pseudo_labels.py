@@ -12,7 +12,6 @@ recorded shard, so a killed job loses at most the shard in flight. `merge_manife
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterable
 
@@ -20,26 +19,9 @@ import numpy as np
 import tensorflow as tf
 
 from nsjax.data import balance
+from nsjax.files import atomic_write, atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
-
-
-def _atomic_write_bytes(path: str, write_fn) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  write_fn(tmp)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def atomic_write_json(path: str, data: Any) -> None:
-  def write(tmp):
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      f.write(json.dumps(data, indent=1, sort_keys=True))
-  _atomic_write_bytes(path, write)
-
-
-def read_json(path: str) -> Any:
-  with tf.io.gfile.GFile(path) as f:
-    return json.loads(f.read())
 
 
 def host_manifest_path(directory: str, host: int) -> str:
@@ -111,7 +93,7 @@ class HostShardWriter:
         for image, p, i in zip(images, probs, ids):
           w.write(encode_record(image, p, i, top_k))
 
-    _atomic_write_bytes(os.path.join(self.directory, name), write)
+    atomic_write(os.path.join(self.directory, name), write)
     probs = np.asarray(probs, np.float32)
     hist = balance.class_histograms(probs.argmax(-1), probs.max(-1), self.manifest["num_classes"])
     self.manifest["histogram"] = (np.asarray(self.manifest["histogram"]) + hist).tolist()
