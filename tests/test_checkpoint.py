@@ -11,13 +11,14 @@ def test_export_then_load_gives_same_logits(tmp_path):
   model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, small_image=True,
                               resolution=16)
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  variables = model.init(jax.random.key(1), x)
+  variables = jax.jit(model.init)(jax.random.key(1), x)
   export = tmp_path / "teacher"
   checkpoint.export_model(export, model, variables, {"class_names": ["a", "b", "c"]})
   assert checkpoint.is_exported(export)
   restored_model, restored, metadata = checkpoint.load_exported(export)
   assert restored_model == model and metadata == {"class_names": ["a", "b", "c"]}
-  np.testing.assert_array_equal(restored_model.apply(restored, x), model.apply(variables, x))
+  np.testing.assert_array_equal(jax.jit(restored_model.apply)(restored, x),
+                                jax.jit(model.apply)(variables, x))
   assert checkpoint.params_sha256(restored["params"]) == checkpoint.params_sha256(variables["params"])
   bumped = jax.tree.map(lambda p: p + 1e-7, variables["params"])
   assert checkpoint.params_sha256(bumped) != checkpoint.params_sha256(variables["params"])
