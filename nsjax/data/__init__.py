@@ -1,0 +1,1 @@
+"""Input pipelines: decoding, preprocessing views and RandAugment, all as tf.data-friendly TF ops."""
