@@ -76,3 +76,24 @@ def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
     raise ValueError(f"Global batch size {global_batch_size} is not divisible by the number of "
                      f"devices ({num_devices}); choose a multiple of {num_devices}.")
   return global_batch_size // jax.process_count()
+
+
+def process_local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in local-batch order (inverse of
+  `global_batch_from_local`)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  seen, parts = set(), []
+  for shard in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+    start = shard.index[0].start or 0
+    if start not in seen:  # replicas of the same rows on several local devices
+      seen.add(start)
+      parts.append(np.asarray(shard.data))
+  return np.concatenate(parts)
+
+
+def sync(name: str) -> None:
+  """A barrier across hosts (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -163,19 +163,26 @@ def parse_fn(num_classes: int, top_k: int):
   return parse
 
 
-def read_dataset(directory: str, files: Iterable[str] | None = None) -> tf.data.Dataset:
-  """All pseudo-labeled records of a finished label stage, in shard order (single pass)."""
+def shard_paths(directory: str, files: Iterable[str] | None = None) -> list[str]:
+  """Full paths of the shards (all of them, in manifest order, unless `files` names some)."""
   manifest = read_manifest(directory)
   names = list(files) if files is not None else [s["file"] for s in manifest["shards"]]
-  paths = [os.path.join(directory, n) for n in names]
-  ds = tf.data.TFRecordDataset(paths)
-  return ds.map(parse_fn(manifest["num_classes"], manifest["top_k"]),
-                num_parallel_calls=tf.data.AUTOTUNE)
+  return [os.path.join(directory, n) for n in names]
 
 
-def balanced_dataset(directory: str, plan: balance.BalancePlan,
-                     files: Iterable[str] | None = None) -> tf.data.Dataset:
-  """Filtered and balanced at read time: each record repeated `plan.copies(...)` times (0 = dropped).
+def parse_records(records: tf.data.Dataset, directory: str) -> tf.data.Dataset:
+  manifest = read_manifest(directory)
+  return records.map(parse_fn(manifest["num_classes"], manifest["top_k"]),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def read_dataset(directory: str, files: Iterable[str] | None = None) -> tf.data.Dataset:
+  """All pseudo-labeled records of a finished label stage, in shard order (single pass)."""
+  return parse_records(tf.data.TFRecordDataset(shard_paths(directory, files)), directory)
+
+
+def apply_balance(examples: tf.data.Dataset, plan: balance.BalancePlan) -> tf.data.Dataset:
+  """Filtered and balanced at read time: each example repeated `plan.copies(...)` times (0 = dropped).
 
   The same arithmetic as `BalancePlan.copies`, in the graph, so nothing is duplicated on disk.
   """
@@ -192,5 +199,10 @@ def balanced_dataset(directory: str, plan: balance.BalancePlan,
     copies = tf.cast(whole, tf.int64) + tf.cast(extra, tf.int64)
     return tf.where(keep, copies, tf.constant(0, tf.int64))
 
-  ds = read_dataset(directory, files)
-  return ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(num_copies(ex)))
+  return examples.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(num_copies(ex)))
+
+
+def balanced_dataset(directory: str, plan: balance.BalancePlan,
+                     files: Iterable[str] | None = None) -> tf.data.Dataset:
+  """One balanced pass over the shards in manifest order."""
+  return apply_balance(read_dataset(directory, files), plan)

@@ -1,0 +1,84 @@
+"""The student's unlabeled input: balanced pseudo-labeled shards as an infinite, resumable stream.
+
+Pseudo-labeled images come from the label stage's shards, filtered and balanced at read time
+(`pseudo_labels.apply_balance`), then decoded and noised by the student's preprocessing. Each host
+reads every process_count-th shard file. The stream is a function of (seed, position) only: per
+epoch, the shard order and the shuffle buffer's seed are derived from (seed, epoch), and each
+example's augmentation seed from its stream position, so `start_step` resumes exactly. An epoch
+(one balanced pass over this host's shards) has a fixed size, counted once up front.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from nsjax.data import balance, preprocess, pseudo_labels
+
+_FILES_STREAM, _SHUFFLE_STREAM, _EXAMPLE_STREAM = 11, 12, 13
+
+
+def host_shards(directory: str, process_index: int, process_count: int) -> list[str]:
+  paths = pseudo_labels.shard_paths(directory)[process_index::process_count]
+  if not paths:
+    raise ValueError(f"No pseudo-label shards for process {process_index} of {process_count} in "
+                     f"{directory}: label more unlabeled data or run on fewer hosts.")
+  return paths
+
+
+def epoch_size(directory: str, plan: balance.BalancePlan, paths: list[str]) -> int:
+  """Balanced examples per pass over `paths` (copies depend on ids, not on the epoch)."""
+  ds = pseudo_labels.apply_balance(
+      pseudo_labels.parse_records(tf.data.TFRecordDataset(paths), directory), plan)
+  size = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+  if size == 0:
+    raise ValueError(f"Filtering kept no pseudo-labeled images in {directory}; lower "
+                     "balance.min_threshold or check the teacher.")
+  return size
+
+
+def _epoch(directory, plan, paths, seed, epoch, shuffle_buffer):
+  epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+  order = tf.random.experimental.stateless_shuffle(
+      tf.range(len(paths)), seed=tf.stack([epoch_seed[0] + _FILES_STREAM, epoch_seed[1]]))
+  files = tf.gather(tf.constant(paths), order)
+  records = tf.data.TFRecordDataset(files)
+  examples = pseudo_labels.apply_balance(pseudo_labels.parse_records(records, directory), plan)
+  shuffle_seed = tf.random.experimental.stateless_uniform(
+      [], tf.stack([epoch_seed[0] + _SHUFFLE_STREAM, epoch_seed[1]]), minval=0, maxval=2**62,
+      dtype=tf.int64)
+  return examples.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+
+
+def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_batch_size: int,
+                         view_fn, seed: int = 0, start_step: int = 0, shuffle_buffer: int = 16_384,
+                         process_index: int | None = None,
+                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite host batches {"image": float32 [b,H,W,3], "probs": float32 [b,C]}.
+
+  `view_fn(image_uint8, seed[2]) -> image` is the student's (noised) view of a decoded image.
+  """
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  paths = host_shards(directory, index, count)
+  size = epoch_size(directory, plan, paths)
+  start = int(start_step) * local_batch_size
+  example_seed = tf.constant([seed + _EXAMPLE_STREAM, index], tf.int64)
+
+  def decode_and_view(position, ex):
+    image, ok = preprocess.decode(ex["image"])
+    noise_seed = tf.random.experimental.stateless_fold_in(example_seed, position)
+    return {"image": view_fn(image, noise_seed), "probs": ex["probs"], "ok": ok}
+
+  stream = (tf.data.Dataset.range(start // size, np.iinfo(np.int64).max)
+            .flat_map(lambda e: _epoch(directory, plan, paths, seed, e, shuffle_buffer))
+            .skip(start % size)
+            .enumerate(start=start)
+            .map(decode_and_view, num_parallel_calls=tf.data.AUTOTUNE)
+            .filter(lambda ex: ex["ok"])  # the label stage wrote only decodable images
+            .map(lambda ex: {"image": ex["image"], "probs": ex["probs"]})
+            .batch(local_batch_size, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE))
+  return stream.as_numpy_iterator()
