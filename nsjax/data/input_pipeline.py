@@ -199,7 +199,7 @@ def _decoded_examples(records: tf.data.Dataset, builder, source: Source, preproc
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def _block_shuffle(records: tf.data.Dataset, seed_pair: tf.Tensor, block: int) -> tf.data.Dataset:
+def block_shuffle(records: tf.data.Dataset, seed_pair: tf.Tensor, block: int) -> tf.data.Dataset:
   """Stateless permutation within each run of `block` consecutive records."""
 
   def permute(block_index, features):
@@ -256,7 +256,7 @@ def train_batches(source: Source, *, global_batch_size: int,
   records = opened.records
 
   def epoch(index):
-    shuffled = _block_shuffle(records, _fold(shuffle_seed, index), min(shuffle_block, epoch_size))
+    shuffled = block_shuffle(records, _fold(shuffle_seed, index), min(shuffle_block, epoch_size))
     return shuffled.enumerate().map(lambda i, features: (i + index * epoch_size, features))
 
   stream = tf.data.Dataset.range(first_record // epoch_size, np.iinfo(np.int64).max).flat_map(epoch)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from nsjax.data import balance, preprocess, pseudo_labels
+from nsjax.data import balance, input_pipeline, preprocess, pseudo_labels
 
 _FILES_STREAM, _SHUFFLE_STREAM, _EXAMPLE_STREAM = 11, 12, 13
 
@@ -46,10 +46,9 @@ def _epoch(directory, plan, paths, seed, epoch, shuffle_buffer):
   files = tf.gather(tf.constant(paths), order)
   records = tf.data.TFRecordDataset(files)
   examples = pseudo_labels.apply_balance(pseudo_labels.parse_records(records, directory), plan)
-  shuffle_seed = tf.random.experimental.stateless_uniform(
-      [], tf.stack([epoch_seed[0] + _SHUFFLE_STREAM, epoch_seed[1]]), minval=0, maxval=2**62,
-      dtype=tf.int64)
-  return examples.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+  # A stateless block shuffle (not Dataset.shuffle, whose order follows tf.random.set_seed).
+  return input_pipeline.block_shuffle(
+      examples, tf.stack([epoch_seed[0] + _SHUFFLE_STREAM, epoch_seed[1]]), shuffle_buffer)
 
 
 def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_batch_size: int,
@@ -64,6 +63,7 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
   count = jax.process_count() if process_count is None else process_count
   paths = host_shards(directory, index, count)
   size = epoch_size(directory, plan, paths)
+  shuffle_buffer = min(shuffle_buffer, size)
   start = int(start_step) * local_batch_size
   example_seed = tf.constant([seed + _EXAMPLE_STREAM, index], tf.int64)
 
