@@ -1,0 +1,35 @@
+"""Smoke schedule: the smallest whole run (teacher, labeling, one student, evaluation).
+
+Hardware: any CPU; about a minute on a 2-core machine. Used by the tests and for quick checks.
+
+  python -m nsjax.main --config=configs/smoke.py --workdir=/tmp/nsjax-smoke
+"""
+from nsjax import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.seed = 0
+  c.data.num_classes = 10
+  c.data.small_image = True
+  c.data.labeled = config_lib.data_source("mnist5k/labels_10", "train")
+  c.data.unlabeled = config_lib.data_source("mnist5k/labels_10", "unlabeled[:512]")
+  c.data.test = config_lib.data_source("mnist5k/labels_10", "test[:256]")
+  tiny = dict(width=0.1, depth=0.1)
+  train = dict(batch_size=32, num_train_steps=12, optimizer="adamw", base_learning_rate=0.02,
+               warmup_epochs=0.5, lr_schedule="cosine", ema_decay=0.9, log_every_steps=4,
+               checkpoint_every_steps=6, weight_decay=1e-4)
+  c.teacher = config_lib.model_stage("efficientnet-b0", 28, model_overrides=tiny, train=train,
+                                     noise_cfg=config_lib.noise(randaugment_magnitude=5))
+  c.students = [config_lib.model_stage(
+      "efficientnet-b0", 28, model_overrides=tiny, train=dict(train, unlabeled_ratio=1.0),
+      noise_cfg=config_lib.noise(randaugment_magnitude=5), seed_offset=1)]
+  c.label.batch_size = 128
+  c.label.shard_batches = 2
+  c.balance.num_image_per_class = 40
+  c.balance.min_threshold = 0.0  # a 12-step teacher is not confident; keep everything
+  c.eval.batch_size = 128
+  c.eval.corruptions = ["gaussian_noise", "contrast"]
+  c.eval.severities = [1, 5]
+  c.eval.max_corruption_examples = 128
+  return c

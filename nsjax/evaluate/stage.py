@@ -1,0 +1,132 @@
+"""The eval stage: an exported model on a TFDS split, clean and under the offline corruptions.
+
+Clean accuracy streams the split through the input pipeline (per host, padded and masked). The
+corruption suite needs raw pixels: this process's slice of the split is read once as uint8 arrays,
+corrupted with nsjax.evaluate.corruptions at each severity, and fed through the same eval view and
+jitted eval step; counts are global sums, so every host sees the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from nsjax import checkpoint, parallel
+from nsjax.data import input_pipeline, preprocess
+from nsjax.evaluate import corruptions as corruption_lib
+from nsjax.train import steps
+
+
+def _eval_view_fn(resolution: int, small_image: bool, image_key: str = "image"):
+  def fn(features, seed):
+    del seed
+    return {"image": preprocess.eval_view(features[image_key], resolution, small_image=small_image),
+            "label": tf.cast(features["label"], tf.int32)}
+  return fn
+
+
+def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_size: int,
+                   small_image: bool) -> dict[str, float]:
+  eval_step = steps.make_eval_step(model, mesh)
+  batches = input_pipeline.eval_batches(
+      src, global_batch_size=batch_size, mesh=mesh,
+      preprocess_fn=_eval_view_fn(model.test_resolution, small_image, src.image_key))
+  result = steps.evaluate(eval_step, variables, batches, mesh)
+  result["num_skipped"] = batches.num_skipped
+  return result
+
+
+def load_local_arrays(src: input_pipeline.Source, max_examples: int = 0):
+  """(uint8 images [N,H,W,C], int labels [N]) of this process's slice (first max_examples)."""
+  builder = input_pipeline.load_builder(src.name, src.data_dir)
+  split = input_pipeline.process_split(src.split, jax.process_index(), jax.process_count())
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  if max_examples:
+    ds = ds.take(int(math.ceil(max_examples / jax.process_count())))
+  images, labels = [], []
+  for ex in ds.as_numpy_iterator():
+    images.append(ex[src.image_key])
+    labels.append(ex["label"])
+  return np.stack(images), np.asarray(labels, np.int32)
+
+
+def accuracy_on_arrays(model, variables, images: np.ndarray, labels: np.ndarray, *, mesh,
+                       batch_size: int, small_image: bool) -> dict[str, float]:
+  """Top-1/top-5 of uint8 images through the eval view; pads with masked examples."""
+  local = batch_size // jax.process_count()
+  # Every host runs the same number of steps: the largest slice decides.
+  num_batches = int(math.ceil(
+      np.max(_all_process_sizes(len(images))) / local)) if len(images) else 0
+  view = tf.function(lambda x: tf.map_fn(
+      lambda im: preprocess.eval_view(im, model.test_resolution, small_image=small_image), x,
+      fn_output_signature=tf.float32))
+  eval_step = steps.make_eval_step(model, mesh)
+  totals = None
+  for b in range(num_batches):
+    chunk, chunk_labels = images[b * local:(b + 1) * local], labels[b * local:(b + 1) * local]
+    mask = np.zeros(local, np.float32)
+    mask[:len(chunk)] = 1
+    pad = local - len(chunk)
+    if len(chunk):
+      views = view(tf.constant(chunk)).numpy()
+    else:
+      views = np.zeros((0, model.test_resolution, model.test_resolution, 3), np.float32)
+    views = np.concatenate([views, np.zeros((pad,) + views.shape[1:], np.float32)])
+    chunk_labels = np.concatenate([chunk_labels, np.zeros(pad, np.int32)])
+    batch = steps.to_global_batch({"image": views, "label": chunk_labels, "mask": mask}, mesh)
+    counts = eval_step(variables, batch)
+    totals = counts if totals is None else jax.tree.map(lambda a, c: a + c, totals, counts)
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return {"top1": float(totals["top1_correct"]) / count,
+          "top5": float(totals["top5_correct"]) / count, "num_examples": int(count)}
+
+
+def _all_process_sizes(own: int) -> np.ndarray:
+  if jax.process_count() == 1:
+    return np.asarray([own])
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray([own])))
+
+
+def corruption_accuracy(model, variables, images, labels, *, mesh, batch_size: int,
+                        small_image: bool, names: Sequence[str], severities: Sequence[int],
+                        seed: int = 0) -> dict[str, Any]:
+  """{"per_setting": {"name/severity": top1}, "corruptions": {name: mean over severities},
+  "corruption_top1": mean over everything}."""
+  per_setting, per_name = {}, {}
+  for name in names:
+    accs = []
+    for severity in severities:
+      corrupted = corruption_lib.corrupt_batch(images, name, severity,
+                                               seed=seed * 7919 + jax.process_index())
+      acc = accuracy_on_arrays(model, variables, corrupted, labels, mesh=mesh,
+                               batch_size=batch_size, small_image=small_image)["top1"]
+      per_setting[f"{name}/{severity}"] = acc
+      accs.append(acc)
+    per_name[name] = float(np.mean(accs))
+  return {"per_setting": per_setting, "corruptions": per_name,
+          "corruption_top1": float(np.mean(list(per_name.values())))}
+
+
+def evaluate_export(export: str, src: input_pipeline.Source, *, mesh, batch_size: int,
+                    small_image: bool, corruptions: Sequence[str] = (),
+                    severities: Sequence[int] = (1, 2, 3, 4, 5), max_corruption_examples: int = 0,
+                    seed: int = 0) -> dict[str, Any]:
+  model, variables, _ = checkpoint.load_exported(export)
+  variables = jax.device_put(variables, parallel.replicated(mesh))
+  results = clean_accuracy(model, variables, src, mesh=mesh, batch_size=batch_size,
+                           small_image=small_image)
+  if corruptions:
+    unknown = sorted(set(corruptions) - set(corruption_lib.CORRUPTIONS))
+    if unknown:
+      raise ValueError(f"Unknown corruption(s) {unknown}; available: "
+                       f"{', '.join(corruption_lib.CORRUPTIONS)}.")
+    images, labels = load_local_arrays(src, max_corruption_examples)
+    results.update(corruption_accuracy(model, variables, images, labels, mesh=mesh,
+                                       batch_size=batch_size, small_image=small_image,
+                                       names=corruptions, severities=severities, seed=seed))
+  return results

@@ -1,0 +1,52 @@
+"""Command line: `python -m nsjax.main --config=configs/demo.py --workdir=DIR [--stage=NAME]`.
+
+Multi-host: on Cloud TPU, `jax.distributed.initialize()` needs no arguments; elsewhere pass
+--coordinator_address, --num_processes and --process_id (every process runs the same command).
+"""
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, labels and results go.")
+_STAGE = flags.DEFINE_string("stage", None, "Run only this stage, e.g. teacher, label-1, student-1, "
+                             "baseline, eval-student-2, summary (default: the whole schedule).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host "
+                                   "outside Cloud TPU).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
+                                 "automatic settings (Cloud TPU pods).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+  """Drops INFO lines from Orbax and TFDS internals; our own progress lines stay."""
+
+  def filter(self, record):
+    noisy = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import logging as py_logging
+  py_logging.getLogger("absl").addFilter(_QuietLibraries())
+  import jax
+  if _COORDINATOR.value or _DISTRIBUTED.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  tf.config.set_visible_devices([], "GPU")  # TF only feeds the host
+  tfds.disable_progress_bar()
+  from nsjax import pipeline
+  logging.info("JAX process %d/%d, %d devices.", jax.process_index(), jax.process_count(),
+               jax.device_count())
+  pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,391 @@
+"""The Noisy Student schedule: teacher -> pseudo labels -> noisy student -> ... -> evaluation.
+
+One ml-collections config describes the whole run (see configs/demo.py for every key):
+
+  iteration 0   "teacher"      train from labels (or import an exported / converted checkpoint)
+  iteration i   "label-i"      the teacher of iteration i-1 labels the unlabeled split (skipped for
+                               an online teacher), then filtering + balancing are planned
+                "student-i"    a noised, equal-or-larger student trains on labeled + pseudo labels
+  optional      "baseline"     the final student's architecture and noise, labeled data only
+                "eval-<name>"  test accuracy (+ the offline corruption suite) of every model
+                "summary"      summary.json, a printed table, accuracy and corruption plots
+
+Stages talk only through artifacts in the workdir (exported models, pseudo-label shards, JSON), and
+each is recorded in state.json when complete: rerunning the same command skips finished stages and
+resumes the interrupted one from its own checkpoints or shards. `run(config, workdir, stage=...)`
+runs one stage (for pod users who run each stage as its own job).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from nsjax import checkpoint, label, models, parallel, report
+from nsjax.data import input_pipeline, mnist5k, preprocess, student_input
+from nsjax.data import randaugment as ra
+from nsjax.files import atomic_write_json, read_json
+from nsjax.run_state import RunState
+from nsjax.train import loop, steps
+
+
+# ------------------------------------------------------------------------------------------------
+# The schedule.
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str           # "teacher", "label-1", "student-1", "baseline", "eval-student-1", "summary"
+  kind: str           # teacher | label | student | baseline | eval | summary
+  iteration: int      # 0 for the teacher, i for the i-th student; -1 for the baseline/summary
+
+
+def model_stage_names(config) -> list[str]:
+  names = ["teacher"] + [f"student-{i}" for i in range(1, len(config.students) + 1)]
+  return names + (["baseline"] if config.get("baseline") else [])
+
+
+def schedule(config) -> list[Stage]:
+  stages = [Stage("teacher", "teacher", 0)]
+  for i, student in enumerate(config.students, start=1):
+    if not student.get("online_teacher", False):
+      stages.append(Stage(f"label-{i}", "label", i))
+    stages.append(Stage(f"student-{i}", "student", i))
+  if config.get("baseline"):
+    stages.append(Stage("baseline", "baseline", -1))
+  for name in model_stage_names(config):
+    stages.append(Stage(f"eval-{name}", "eval", _iteration_of(name)))
+  stages.append(Stage("summary", "summary", -1))
+  return stages
+
+
+def _iteration_of(model_stage: str) -> int:
+  return 0 if model_stage == "teacher" else (-1 if model_stage == "baseline"
+                                             else int(model_stage.split("-")[1]))
+
+
+def stage_dir(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name)
+
+
+def export_dir(workdir: str, model_stage: str) -> str:
+  return os.path.join(stage_dir(workdir, model_stage), "export")
+
+
+def fingerprint(config) -> str:
+  """Identifies the schedule, so a workdir is never resumed with a different one."""
+  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data.
+
+def source(cfg, data_dir: str | None) -> input_pipeline.Source:
+  return input_pipeline.Source(cfg.name, cfg.split, cfg.get("data_dir") or data_dir,
+                               cfg.get("image_key", "image"))
+
+
+def prepare_data(config, workdir: str) -> str | None:
+  """Builds the embedded dataset when the config names it (offline, seconds); returns data_dir."""
+  data_dir = config.data.get("data_dir") or None
+  names = {config.data[k].name for k in ("labeled", "unlabeled", "test")}
+  for name in sorted(n for n in names if n.split("/")[0] == "mnist5k"):
+    data_dir = data_dir or os.path.join(workdir, "tensorflow_datasets")
+    if jax.process_index() == 0:
+      mnist5k.build(data_dir, name.split("/")[1] if "/" in name else "labels_10")
+    parallel.sync("mnist5k-built")
+  return data_dir
+
+
+def randaugment_config(noise, small_image: bool, resolution: int) -> ra.RandAugmentConfig | None:
+  magnitude = noise.get("randaugment_magnitude")
+  if not magnitude or not noise.get("randaugment_layers", 2):
+    return None
+  layers = int(noise.get("randaugment_layers", 2))
+  if small_image:
+    return ra.RandAugmentConfig.for_small_images(magnitude, resolution, layers)
+  return ra.RandAugmentConfig(num_layers=layers, magnitude=magnitude)
+
+
+def student_view_fn(stage_cfg, config):
+  """(uint8 image, seed) -> the noised, normalised training view of this stage."""
+  small, res = config.data.small_image, stage_cfg.resolution
+  noise = stage_cfg.noise
+  ra_cfg = randaugment_config(noise, small, res)
+  cutout = int(noise.get("cutout", 0))
+  flip = noise.get("flip", None)
+  return lambda image, seed: preprocess.train_view(image, seed, res, randaugment=ra_cfg,
+                                                   small_image=small, cutout=cutout, flip=flip)
+
+
+def eval_preprocess(resolution: int, small_image: bool, image_key: str = "image"):
+  def fn(features, seed):
+    del seed
+    return {"image": preprocess.eval_view(features[image_key], resolution, small_image=small_image),
+            "label": tf.cast(features["label"], tf.int32)}
+  return fn
+
+
+def _local(batch_size: int) -> int:
+  if batch_size % jax.process_count():
+    raise ValueError(f"Batch size {batch_size} is not divisible by {jax.process_count()} processes.")
+  return batch_size // jax.process_count()
+
+
+# ------------------------------------------------------------------------------------------------
+# Model stages.
+
+def build_model(stage_cfg, config) -> models.EfficientNet:
+  overrides = dict(stage_cfg.get("model_overrides", {}) or {})
+  noise = stage_cfg.noise
+  for key in ("dropout_rate", "stochastic_depth_rate"):
+    if noise.get(key) is not None:
+      overrides[key] = noise[key]
+  return models.create_model(stage_cfg.model, config.data.num_classes,
+                             small_image=config.data.small_image,
+                             train_resolution=stage_cfg.resolution,
+                             test_resolution=stage_cfg.get("test_resolution") or stage_cfg.resolution,
+                             **overrides)
+
+
+def train_config(stage_cfg, config, num_labeled: int) -> ml_collections.ConfigDict:
+  return loop.resolve_config(dict(stage_cfg.train), num_labeled_examples=num_labeled,
+                             seed=int(config.seed) * 1000 + int(stage_cfg.get("seed_offset", 0)))
+
+
+def _num_examples(src: input_pipeline.Source) -> int:
+  builder = input_pipeline.load_builder(src.name, src.data_dir)
+  return int(builder.info.splits[src.split].num_examples)
+
+
+def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, mesh) -> dict:
+  """Teacher, student or baseline training; returns a small result dict for the state file."""
+  stage_cfg = config.teacher if stage.kind == "teacher" else (
+      config.baseline if stage.kind == "baseline" else config.students[stage.iteration - 1])
+  if stage.kind == "teacher" and stage_cfg.get("checkpoint"):
+    return import_teacher(stage_cfg, config, workdir)
+  model = build_model(stage_cfg, config)
+  labeled_src = source(config.data.labeled, data_dir)
+  cfg = train_config(stage_cfg, config, _num_examples(labeled_src))
+  view = student_view_fn(stage_cfg, config)
+  image_key = labeled_src.image_key
+
+  def labeled_fn(features, seed):
+    return {"image": view(features[image_key], seed),
+            "label": tf.cast(features["label"], tf.int32)}
+
+  teacher = None
+  unlabeled = None
+  ratio = float(cfg.unlabeled_ratio)
+  if stage.kind == "student":
+    teacher_dir = export_dir(workdir, "teacher" if stage.iteration == 1
+                             else f"student-{stage.iteration - 1}")
+    check_teacher_compatible(teacher_dir, model, stage_cfg)
+    unlabeled_batch = int(round(ratio * cfg.batch_size))
+    if stage_cfg.get("online_teacher", False):
+      teacher = loop.Teacher.load(teacher_dir)
+      unlabeled = _online_unlabeled(config, data_dir, stage_cfg, teacher.model, unlabeled_batch,
+                                    cfg.seed)
+    else:
+      labels_dir = stage_dir(workdir, f"label-{stage.iteration}")
+      plan = label.read_plan(labels_dir)
+      unlabeled = lambda start: student_input.pseudo_label_batches(
+          labels_dir, plan, local_batch_size=_local(unlabeled_batch), view_fn=view,
+          seed=cfg.seed, start_step=start)
+
+  def batches(start_step: int) -> Iterator[dict]:
+    labeled = input_pipeline.train_batches(
+        labeled_src, global_batch_size=cfg.batch_size, preprocess_fn=labeled_fn, seed=cfg.seed,
+        start_step=start_step)
+    pseudo = unlabeled(start_step) if unlabeled is not None else None
+    for lb in labeled:
+      batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
+      if pseudo is not None:
+        batch["unlabeled"] = next(pseudo)
+      yield steps.to_global_batch(batch, mesh)
+
+  eval_fn = make_eval_fn(model, config, data_dir, mesh)
+  result = loop.train(cfg, model, batches, stage_dir(workdir, stage.name), eval_fn=eval_fn,
+                      teacher=teacher, mesh=mesh)
+  return {"step": int(result.step), "export_dir": result.export_dir,
+          "final_metrics": {k: float(v) for k, v in result.metrics.items()
+                            if np.isscalar(v) or np.ndim(v) == 0}}
+
+
+def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batch, seed):
+  """Raw unlabeled images, each as (teacher view, student view), for the in-step teacher."""
+  src = source(config.data.unlabeled, data_dir)
+  small = config.data.small_image
+  ra_cfg = randaugment_config(stage_cfg.noise, small, stage_cfg.resolution)
+
+  def views(features, example_seed):
+    teacher_view, student_view = preprocess.teacher_and_student_views(
+        features[src.image_key], example_seed, teacher_model.test_resolution, stage_cfg.resolution,
+        randaugment=ra_cfg, small_image=small, cutout=int(stage_cfg.noise.get("cutout", 0)),
+        flip=stage_cfg.noise.get("flip", None))
+    return {"image": student_view, "teacher_image": teacher_view}
+
+  def batches(start_step):
+    it = input_pipeline.train_batches(src, global_batch_size=unlabeled_batch, preprocess_fn=views,
+                                      seed=seed + 1, start_step=start_step)
+    return ({"image": b["image"], "teacher_image": b["teacher_image"]} for b in it)
+
+  return batches
+
+
+def make_eval_fn(model, config, data_dir, mesh):
+  test_src = source(config.data.test, data_dir)
+  batch_size = int(config.eval.batch_size)
+  return steps.make_eval_fn(model, mesh, lambda: input_pipeline.eval_batches(
+      test_src, global_batch_size=batch_size,
+      preprocess_fn=eval_preprocess(model.test_resolution, config.data.small_image,
+                                    test_src.image_key)))
+
+
+def check_teacher_compatible(teacher_dir: str, student: models.EfficientNet, stage_cfg) -> None:
+  """The teacher must predict the student's classes; a smaller student only gets a warning."""
+  description = checkpoint.read_description(teacher_dir)
+  teacher = description["model"]
+  if teacher["num_classes"] != student.num_classes:
+    raise ValueError(f"The teacher at {teacher_dir} predicts {teacher['num_classes']} classes but "
+                     f"the dataset has {student.num_classes}; use a teacher trained on these classes.")
+  t_params = count_params(models.model_from_config(teacher))
+  s_params = count_params(student)
+  if s_params < t_params:
+    logging.warning("The student %s (%d params) is smaller than its teacher %s (%d params); "
+                    "Noisy Student expects an equal or larger student.", stage_cfg.model, s_params,
+                    teacher["model_name"], t_params)
+
+
+def count_params(model: models.EfficientNet) -> int:
+  abstract = checkpoint.abstract_variables(model, resolution=32)
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
+
+
+def import_teacher(stage_cfg, config, workdir: str) -> dict:
+  """A teacher from an exported (or converted official) checkpoint, re-exported into the workdir."""
+  model, variables, metadata = checkpoint.load_exported(stage_cfg.checkpoint)
+  if model.num_classes != config.data.num_classes:
+    raise ValueError(f"The teacher checkpoint {stage_cfg.checkpoint} has {model.num_classes} "
+                     f"classes but config.data.num_classes is {config.data.num_classes}.")
+  out = export_dir(workdir, "teacher")
+  checkpoint.export_model(out, model, variables, dict(metadata, imported_from=stage_cfg.checkpoint))
+  return {"export_dir": out, "imported_from": stage_cfg.checkpoint}
+
+
+# ------------------------------------------------------------------------------------------------
+# Labeling, evaluation, summary.
+
+def label_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
+  teacher_dir = export_dir(workdir, "teacher" if stage.iteration == 1
+                           else f"student-{stage.iteration - 1}")
+  out = stage_dir(workdir, stage.name)
+  lcfg = config.label
+  manifest = label.label_unlabeled(
+      teacher_dir, source(config.data.unlabeled, data_dir), out,
+      global_batch_size=int(lcfg.batch_size), mesh=mesh, small_image=config.data.small_image,
+      shard_batches=int(lcfg.shard_batches), top_k=int(lcfg.top_k))
+  bcfg = config.balance
+  num_image = int(bcfg.num_image_per_class) or max(
+      1, manifest["num_examples"] // config.data.num_classes)
+  plan = label.plan_and_report(out, num_image, float(bcfg.min_threshold), int(config.seed))
+  return {"num_examples": manifest["num_examples"], "num_skipped": manifest["num_skipped"],
+          "kept": int(sum(plan.kept)), "num_image_per_class": num_image}
+
+
+def eval_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
+  """Test top-1/top-5 of an exported model, plus the offline corruption suite if configured."""
+  from nsjax.evaluate import stage as eval_lib
+  model_stage = stage.name[len("eval-"):]
+  results = eval_lib.evaluate_export(
+      export_dir(workdir, model_stage), source(config.data.test, data_dir), mesh=mesh,
+      batch_size=int(config.eval.batch_size), small_image=config.data.small_image,
+      corruptions=list(config.eval.get("corruptions", [])),
+      severities=list(config.eval.get("severities", [1, 2, 3, 4, 5])),
+      max_corruption_examples=int(config.eval.get("max_corruption_examples", 0)),
+      seed=int(config.seed))
+  if jax.process_index() == 0:
+    os.makedirs(stage_dir(workdir, "eval"), exist_ok=True)
+    atomic_write_json(os.path.join(stage_dir(workdir, "eval"), f"{model_stage}.json"), results)
+  return results
+
+
+def summary_rows(config, workdir: str, state: RunState) -> list[dict]:
+  rows = []
+  for name in model_stage_names(config):
+    model, variables, _ = checkpoint.load_exported(export_dir(workdir, name))
+    results = state.result(f"eval-{name}")
+    role = "teacher" if name == "teacher" else ("baseline" if name == "baseline" else "student")
+    row = {"iteration": _iteration_of(name) if role != "baseline" else len(config.students),
+           "role": role, "model": model.model_name, "params": count_params(model),
+           "test_top1": results["top1"], "test_top5": results["top5"],
+           "params_sha256": checkpoint.params_sha256(variables["params"])}
+    if "corruption_top1" in results:
+      row["corruption_top1"] = results["corruption_top1"]
+      row["corruptions"] = results["corruptions"]
+    rows.append(row)
+  return rows
+
+
+def summary_stage(config, workdir: str, state: RunState, started: float) -> dict:
+  rows = summary_rows(config, workdir, state)
+  wall = time.time() - state.data.get("started_at", started)
+  skipped = {name: state.result(name).get("num_skipped", 0) for name in state.data["completed"]
+             if name.startswith("label-")}
+  summary = None
+  if jax.process_index() == 0:
+    summary = report.write_summary(workdir, rows, wall, {"skipped_unlabeled_images": skipped})
+    report.plot_accuracy(rows, os.path.join(workdir, "summary.png"))
+    report.plot_corruptions(rows, os.path.join(workdir, "corruptions.png"))
+    print(report.format_table(rows), flush=True)
+    print(f"wall time {wall:.0f} s; summary.json, summary.png in {workdir}", flush=True)
+  return {"wall_seconds": wall, "rows": len(rows)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver.
+
+def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = None,
+        mesh=None) -> dict[str, Any]:
+  """Runs the schedule (or one stage of it) in `workdir`; returns the state file's content."""
+  from nsjax import validate
+  validate.validate_config(config, workdir)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  tf.io.gfile.makedirs(workdir)
+  started = time.time()
+  state = RunState(workdir, fingerprint(config), writer=jax.process_index() == 0)
+  state.data.setdefault("started_at", started)
+  data_dir = prepare_data(config, workdir)
+  stages = schedule(config)
+  if stage is not None:
+    known = [s.name for s in stages]
+    if stage not in known:
+      raise ValueError(f"Unknown stage {stage!r}; this schedule has: {', '.join(known)}.")
+    stages = [s for s in stages if s.name == stage]
+  for s in stages:
+    if state.done(s.name):
+      logging.info("Stage %s already complete; skipping.", s.name)
+      continue
+    logging.info("Stage %s starting.", s.name)
+    t0 = time.time()
+    if s.kind in ("teacher", "student", "baseline"):
+      result = train_model_stage(s, config, workdir, data_dir, mesh)
+    elif s.kind == "label":
+      result = label_stage(s, config, workdir, data_dir, mesh)
+    elif s.kind == "eval":
+      result = eval_stage(s, config, workdir, data_dir, mesh)
+    else:
+      result = summary_stage(config, workdir, state, started)
+    result["seconds"] = time.time() - t0
+    state.mark_done(s.name, result)
+    parallel.sync(f"stage-{s.name}-done")
+    logging.info("Stage %s done in %.1f s.", s.name, result["seconds"])
+  return state.data
