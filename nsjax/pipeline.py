@@ -166,32 +166,40 @@ def _num_examples(src: input_pipeline.Source) -> int:
   return int(builder.info.splits[src.split].num_examples)
 
 
-def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, mesh) -> dict:
-  """Teacher, student or baseline training; returns a small result dict for the state file."""
-  stage_cfg = config.teacher if stage.kind == "teacher" else (
-      config.baseline if stage.kind == "baseline" else config.students[stage.iteration - 1])
-  if stage.kind == "teacher" and stage_cfg.get("checkpoint"):
-    return import_teacher(stage_cfg, config, workdir)
-  model = build_model(stage_cfg, config)
+def stage_config(stage: Stage, config):
+  if stage.kind == "teacher":
+    return config.teacher
+  if stage.kind == "baseline":
+    return config.baseline
+  return config.students[stage.iteration - 1]
+
+
+def teacher_export_of(stage: Stage, workdir: str) -> str:
+  """Iteration i learns from the export of iteration i-1."""
+  return export_dir(workdir, "teacher" if stage.iteration == 1 else f"student-{stage.iteration - 1}")
+
+
+def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, mesh,
+                     cfg: ml_collections.ConfigDict):
+  """(`start_step -> iterator of global batches`, online teacher or None) for a model stage.
+
+  Labeled batches hold cfg.batch_size images; a student's unlabeled part holds
+  round(unlabeled_ratio * batch_size) pseudo-labeled (or, online, raw unlabeled) images.
+  Both halves get the stage's noise.
+  """
+  stage_cfg = stage_config(stage, config)
   labeled_src = source(config.data.labeled, data_dir)
-  cfg = train_config(stage_cfg, config, _num_examples(labeled_src))
   view = student_view_fn(stage_cfg, config)
-  image_key = labeled_src.image_key
 
   def labeled_fn(features, seed):
-    return {"image": view(features[image_key], seed),
+    return {"image": view(features[labeled_src.image_key], seed),
             "label": tf.cast(features["label"], tf.int32)}
 
-  teacher = None
-  unlabeled = None
-  ratio = float(cfg.unlabeled_ratio)
+  teacher, unlabeled = None, None
   if stage.kind == "student":
-    teacher_dir = export_dir(workdir, "teacher" if stage.iteration == 1
-                             else f"student-{stage.iteration - 1}")
-    check_teacher_compatible(teacher_dir, model, stage_cfg)
-    unlabeled_batch = int(round(ratio * cfg.batch_size))
+    unlabeled_batch = int(round(float(cfg.unlabeled_ratio) * cfg.batch_size))
     if stage_cfg.get("online_teacher", False):
-      teacher = loop.Teacher.load(teacher_dir)
+      teacher = loop.Teacher.load(teacher_export_of(stage, workdir))
       unlabeled = _online_unlabeled(config, data_dir, stage_cfg, teacher.model, unlabeled_batch,
                                     cfg.seed)
     else:
@@ -212,6 +220,19 @@ def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, 
         batch["unlabeled"] = next(pseudo)
       yield steps.to_global_batch(batch, mesh)
 
+  return batches, teacher
+
+
+def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, mesh) -> dict:
+  """Teacher, student or baseline training; returns a small result dict for the state file."""
+  stage_cfg = stage_config(stage, config)
+  if stage.kind == "teacher" and stage_cfg.get("checkpoint"):
+    return import_teacher(stage_cfg, config, workdir)
+  model = build_model(stage_cfg, config)
+  cfg = train_config(stage_cfg, config, _num_examples(source(config.data.labeled, data_dir)))
+  if stage.kind == "student":
+    check_teacher_compatible(teacher_export_of(stage, workdir), model, stage_cfg)
+  batches, teacher = training_batches(stage, config, workdir, data_dir, mesh, cfg)
   eval_fn = make_eval_fn(model, config, data_dir, mesh)
   result = loop.train(cfg, model, batches, stage_dir(workdir, stage.name), eval_fn=eval_fn,
                       teacher=teacher, mesh=mesh)
@@ -285,8 +306,7 @@ def import_teacher(stage_cfg, config, workdir: str) -> dict:
 # Labeling, evaluation, summary.
 
 def label_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
-  teacher_dir = export_dir(workdir, "teacher" if stage.iteration == 1
-                           else f"student-{stage.iteration - 1}")
+  teacher_dir = teacher_export_of(stage, workdir)
   out = stage_dir(workdir, stage.name)
   lcfg = config.label
   manifest = label.label_unlabeled(

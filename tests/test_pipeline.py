@@ -1,0 +1,149 @@
+"""The Noisy Student schedule end to end (configs/smoke.py), resumption, and stage plumbing."""
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from nsjax import label, pipeline
+from nsjax.data import pseudo_labels
+from nsjax.run_state import RunState
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("smoke"))
+  config = load_config("smoke")
+  state = pipeline.run(config, workdir)
+  return config, workdir, state
+
+
+def test_smoke_schedule_runs_every_stage(smoke):
+  config, workdir, state = smoke
+  expected = ["teacher", "label-1", "student-1", "eval-teacher", "eval-student-1", "summary"]
+  assert [s.name for s in pipeline.schedule(config)] == expected
+  assert sorted(state["completed"]) == sorted(expected)
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  rows = summary["iterations"]
+  assert [(r["iteration"], r["role"]) for r in rows] == [(0, "teacher"), (1, "student")]
+  for r in rows:
+    assert 0.0 <= r["test_top1"] <= r["test_top5"] <= 1.0
+    assert len(r["params_sha256"]) == 64 and r["params"] > 1000
+    assert set(r["corruptions"]) == {"gaussian_noise", "contrast"}
+  assert rows[0]["params_sha256"] != rows[1]["params_sha256"]
+  assert summary["wall_seconds"] > 0
+  for artifact in ("summary.png", "corruptions.png", "label-1/balance.json", "label-1/balance.png",
+                   "eval/teacher.json", "teacher/export/model.json"):
+    assert os.path.getsize(os.path.join(workdir, artifact)) > 0, artifact
+
+
+def test_pseudo_labels_cover_the_unlabeled_split(smoke):
+  _, workdir, _ = smoke
+  manifest = pseudo_labels.read_manifest(os.path.join(workdir, "label-1"))
+  assert manifest["num_examples"] == 512  # configs/smoke.py labels unlabeled[:512]
+  records = list(pseudo_labels.read_dataset(os.path.join(workdir, "label-1")).as_numpy_iterator())
+  assert len({r["id"] for r in records}) == 512
+  probs = np.stack([r["probs"] for r in records])
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  balance_stats = json.load(open(os.path.join(workdir, "label-1", "balance.json")))
+  assert np.sum(balance_stats["histogram"]) == 512
+
+
+def test_rerun_skips_finished_stages(smoke, monkeypatch):
+  config, workdir, state = smoke
+  def must_not_train(*args, **kwargs):
+    raise AssertionError("a finished stage ran again")
+  monkeypatch.setattr(pipeline.loop, "train", must_not_train)
+  monkeypatch.setattr(pipeline.label, "label_unlabeled", must_not_train)
+  again = pipeline.run(config, workdir)
+  assert again["completed"] == state["completed"]
+
+
+def test_one_stage_at_a_time(smoke, tmp_path):
+  config, workdir, _ = smoke
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  state = json.load(open(os.path.join(copy, "state.json")))
+  del state["completed"]["eval-student-1"]
+  json.dump(state, open(os.path.join(copy, "state.json"), "w"))
+  os.remove(os.path.join(copy, "eval", "student-1.json"))
+  pipeline.run(config, copy, stage="eval-student-1")
+  redone = json.load(open(os.path.join(copy, "eval", "student-1.json")))
+  original = json.load(open(os.path.join(workdir, "eval", "student-1.json")))
+  assert redone["top1"] == original["top1"]
+  with pytest.raises(ValueError, match="Unknown stage 'student-7'.*teacher, label-1"):
+    pipeline.run(config, copy, stage="student-7")
+
+
+def test_changed_schedule_refuses_the_workdir(smoke):
+  config, workdir, _ = smoke
+  changed = load_config("smoke")
+  changed.students[0].train.num_train_steps = 13
+  with pytest.raises(ValueError, match="different schedule"):
+    pipeline.run(changed, workdir)
+
+
+def test_student_batches_hold_the_configured_ratio(smoke):
+  config, workdir, _ = smoke
+  config = load_config("smoke")
+  config.students[0].train.unlabeled_ratio = 3.0
+  stage = pipeline.Stage("student-1", "student", 1)
+  data_dir = pipeline.prepare_data(config, workdir)
+  cfg = pipeline.train_config(config.students[0], config, 100)
+  batches, teacher = pipeline.training_batches(stage, config, workdir, data_dir,
+                                               pipeline.parallel.make_mesh(), cfg)
+  assert teacher is None
+  batch = next(iter(batches(0)))
+  assert batch["labeled"]["image"].shape == (32, 28, 28, 3)
+  assert batch["unlabeled"]["image"].shape == (96, 28, 28, 3)
+  assert batch["unlabeled"]["probs"].shape == (96, 10)
+  resumed = next(iter(batches(5)))
+  later = batches(0)
+  for _ in range(5):
+    next(later)
+  np.testing.assert_array_equal(np.asarray(next(later)["unlabeled"]["image"]),
+                                np.asarray(resumed["unlabeled"]["image"]))
+
+
+def test_labeling_resumes_after_a_crash_with_the_same_result(smoke, tmp_path, monkeypatch):
+  config, workdir, _ = smoke
+  teacher = os.path.join(workdir, "teacher", "export")
+  src = pipeline.source(config.data.unlabeled, pipeline.prepare_data(config, workdir))
+  mesh = pipeline.parallel.make_mesh()
+  kwargs = dict(global_batch_size=64, mesh=mesh, small_image=True, shard_batches=2)
+  crashed = str(tmp_path / "crashed")
+  original_write = pseudo_labels.HostShardWriter.write_shard
+  calls = []
+
+  def write_then_crash(self, *args, **kw):
+    if len(calls) == 2:
+      raise KeyboardInterrupt("simulated crash")
+    calls.append(1)
+    return original_write(self, *args, **kw)
+
+  monkeypatch.setattr(pseudo_labels.HostShardWriter, "write_shard", write_then_crash)
+  with pytest.raises(KeyboardInterrupt):
+    label.label_unlabeled(teacher, src, crashed, **kwargs)
+  monkeypatch.setattr(pseudo_labels.HostShardWriter, "write_shard", original_write)
+  partial = json.load(open(os.path.join(crashed, "manifest-h000.json")))
+  assert len(partial["shards"]) == 2 and not partial["complete"]
+  resumed = label.label_unlabeled(teacher, src, crashed, **kwargs)
+  fresh = label.label_unlabeled(teacher, src, str(tmp_path / "fresh"), **kwargs)
+  assert resumed["num_examples"] == fresh["num_examples"] == 512
+  assert resumed["histogram"] == fresh["histogram"]
+  a = list(pseudo_labels.read_dataset(crashed).as_numpy_iterator())
+  b = list(pseudo_labels.read_dataset(str(tmp_path / "fresh")).as_numpy_iterator())
+  assert [r["id"] for r in a] == [r["id"] for r in b]
+  np.testing.assert_array_equal(np.stack([r["probs"] for r in a]), np.stack([r["probs"] for r in b]))
