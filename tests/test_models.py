@@ -15,19 +15,13 @@ def count_params(model, resolution=32):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"])), abstract
 
 
-@pytest.mark.parametrize("name", list(models.MODEL_SPECS))
-def test_parameter_counts_match_reference(name):
-  spec = models.get_spec(name)
-  n, abstract = count_params(models.create_model(name, 1000))
-  assert n == spec.reference_params
-  assert set(abstract) == {"params", "batch_stats"}
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(abstract["params"]))
-
-
 def test_block_counts_and_official_names():
   model = models.create_model("efficientnet-b0", 10)
   _, abstract = count_params(model)
   params = abstract["params"]
+  assert set(abstract) == {"params", "batch_stats"}
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  # Parameter counts of all eleven models: tests/test_model_table.py.
   assert len(model.blocks) == 16
   assert set(params["blocks_0"]) == {"depthwise_conv2d", "tpu_batch_normalization", "se",
                                      "conv2d", "tpu_batch_normalization_1"}
