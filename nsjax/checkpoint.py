@@ -28,7 +28,7 @@ VARIABLES_DIR = "variables"
 def _atomic_write_text(path: epath.Path, text: str) -> None:
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
   tmp.write_text(text)
-  tmp.rename(path)
+  tmp.replace(path)  # overwrites: re-exporting into the same directory (a resumed run) is fine
 
 
 def abstract_variables(model: models.EfficientNet, resolution: int | None = None) -> Any:
