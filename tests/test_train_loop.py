@@ -153,6 +153,10 @@ def test_export_holds_ema_variables(runs):
   ema = jax.device_get(full.state.ema_variables)
   for x, y in zip(jax.tree.leaves(variables), jax.tree.leaves(ema)):
     np.testing.assert_array_equal(np.asarray(x), y)
+  teacher = loop.Teacher.load(full.export_dir)  # how the next stage picks it up
+  assert teacher.model == MODEL
+  np.testing.assert_array_equal(teacher.variables["params"]["head"]["dense"]["bias"],
+                                ema["params"]["head"]["dense"]["bias"])
   live = jax.device_get(full.state.params)
   assert not np.array_equal(live["head"]["dense"]["kernel"],
                             ema["params"]["head"]["dense"]["kernel"])

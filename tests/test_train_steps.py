@@ -41,24 +41,25 @@ LOSS = steps.LossConfig(num_classes=NUM_CLASSES, label_smoothing=0.1, unlabeled_
                         ema_decay=0.9999, seed=7)
 
 
-def make_batch(seed=0, labeled=8, unlabeled=8, teacher_image=False):
+def make_batch(seed=0, labeled=8, unlabeled=8, teacher_image=False, image_shape=IMAGE_SHAPE):
   rng = np.random.default_rng(seed)
-  batch = {"labeled": {"image": rng.normal(size=(labeled,) + IMAGE_SHAPE).astype(np.float32),
+  batch = {"labeled": {"image": rng.normal(size=(labeled,) + image_shape).astype(np.float32),
                        "label": rng.integers(0, NUM_CLASSES, labeled).astype(np.int32)}}
   if unlabeled:
-    u = {"image": rng.normal(size=(unlabeled,) + IMAGE_SHAPE).astype(np.float32)}
+    u = {"image": rng.normal(size=(unlabeled,) + image_shape).astype(np.float32)}
     if teacher_image:
-      u["teacher_image"] = rng.normal(size=(unlabeled,) + IMAGE_SHAPE).astype(np.float32)
+      u["teacher_image"] = rng.normal(size=(unlabeled,) + image_shape).astype(np.float32)
     else:
       u["probs"] = rng.dirichlet(np.ones(NUM_CLASSES), unlabeled).astype(np.float32)
     batch["unlabeled"] = u
   return batch
 
 
-def build(mesh, fsdp=False, model=TinyNet(), loss=LOSS, teacher_model=None):
+def build(mesh, fsdp=False, model=TinyNet(), loss=LOSS, teacher_model=None,
+          image_shape=IMAGE_SHAPE):
   schedule = opt.learning_rate_schedule(0.5, 256, steps_per_epoch=2, warmup_epochs=1)
   tx = opt.tf1_rmsprop(schedule)
-  abstract = state_lib.abstract_train_state(model, tx, IMAGE_SHAPE)
+  abstract = state_lib.abstract_train_state(model, tx, image_shape)
   shardings = state_lib.state_shardings(mesh, abstract, fsdp)
   mask = opt.weight_decay_mask(abstract.params, abstract.batch_stats)
   teacher_shardings = None
@@ -67,16 +68,17 @@ def build(mesh, fsdp=False, model=TinyNet(), loss=LOSS, teacher_model=None):
                                                        "batch_stats": abstract.batch_stats})
   step = steps.make_train_step(model, tx, schedule, loss, mesh, shardings, mask, teacher_model,
                                teacher_shardings)
-  init = state_lib.make_init_fn(model, tx, mesh, IMAGE_SHAPE, shardings)
+  init = state_lib.make_init_fn(model, tx, mesh, image_shape, shardings)
   return init, step, shardings
 
 
-def run(mesh, fsdp=False, num_steps=3):
-  init, step, shardings = build(mesh, fsdp)
+def run(mesh, fsdp=False, num_steps=3, model=TinyNet(), image_shape=IMAGE_SHAPE):
+  init, step, shardings = build(mesh, fsdp, model=model, image_shape=image_shape)
   state = init(steps.init_key(0))
   history = []
   for i in range(num_steps):
-    state, metrics = step(state, steps.to_global_batch(make_batch(i), mesh))
+    batch = make_batch(i, image_shape=image_shape)
+    state, metrics = step(state, steps.to_global_batch(batch, mesh))
     history.append(jax.device_get(metrics))
   return state, history, shardings
 
@@ -128,6 +130,42 @@ def test_fsdp_shards_params_slots_and_ema_and_matches_replicated(replicated_run,
   assert_trees_close(state_fsdp.opt_state, state_rep.opt_state)
   assert_trees_close(state_fsdp.ema_params, state_rep.ema_params)
   np.testing.assert_allclose(hist_fsdp[-1]["loss"], hist_rep[-1]["loss"], rtol=1e-5)
+  # Evaluation takes the FSDP-sharded EMA variables as they are.
+  eval_step = steps.make_eval_step(TinyNet(), mesh4)
+  batch = steps.to_global_batch(make_batch(60, unlabeled=0)["labeled"], mesh4)
+  counts = [jax.device_get(eval_step(s.ema_variables, batch)) for s in (state_fsdp, state_rep)]
+  assert counts[0] == counts[1] and counts[0]["count"] == 8
+
+
+@pytest.mark.slow
+def test_efficientnet_sharded_and_fsdp_match_single_device():
+  """The same equivalences on the tiny EfficientNet (three ~20 s compiles, hence slow)."""
+  model = models.create_model("efficientnet-b0", NUM_CLASSES, width=0.25, depth=0.25,
+                              small_image=True, resolution=16, depthwise_impl="xla")
+  shape = (16, 16, 3)
+  one, _, _ = run(parallel.make_mesh(1), model=model, image_shape=shape)
+  four, _, _ = run(parallel.make_mesh(4), model=model, image_shape=shape)
+  fsdp, _, shardings = run(parallel.make_mesh(4), fsdp=True, model=model, image_shape=shape)
+  assert any(s.spec != P() for s in jax.tree.leaves(shardings.params))
+  # Stacked BatchNorms and RMSProp's 1/sqrt(ms) amplify reduction-order rounding a little.
+  assert_trees_close(four.params, one.params, rtol=1e-3, atol=1e-4)
+  assert_trees_close(fsdp.params, four.params, rtol=1e-3, atol=1e-4)
+  assert_trees_close(fsdp.ema_batch_stats, four.ema_batch_stats, rtol=1e-3, atol=1e-4)
+  moved = np.abs(np.asarray(four.params["head"]["dense"]["kernel"]) -
+                 np.asarray(build(parallel.make_mesh(1), model=model, image_shape=shape)[0](
+                     steps.init_key(0)).params["head"]["dense"]["kernel"])).max()
+  assert moved > 1e-2  # the tolerance is far below how far training moved the weights
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss(compiled, mesh4):
+  init16, step16, _ = build(mesh4, model=TinyNet(dtype=jnp.bfloat16))
+  state16, metrics16 = step16(init16(steps.init_key(0)),
+                              steps.to_global_batch(make_batch(50), mesh4))
+  init32, step32, _ = compiled
+  _, metrics32 = step32(init32(steps.init_key(0)), steps.to_global_batch(make_batch(50), mesh4))
+  assert bool(metrics16["is_finite"])
+  assert state16.params["conv"]["kernel"].dtype == jnp.float32
+  np.testing.assert_allclose(metrics16["loss"], metrics32["loss"], rtol=3e-2)
 
 
 def np_log_softmax(z):

@@ -210,8 +210,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   else:
     fn = lambda state, batch, tvars: train_step(state, batch, teacher_model=teacher_model,
                                                 teacher_variables=tvars, **kwargs)
-    in_shardings = (state_shardings, data,
-                    rep if teacher_shardings is None else teacher_shardings)
+    in_shardings = (state_shardings, data, teacher_shardings)  # None: as the arrays are placed
   return jax.jit(fn, in_shardings=in_shardings, out_shardings=(state_shardings, rep),
                  donate_argnums=(0,))
 
@@ -226,6 +225,7 @@ def make_predict_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int | No
 
   Eval mode (no dropout, no stochastic depth, BatchNorm moving statistics): pass the EMA
   variables (`state.ema_variables` or an exported model's). Outputs stay sharded like the images.
+  `variables_shardings=None` accepts the variables however they are placed (replicated or FSDP).
   """
   data = parallel.data_sharding(mesh)
 
@@ -237,8 +237,8 @@ def make_predict_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int | No
       out["top_k_probs"], out["top_k_indices"] = jax.lax.top_k(probs, top_k)
     return out
 
-  var_shardings = parallel.replicated(mesh) if variables_shardings is None else variables_shardings
-  return jax.jit(predict, in_shardings=(var_shardings, data), out_shardings=data)
+  # variables_shardings=None: take the variables as they are placed (replicated, FSDP, ...).
+  return jax.jit(predict, in_shardings=(variables_shardings, data), out_shardings=data)
 
 
 def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh,
@@ -259,8 +259,7 @@ def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh,
     return {"top1_correct": jnp.sum(top1 * mask), "top5_correct": jnp.sum(top5 * mask),
             "count": jnp.sum(mask)}
 
-  var_shardings = parallel.replicated(mesh) if variables_shardings is None else variables_shardings
-  return jax.jit(eval_step, in_shardings=(var_shardings, parallel.data_sharding(mesh)),
+  return jax.jit(eval_step, in_shardings=(variables_shardings, parallel.data_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))
 
 
