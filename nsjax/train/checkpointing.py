@@ -1,0 +1,82 @@
+"""Training-run checkpoints: Orbax `CheckpointManager` over the whole `TrainState`.
+
+These are for resuming a run (optimizer slots, live and EMA variables, step); the hand-off to the
+next stage is `nsjax.checkpoint.export_model` (EMA variables + model.json). Restores always go
+through a target built from the abstract state and its shardings, so every leaf comes back as a
+`jax.Array` in the right place and the right tree (Orbax without a target returns lists and
+host arrays). Saves are asynchronous: the arrays are copied off the devices before `save`
+returns, so the next (donating) step may run while files are written.
+
+Replica-parallel writing (each replica of a replicated array writes a slice) pays off when several
+hosts share the work, but its first save compiles a slicing kernel per array shape (seconds on
+CPU); it is on only for multi-process runs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from nsjax.train.state import TrainState, with_shardings
+
+
+class TrainCheckpoints:
+  """Periodic, keep-N checkpoints of a `TrainState` under `directory/<step>`."""
+
+  def __init__(self, directory: str | os.PathLike, every_steps: int = 1000, keep: int = 3):
+    if every_steps < 1 or keep < 1:
+      raise ValueError(f"checkpoint_every_steps ({every_steps}) and keep_checkpoints ({keep}) "
+                       "must both be >= 1.")
+    self.directory = epath.Path(directory)
+    self.every_steps = every_steps
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps,
+                                           create=True)
+    handler = ocp.PyTreeCheckpointHandler(
+        type_handler_registry=_type_handlers(replica_parallel=jax.process_count() > 1))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: TrainState, force: bool = False) -> bool:
+    """Starts an async save (the caller checks finiteness first: see `train`)."""
+    return self.manager.save(step, args=ocp.args.PyTreeSave(state), force=force)
+
+  def restore(self, abstract_state: TrainState, shardings: Any,
+              step: int | None = None) -> TrainState:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No training checkpoint under {self.directory}.")
+    target = with_shardings(abstract_state, shardings)
+    args = ocp.args.PyTreeRestore(item=target,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    return self.manager.restore(step, args=args)
+
+  def path(self, step: int | None) -> str:
+    return "none" if step is None else str(self.directory / str(step))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def __enter__(self) -> TrainCheckpoints:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+
+def _type_handlers(replica_parallel: bool) -> ocp.type_handlers.TypeHandlerRegistry:
+  scalar = ocp.type_handlers.ScalarHandler()
+  return ocp.type_handlers.create_type_handler_registry(
+      (int, scalar), (float, scalar), (np.number, scalar),
+      (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=replica_parallel)))
