@@ -42,7 +42,8 @@ def main(argv):
   import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")  # TF only feeds the host
   tfds.disable_progress_bar()
-  from nsjax import pipeline
+  from nsjax import parallel, pipeline
+  parallel.enable_compilation_cache()
   logging.info("JAX process %d/%d, %d devices.", jax.process_index(), jax.process_count(),
                jax.device_count())
   pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value)

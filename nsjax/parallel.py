@@ -97,3 +97,21 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+  """Persists XLA compilations across processes (reruns, stages run as jobs, test sessions).
+
+  Directory: the argument, else $NSJAX_COMPILATION_CACHE, else ~/.cache/nsjax/jax_cache; the env
+  var set to "" disables it. On a 2-core CPU a tiny EfficientNet's init compiles in ~30 s cold
+  and loads in a few seconds from the cache.
+  """
+  import os
+  if directory is None:
+    directory = os.environ.get("NSJAX_COMPILATION_CACHE",
+                               os.path.join(os.path.expanduser("~"), ".cache", "nsjax", "jax_cache"))
+  if not directory:
+    return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return directory

@@ -4,10 +4,19 @@ import os
 # Must happen before jax initialises its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA cache per test session, shared with the subprocesses tests start (they run
+# `python -m nsjax.main`, which reads NSJAX_COMPILATION_CACHE): the smoke schedule compiles the same
+# functions in many tests.
+import tempfile  # noqa: E402
+os.environ.setdefault("NSJAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="nsjax-xla-cache-"))
 
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
+
+from nsjax import parallel  # noqa: E402
+
+parallel.enable_compilation_cache()
 
 import pytest  # noqa: E402
 
