@@ -350,7 +350,8 @@ def eval_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
   from nsjax.evaluate import stage as eval_lib
   model_stage = stage.name[len("eval-"):]
   results = eval_lib.evaluate_export(
-      final_export_dir(config, workdir, model_stage), source(config.data.test, data_dir), mesh=mesh,
+      final_export_dir(config, workdir, model_stage), source(config.data.test, data_dir),
+      mesh=mesh,
       batch_size=int(config.eval.batch_size), small_image=config.data.small_image,
       corruptions=list(config.eval.get("corruptions", [])),
       severities=list(config.eval.get("severities", [1, 2, 3, 4, 5])),
