@@ -6,6 +6,8 @@ One ml-collections config describes the whole run (see configs/demo.py for every
   iteration i   "label-i"      the teacher of iteration i-1 labels the unlabeled split (skipped for
                                an online teacher), then filtering + balancing are planned
                 "student-i"    a noised, equal-or-larger student trains on labeled + pseudo labels
+  optional      "finetune-i"   (students[i-1].finetune) test-resolution fine-tuning of student i;
+                               its export replaces the student's from then on (nsjax/finetune.py)
   optional      "baseline"     the final student's architecture and noise, labeled data only
                 "eval-<name>"  test accuracy (+ the offline corruption suite) of every model
                 "summary"      summary.json, a printed table, accuracy and corruption plots
@@ -44,7 +46,7 @@ from nsjax.train import loop, steps
 @dataclasses.dataclass(frozen=True)
 class Stage:
   name: str           # "teacher", "label-1", "student-1", "baseline", "eval-student-1", "summary"
-  kind: str           # teacher | label | student | baseline | eval | summary
+  kind: str           # teacher | label | student | finetune | baseline | eval | summary
   iteration: int      # 0 for the teacher, i for the i-th student; -1 for the baseline/summary
 
 
@@ -59,6 +61,8 @@ def schedule(config) -> list[Stage]:
     if not student.get("online_teacher", False):
       stages.append(Stage(f"label-{i}", "label", i))
     stages.append(Stage(f"student-{i}", "student", i))
+    if student.get("finetune"):
+      stages.append(Stage(f"finetune-{i}", "finetune", i))
   if config.get("baseline"):
     stages.append(Stage("baseline", "baseline", -1))
   for name in model_stage_names(config):
@@ -78,6 +82,14 @@ def stage_dir(workdir: str, name: str) -> str:
 
 def export_dir(workdir: str, model_stage: str) -> str:
   return os.path.join(stage_dir(workdir, model_stage), "export")
+
+
+def final_export_dir(config, workdir: str, model_stage: str) -> str:
+  """The export that stands for a model stage: a fine-tuned student's replaces its own."""
+  if model_stage.startswith("student-"):
+    if config.students[_iteration_of(model_stage) - 1].get("finetune"):
+      return export_dir(workdir, model_stage.replace("student-", "finetune-"))
+  return export_dir(workdir, model_stage)
 
 
 def fingerprint(config) -> str:
@@ -174,9 +186,10 @@ def stage_config(stage: Stage, config):
   return config.students[stage.iteration - 1]
 
 
-def teacher_export_of(stage: Stage, workdir: str) -> str:
-  """Iteration i learns from the export of iteration i-1."""
-  return export_dir(workdir, "teacher" if stage.iteration == 1 else f"student-{stage.iteration - 1}")
+def teacher_export_of(stage: Stage, config, workdir: str) -> str:
+  """Iteration i learns from the (final) export of iteration i-1."""
+  previous = "teacher" if stage.iteration == 1 else f"student-{stage.iteration - 1}"
+  return final_export_dir(config, workdir, previous)
 
 
 def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, mesh,
@@ -199,7 +212,7 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
   if stage.kind == "student":
     unlabeled_batch = int(round(float(cfg.unlabeled_ratio) * cfg.batch_size))
     if stage_cfg.get("online_teacher", False):
-      teacher = loop.Teacher.load(teacher_export_of(stage, workdir))
+      teacher = loop.Teacher.load(teacher_export_of(stage, config, workdir))
       unlabeled = _online_unlabeled(config, data_dir, stage_cfg, teacher.model, unlabeled_batch,
                                     cfg.seed)
     else:
@@ -231,7 +244,7 @@ def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, 
   model = build_model(stage_cfg, config)
   cfg = train_config(stage_cfg, config, _num_examples(source(config.data.labeled, data_dir)))
   if stage.kind == "student":
-    check_teacher_compatible(teacher_export_of(stage, workdir), model, stage_cfg)
+    check_teacher_compatible(teacher_export_of(stage, config, workdir), model, stage_cfg)
   batches, teacher = training_batches(stage, config, workdir, data_dir, mesh, cfg)
   eval_fn = make_eval_fn(model, config, data_dir, mesh)
   result = loop.train(cfg, model, batches, stage_dir(workdir, stage.name), eval_fn=eval_fn,
@@ -302,11 +315,22 @@ def import_teacher(stage_cfg, config, workdir: str) -> dict:
   return {"export_dir": out, "imported_from": stage_cfg.checkpoint}
 
 
+def finetune_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
+  """Test-resolution fine-tuning of student i on the labeled data (see nsjax/finetune.py)."""
+  from nsjax import finetune
+  labeled = source(config.data.labeled, data_dir)
+  return finetune.finetune(
+      export_dir(workdir, f"student-{stage.iteration}"), labeled, stage_dir(workdir, stage.name),
+      config.students[stage.iteration - 1].finetune, mesh=mesh,
+      num_labeled=_num_examples(labeled), seed=int(config.seed) * 1000 + 500 + stage.iteration,
+      eval_fn=lambda model: make_eval_fn(model, config, data_dir, mesh))
+
+
 # ------------------------------------------------------------------------------------------------
 # Labeling, evaluation, summary.
 
 def label_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
-  teacher_dir = teacher_export_of(stage, workdir)
+  teacher_dir = teacher_export_of(stage, config, workdir)
   out = stage_dir(workdir, stage.name)
   lcfg = config.label
   manifest = label.label_unlabeled(
@@ -326,7 +350,8 @@ def eval_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
   from nsjax.evaluate import stage as eval_lib
   model_stage = stage.name[len("eval-"):]
   results = eval_lib.evaluate_export(
-      export_dir(workdir, model_stage), source(config.data.test, data_dir), mesh=mesh,
+      final_export_dir(config, workdir, model_stage), source(config.data.test, data_dir),
+      mesh=mesh,
       batch_size=int(config.eval.batch_size), small_image=config.data.small_image,
       corruptions=list(config.eval.get("corruptions", [])),
       severities=list(config.eval.get("severities", [1, 2, 3, 4, 5])),
@@ -341,7 +366,7 @@ def eval_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
 def summary_rows(config, workdir: str, state: RunState) -> list[dict]:
   rows = []
   for name in model_stage_names(config):
-    model, variables, _ = checkpoint.load_exported(export_dir(workdir, name))
+    model, variables, _ = checkpoint.load_exported(final_export_dir(config, workdir, name))
     results = state.result(f"eval-{name}")
     role = "teacher" if name == "teacher" else ("baseline" if name == "baseline" else "student")
     row = {"iteration": _iteration_of(name) if role != "baseline" else len(config.students),
@@ -398,6 +423,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
     t0 = time.time()
     if s.kind in ("teacher", "student", "baseline"):
       result = train_model_stage(s, config, workdir, data_dir, mesh)
+    elif s.kind == "finetune":
+      result = finetune_stage(s, config, workdir, data_dir, mesh)
     elif s.kind == "label":
       result = label_stage(s, config, workdir, data_dir, mesh)
     elif s.kind == "eval":

@@ -90,6 +90,12 @@ def validate_config(config, workdir: str) -> None:
                                   **dict(stage.get("model_overrides", {}) or {}))
     except ValueError as error:
       raise ConfigError(f"{where}: {error}") from error
+    if stage.get("finetune"):
+      from nsjax import finetune
+      try:
+        finetune.check_config(stage.finetune, num_devices, f"{where}.finetune")
+      except ValueError as error:
+        raise ConfigError(str(error)) from error
     if where.startswith("students") and previous is not None:
       _warn_if_smaller(previous, (where, model))
     if not where == "baseline":

@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -217,6 +218,22 @@ def _teacher_shardings(teacher_model: nn.Module, mesh: jax.sharding.Mesh, fsdp: 
   return parallel.tree_shardings(mesh, abstract, fsdp=fsdp)
 
 
+def _state_from_variables(fns: RunFunctions, variables: Any) -> state_lib.TrainState:
+  """A step-0 state holding `variables` (and their EMA copies), placed in the state's shardings."""
+  variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+  expected = {"params": fns.abstract_state.params, "batch_stats": fns.abstract_state.batch_stats}
+  if jax.tree.structure(variables) != jax.tree.structure(expected) or any(
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(expected))):
+    raise ValueError("initial_variables do not match the model's variables (names or shapes); "
+                     "start from an export of the same architecture.")
+
+  def build(v):
+    return state_lib.TrainState(step=jnp.zeros([], jnp.int32), params=v["params"],
+                                batch_stats=v["batch_stats"], opt_state=fns.tx.init(v["params"]),
+                                ema_params=v["params"], ema_batch_stats=v["batch_stats"])
+  return jax.jit(build, out_shardings=fns.shardings)(variables)
+
+
 def _num_classes(model: nn.Module) -> int:
   if not hasattr(model, "num_classes"):
     raise ValueError(f"The model ({type(model).__name__}) needs a `num_classes` attribute.")
@@ -333,7 +350,8 @@ def _image_shape(first: Any, model: nn.Module) -> tuple[int, ...]:
 def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], Iterable],
           workdir: str | os.PathLike, eval_fn: Callable[[Any], dict[str, float]] | None = None,
           teacher: Teacher | str | os.PathLike | None = None,
-          mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+          mesh: jax.sharding.Mesh | None = None,
+          initial_variables: Any = None) -> TrainResult:
   """Trains `model`, resuming from the latest checkpoint in `workdir/checkpoints` if any.
 
   Args:
@@ -347,6 +365,9 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
     teacher: an online teacher (`Teacher` or an export directory); without one, unlabeled
       batches must carry the offline teacher's `probs`.
     mesh: defaults to all devices on one `data` axis.
+    initial_variables: {"params", "batch_stats"} to start from instead of a random init (e.g. an
+      exported model, for fine-tuning); the EMA starts there too, the optimizer slots fresh.
+      Ignored when resuming from a checkpoint.
   Returns:
     TrainResult(state, metrics, step, export_dir).
   Raises:
@@ -378,6 +399,9 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
     if latest is not None:
       state = checkpoints.restore(fns.abstract_state, fns.shardings, latest)
       log.info("Restored step %d from %s", latest, checkpoints.path(latest))
+    elif initial_variables is not None:
+      state = _state_from_variables(fns, initial_variables)
+      writer.write_hparams(_hparams(cfg))
     else:
       state = fns.init(steps.init_key(cfg.seed))
       writer.write_hparams(_hparams(cfg))

@@ -1,0 +1,64 @@
+"""Command line: score an exported model on one benchmark; JSON + TensorBoard in --output.
+
+  python -m nsjax.evaluate --export=WORKDIR/student-2/export --dataset=imagenet2012 \
+      --split=validation --resolution=800 --output=/tmp/eval
+  python -m nsjax.evaluate --export=... --benchmark=imagenet_a --output=/tmp/eval
+  python -m nsjax.evaluate --export=... --benchmark=imagenet_c --clean_dataset=imagenet2012 \
+      --output=/tmp/eval
+  python -m nsjax.evaluate --export=... --benchmark=fgsm --dataset=imagenet2012 \
+      --split='validation[:5000]' --epsilons=0,1,2,4,8,16 --output=/tmp/eval
+
+Benchmarks: clean (top-1/top-5 of any TFDS split), imagenet_a / imagenet_r (logits restricted to
+the benchmark's 200 classes), imagenet_v2 (plain top-1), imagenet_c (15 corruptions x 5 severities
+of imagenet2012_corrupted -> mCE, relative mCE, top-1), cifar10_c (cifar10_corrupted -> mean
+error), fgsm / pgd (accuracy per epsilon; epsilons in 1/255 units; also a PNG). The corrupted and
+robustness sets default to their usual TFDS names and splits; they must be prepared in --data_dir
+(`tfds build NAME --data_dir=...`): nothing is downloaded here.
+"""
+from __future__ import annotations
+
+from absl import app, flags
+
+from nsjax.evaluate import benchmarks
+
+_EXPORT = flags.DEFINE_string("export", None, "Exported model directory (model.json + variables/).")
+_DATASET = flags.DEFINE_string("dataset", "", "TFDS name (default: the benchmark's own dataset).")
+_SPLIT = flags.DEFINE_string("split", "", "TFDS split, e.g. validation or 'test[:1000]'.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: TFDS's).")
+_RESOLUTION = flags.DEFINE_integer("resolution", 0, "Eval resolution (0: the model's own).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Global batch size (a multiple of the "
+                                   "device count).")
+_BENCHMARK = flags.DEFINE_enum("benchmark", "clean", benchmarks.BENCHMARKS, "What to measure.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for <benchmark>.json and TensorBoard.")
+_CORRUPTIONS = flags.DEFINE_list("corruptions", [], "imagenet_c / cifar10_c: a subset of the 15 "
+                                 "benchmark corruptions (default: all).")
+_CLEAN_ERROR = flags.DEFINE_float("clean_error", None, "imagenet_c: the clean top-1 error (a "
+                                  "fraction) for the relative mCE.")
+_CLEAN_DATASET = flags.DEFINE_string("clean_dataset", "", "imagenet_c: measure the clean error on "
+                                     "this TFDS dataset (e.g. imagenet2012).")
+_CLEAN_SPLIT = flags.DEFINE_string("clean_split", "validation", "Split of --clean_dataset.")
+_EPSILONS = flags.DEFINE_list("epsilons", ["0", "1", "2", "4", "8", "16"], "fgsm / pgd: attack "
+                              "sizes in 1/255 pixel units.")
+_PGD_STEPS = flags.DEFINE_integer("pgd_steps", 10, "pgd: projected steps.")
+_SEED = flags.DEFINE_integer("seed", 0, "pgd random starts.")
+flags.mark_flags_as_required(["export", "output"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  result = benchmarks.run_benchmark(
+      _EXPORT.value, _BENCHMARK.value, dataset=_DATASET.value, split=_SPLIT.value,
+      data_dir=_DATA_DIR.value, resolution=_RESOLUTION.value, batch_size=_BATCH_SIZE.value,
+      corruptions=_CORRUPTIONS.value or None, clean_error=_CLEAN_ERROR.value,
+      clean_dataset=_CLEAN_DATASET.value, clean_split=_CLEAN_SPLIT.value,
+      epsilons=[float(e) / 255.0 for e in _EPSILONS.value], pgd_steps=_PGD_STEPS.value,
+      seed=_SEED.value)
+  path = benchmarks.write_results(_OUTPUT.value, result)
+  print(f"{_BENCHMARK.value}: {benchmarks.scalars(result)} -> {path}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,288 @@
+"""Benchmarks of one exported model: clean top-1/top-5, ImageNet-A/-R/-V2, ImageNet-C, CIFAR-10-C,
+FGSM/PGD -- the wiring between TFDS datasets and the pure pieces in metrics, robustness and
+adversarial.
+
+Everything streams through `nsjax.data.input_pipeline` (per host, padded and masked, any mesh) with
+the official eval view (centre crop S/(S+32), bicubic resize) at the resolution asked for, so a
+model trained at 475 px can be scored at 800 px (`resolution=`). The results are plain JSON-ready
+dicts; `write_results` puts them in `<output>/<benchmark>.json` and in TensorBoard.
+
+ImageNet-A and -R cover 200 classes each: the logits are restricted to the benchmark's own index
+list before the argmax (a 1000-way model is never wrong for picking a class outside the subset).
+The corrupted suites read one TFDS config per (corruption, severity): `imagenet2012_corrupted/
+<c>_<s>` and `cifar10_corrupted/<c>_<s>`; the 75 errors go to `robustness.imagenet_c_summary`
+(mCE, relative mCE when the clean error is known) or `robustness.cifar10_c_summary`.
+Adversarial attacks perturb [0, 1] pixels (the eval view before normalisation) and normalise
+inside the attacked function, so epsilon is in pixel units.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from nsjax import checkpoint, parallel
+from nsjax.data import input_pipeline, preprocess
+from nsjax.evaluate import adversarial, metrics, robustness
+from nsjax.files import atomic_write_json
+from nsjax.train import steps
+
+BENCHMARKS = ("clean", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_c", "cifar10_c",
+              "fgsm", "pgd")
+# (TFDS name, split) read when --dataset / --split are not given.
+DEFAULT_DATASETS = {
+    "imagenet_a": ("imagenet_a", "test"),
+    "imagenet_r": ("imagenet_r", "test"),
+    "imagenet_v2": ("imagenet_v2/matched-frequency", "test"),
+    "imagenet_c": ("imagenet2012_corrupted", "validation"),
+    "cifar10_c": ("cifar10_corrupted", "test"),
+}
+SUBSET_BENCHMARKS = ("imagenet_a", "imagenet_r")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading.
+
+def load_model(export: str, resolution: int = 0, mesh=None):
+  """(model, replicated variables, metadata); `resolution` (0 = the model's own test resolution)
+  sets the eval view's size."""
+  model, variables, metadata = checkpoint.load_exported(export)
+  if resolution:
+    model = model.clone(test_resolution=int(resolution))
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  return model, jax.device_put(variables, parallel.replicated(mesh)), metadata
+
+
+def eval_view_fn(resolution: int, small_image: bool, image_key: str = "image",
+                 normalized: bool = True):
+  """features -> {"image": eval view, "label"}; `normalized=False` gives [0, 1] pixels."""
+  def fn(features, seed):
+    del seed
+    image = preprocess.eval_view(features[image_key], resolution, small_image=small_image,
+                                 normalized=normalized)
+    return {"image": image if normalized else image / 255.0,
+            "label": tf.cast(features["label"], tf.int32)}
+  return fn
+
+
+def eval_batches(model, src: input_pipeline.Source, *, mesh, batch_size: int,
+                 normalized: bool = True) -> input_pipeline.BatchIterator:
+  return input_pipeline.eval_batches(
+      src, global_batch_size=batch_size, mesh=mesh,
+      preprocess_fn=eval_view_fn(model.test_resolution, model.small_image, src.image_key,
+                                 normalized))
+
+
+# --------------------------------------------------------------------------------------------------
+# Accuracy.
+
+def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_size: int,
+                   eval_step=None) -> dict[str, Any]:
+  """Top-1 / top-5 over the whole split (plain 1000-way, or however many classes the model has).
+
+  Pass `eval_step` (`steps.make_eval_step(model, mesh)`) to reuse one compilation over many sets.
+  """
+  batches = eval_batches(model, src, mesh=mesh, batch_size=batch_size)
+  eval_step = eval_step or cached_eval_step(model, mesh)
+  result = steps.evaluate(eval_step, variables, batches, mesh)
+  result["num_skipped"] = batches.num_skipped
+  return result
+
+
+# Variables are arguments, not constants: one compilation serves every export of the same model.
+@functools.lru_cache(maxsize=8)
+def cached_eval_step(model, mesh):
+  return steps.make_eval_step(model, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def cached_subset_eval_step(model, mesh, subset: str):
+  return make_subset_eval_step(model, mesh, metrics.class_subset_indices(subset))
+
+
+def make_subset_eval_step(model, mesh, indices: np.ndarray):
+  """Like `steps.make_eval_step`, but top-k among the subset's classes only (labels in the
+  model's full label space; a label outside the subset counts as wrong, and is counted)."""
+  indices = np.asarray(indices)
+  inside = np.zeros(model.num_classes, np.float32)
+  inside[indices] = 1
+
+  def eval_step(variables, batch):
+    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    mask = batch["mask"].astype(jnp.float32)
+    counts = metrics.subset_topk_correct(logits, batch["label"], indices, "full", mask=mask)
+    outside = jnp.sum((1.0 - jnp.asarray(inside)[batch["label"]]) * mask)
+    return {"top1_correct": counts["top1"], "top5_correct": counts["top5"],
+            "count": counts["count"], "labels_outside_subset": outside}
+
+  return jax.jit(eval_step, in_shardings=(None, parallel.data_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def subset_accuracy(model, variables, src: input_pipeline.Source, subset: str, *, mesh,
+                    batch_size: int) -> dict[str, Any]:
+  """Top-1 / top-5 with the logits restricted to a class subset: "imagenet_a", "imagenet_r" or
+  the path of an index file (one sorted 1000-class index per line)."""
+  indices = metrics.class_subset_indices(subset)
+  if model.num_classes <= int(np.max(indices)):
+    raise ValueError(f"The class subset reaches class {int(np.max(indices))} but the model has "
+                     f"{model.num_classes} classes; these benchmarks need an ImageNet "
+                     "(1000-class) model.")
+  step = cached_subset_eval_step(model, mesh, str(subset))
+  totals = None
+  batches = eval_batches(model, src, mesh=mesh, batch_size=batch_size)
+  for batch in batches:
+    counts = step(variables, steps.to_global_batch(batch, mesh))
+    totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+  if totals is None:
+    raise ValueError(f"{src.name} split {src.split!r} gave no batches.")
+  totals = jax.device_get(totals)
+  count = float(totals["count"])
+  return {"top1": float(totals["top1_correct"]) / count,
+          "top5": float(totals["top5_correct"]) / count, "num_examples": int(count),
+          "num_classes": int(len(indices)), "num_skipped": batches.num_skipped,
+          "labels_outside_subset": int(totals["labels_outside_subset"])}
+
+
+# --------------------------------------------------------------------------------------------------
+# Corrupted suites.
+
+def corruption_errors(model, variables, dataset: str, split: str, data_dir: str | None, *, mesh,
+                      batch_size: int, corruptions: Sequence[str],
+                      severities: Sequence[int] = robustness.SEVERITIES,
+                      image_key: str = "image") -> dict[tuple[str, int], float]:
+  """{(corruption, severity): top-1 error} from the TFDS configs of `dataset`."""
+  names = robustness.tfds_names(dataset, list(corruptions))
+  eval_step = cached_eval_step(model, mesh)  # one compilation for every setting
+  errors = {}
+  for (corruption, severity), name in sorted(names.items()):
+    if severity not in severities:
+      continue
+    src = input_pipeline.Source(name, split, data_dir, image_key)
+    top1 = clean_accuracy(model, variables, src, mesh=mesh, batch_size=batch_size,
+                          eval_step=eval_step)["top1"]
+    errors[(corruption, severity)] = 1.0 - top1
+  return errors
+
+
+def imagenet_c(model, variables, *, split: str, data_dir: str | None, mesh, batch_size: int,
+               corruptions: Sequence[str] = robustness.CORRUPTIONS,
+               clean_error: float | None = None) -> dict[str, Any]:
+  """mCE (and relative mCE given the clean top-1 error) over `imagenet2012_corrupted`."""
+  errors = corruption_errors(model, variables, "imagenet2012_corrupted", split, data_dir,
+                             mesh=mesh, batch_size=batch_size, corruptions=corruptions)
+  summary = robustness.imagenet_c_summary(errors, clean_error=clean_error,
+                                          corruptions=corruptions)
+  summary["per_setting"] = robustness.results_to_json(errors)
+  return summary
+
+
+def cifar10_c(model, variables, *, split: str, data_dir: str | None, mesh, batch_size: int,
+              corruptions: Sequence[str] = robustness.CIFAR10_C_CORRUPTIONS) -> dict[str, Any]:
+  """Mean error over `cifar10_corrupted`'s corruptions x severities 1..5."""
+  errors = corruption_errors(model, variables, "cifar10_corrupted", split, data_dir, mesh=mesh,
+                             batch_size=batch_size, corruptions=corruptions)
+  summary = robustness.cifar10_c_summary(errors, corruptions=corruptions)
+  summary["per_setting"] = robustness.results_to_json(errors)
+  return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Adversarial.
+
+def adversarial_sweep(model, variables, src: input_pipeline.Source, *, mesh, batch_size: int,
+                      method: str, epsilons: Sequence[float] = adversarial.DEFAULT_EPSILONS,
+                      pgd_steps: int = 10, seed: int = 0) -> dict[str, Any]:
+  """Accuracy under FGSM / PGD at each epsilon (pixel units in [0, 1]) on the eval view."""
+  batches = eval_batches(model, src, mesh=mesh, batch_size=batch_size, normalized=False)
+  return adversarial.epsilon_sweep(adversarial.model_apply_fn(model), variables, batches,
+                                   epsilons=epsilons, method=method, steps=pgd_steps, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# One benchmark, end to end.
+
+def run_benchmark(export: str, benchmark: str = "clean", *, dataset: str = "", split: str = "",
+                  data_dir: str | None = None, resolution: int = 0, batch_size: int = 256,
+                  mesh=None, corruptions: Sequence[str] | None = None,
+                  clean_error: float | None = None, clean_dataset: str = "",
+                  clean_split: str = "validation",
+                  epsilons: Sequence[float] = adversarial.DEFAULT_EPSILONS, pgd_steps: int = 10,
+                  seed: int = 0) -> dict[str, Any]:
+  """Scores the export at `export` on one benchmark; returns a JSON-ready dict (with the model,
+  dataset and resolution it used).
+
+  ImageNet-C's relative mCE needs the clean error: pass `clean_error`, or `clean_dataset` (e.g.
+  "imagenet2012") to measure it here on `clean_split`.
+  """
+  if benchmark not in BENCHMARKS:
+    raise ValueError(f"Unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}.")
+  default_name, default_split = DEFAULT_DATASETS.get(benchmark, ("", ""))
+  dataset, split = dataset or default_name, split or default_split
+  if not dataset or not split:
+    raise ValueError(f"--benchmark={benchmark} needs --dataset and --split (a TFDS name and "
+                     "split, e.g. --dataset=imagenet2012 --split=validation).")
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  if batch_size % jax.device_count():
+    raise ValueError(f"batch_size {batch_size} is not divisible by the {jax.device_count()} "
+                     "devices; use a multiple of it.")
+  model, variables, metadata = load_model(export, resolution, mesh)
+  src = input_pipeline.Source(dataset, split, data_dir)
+  common = dict(mesh=mesh, batch_size=batch_size)
+  if benchmark in ("clean", "imagenet_v2"):
+    result = clean_accuracy(model, variables, src, **common)
+  elif benchmark in SUBSET_BENCHMARKS:
+    result = subset_accuracy(model, variables, src, benchmark, **common)
+  elif benchmark == "imagenet_c":
+    if clean_error is None and clean_dataset:
+      clean_src = input_pipeline.Source(clean_dataset, clean_split, data_dir)
+      clean_error = 1.0 - clean_accuracy(model, variables, clean_src, **common)["top1"]
+    result = imagenet_c(model, variables, split=split, data_dir=data_dir,
+                        corruptions=corruptions or robustness.CORRUPTIONS,
+                        clean_error=clean_error, **common)
+  elif benchmark == "cifar10_c":
+    result = cifar10_c(model, variables, split=split, data_dir=data_dir,
+                       corruptions=corruptions or robustness.CIFAR10_C_CORRUPTIONS, **common)
+  else:
+    result = adversarial_sweep(model, variables, src, method=benchmark, epsilons=epsilons,
+                               pgd_steps=pgd_steps, seed=seed, **common)
+  result.update(benchmark=benchmark, dataset=dataset, split=split, export=str(export),
+                model=model.model_name, resolution=int(model.test_resolution),
+                step=int(metadata.get("step", 0)))
+  return result
+
+
+def scalars(result: dict[str, Any]) -> dict[str, float]:
+  """The headline numbers of a result, for TensorBoard."""
+  keys = ("top1", "top5", "mCE", "relative_mCE", "mean_error")
+  out = {k: float(result[k]) for k in keys if isinstance(result.get(k), (int, float))}
+  if "epsilons" in result:
+    for epsilon, accuracy in zip(result["epsilons_255"], result["accuracy"]):
+      out[f"accuracy_eps{epsilon:g}"] = float(accuracy)
+  return out
+
+
+def write_results(output_dir: str, result: dict[str, Any]) -> str:
+  """`<output_dir>/<benchmark>.json`, TensorBoard scalars `<benchmark>/<metric>` (and a PNG for an
+  adversarial sweep); process 0 writes. Returns the JSON path."""
+  from clu import metric_writers
+  name = result["benchmark"]
+  path = os.path.join(output_dir, f"{name}.json")
+  if jax.process_index() == 0:
+    tf.io.gfile.makedirs(output_dir)
+    atomic_write_json(path, result)
+    if "epsilons" in result:
+      adversarial.plot_sweep(result, os.path.join(output_dir, f"{name}.png"),
+                             title=f"{result['model']} under {name.upper()}")
+  writer = metric_writers.create_default_writer(output_dir,
+                                                just_logging=jax.process_index() > 0)
+  writer.write_scalars(int(result.get("step", 0)),
+                       {f"{name}/{k}": v for k, v in scalars(result).items()})
+  writer.flush()
+  writer.close()
+  return path
