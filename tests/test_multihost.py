@@ -151,8 +151,10 @@ def test_two_hosts_match_one_host(runs):
   for model in ("teacher", "student-1"):
     ea, eb = [json.load(open(os.path.join(w, "eval", f"{model}.json"))) for w in (multi, single)]
     assert ea["num_examples"] == eb["num_examples"] == 256
-    for key in ("top1", "top5", "corruption_top1"):
-      assert abs(ea[key] - eb[key]) <= 1 / 256 + 1e-9, (model, key, ea[key], eb[key])
+    # A 12-step model's logits are nearly tied, so float-rounding differences may flip an example
+    # or two in or out of the top-k: allow two test examples (two of 128 per corruption setting).
+    for key, slack in (("top1", 2 / 256), ("top5", 2 / 256), ("corruption_top1", 2 / 128)):
+      assert abs(ea[key] - eb[key]) <= slack + 1e-9, (model, key, ea[key], eb[key])
   summary = json.load(open(os.path.join(multi, "summary.json")))
   assert [r["role"] for r in summary["iterations"]] == ["teacher", "student"]
   # Only process 0 writes TensorBoard events, and only it prints the summary table.
