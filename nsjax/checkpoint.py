@@ -69,14 +69,21 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_exported(directory: str | os.PathLike, shardings: Any = None,
                   **model_overrides: Any) -> tuple[models.EfficientNet, Any, dict[str, Any]]:
-  """(model, variables, metadata) from an export. `model_overrides` e.g. dtype="bfloat16"."""
+  """(model, variables, metadata) from an export. `model_overrides` e.g. dtype="bfloat16".
+
+  `shardings` None: replicated over all devices of this run. Never the shardings recorded at save
+  time: an export written by 2 hosts x 2 devices must load on one laptop CPU (and vice versa).
+  """
   description = read_description(directory)
   config = dict(description["model"], **model_overrides)
   model = models.model_from_config(config)
   abstract = abstract_variables(model)
-  if shardings is not None:
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
+  if shardings is None:
+    from nsjax import parallel
+    everywhere = parallel.replicated(parallel.make_mesh())
+    shardings = jax.tree.map(lambda _: everywhere, abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(epath.Path(directory) / VARIABLES_DIR, abstract)
   return model, variables, description["metadata"]

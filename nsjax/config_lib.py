@@ -45,7 +45,11 @@ def base_config() -> ml_collections.ConfigDict:
   """Everything but the data sources and the model stages."""
   c = ml_collections.ConfigDict(type_safe=False)
   c.seed = 0
-  c.data = ml_collections.ConfigDict(dict(num_classes=1000, small_image=False, data_dir=""))
+  # host_input: how several hosts read training data (nsjax.data.input_pipeline): "global" (every
+  # host reads the whole stream, keeps its rows: the same batches on any number of hosts) or
+  # "split" (each host reads only its slice: less I/O per host on large pods).
+  c.data = ml_collections.ConfigDict(dict(num_classes=1000, small_image=False, data_dir="",
+                                          host_input="global"))
   c.label = ml_collections.ConfigDict(dict(batch_size=256, shard_batches=16, top_k=0))
   # Official offline filtering: per-class threshold keeping ~num_image_per_class (0 = unlabeled
   # images / num_classes), never below min_threshold; then copies num_image / kept.

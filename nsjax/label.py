@@ -41,7 +41,9 @@ def teacher_view_fn(resolution: int, small_image: bool, image_key: str = "image"
 
 def _ids(batch: dict[str, Any], done: int, process: int) -> list[bytes]:
   if "id" in batch:
-    return [str(i).encode() if not isinstance(i, bytes) else i for i in batch["id"]]
+    ids = batch["id"]  # numeric ids arrive as global arrays; strings as this host's numpy rows
+    ids = parallel.process_local_rows(ids) if isinstance(ids, jax.Array) else ids
+    return [str(i).encode() if not isinstance(i, bytes) else i for i in ids]
   # Sources without ids: the position in this process's ordered slice is stable across reruns.
   return [f"p{process}-{done + i}".encode() for i in range(len(batch["mask"]))]
 
@@ -78,7 +80,7 @@ def _label_host(batches, writer, predict, variables, shard_batches, host, log_ev
   seen, skipped_before, start, last_log = 0, 0, time.time(), time.time()
   labeled_now = 0
   for step, batch in enumerate(batches):
-    mask = np.asarray(batch["mask"]).astype(bool)
+    mask = parallel.process_local_rows(batch["mask"]).astype(bool)
     real = int(mask.sum())
     if seen + real <= already:  # finished in an earlier run: skip without running the teacher
       seen += real

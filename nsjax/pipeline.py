@@ -146,6 +146,11 @@ def eval_preprocess(resolution: int, small_image: bool, image_key: str = "image"
   return fn
 
 
+def host_input(config) -> str:
+  """How hosts read training data ("global" unless the config says "split"; see config_lib)."""
+  return config.data.get("host_input", "global")
+
+
 def _local(batch_size: int) -> int:
   if batch_size % jax.process_count():
     raise ValueError(f"Batch size {batch_size} is not divisible by {jax.process_count()} processes.")
@@ -220,12 +225,12 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
       plan = label.read_plan(labels_dir)
       unlabeled = lambda start: student_input.pseudo_label_batches(
           labels_dir, plan, local_batch_size=_local(unlabeled_batch), view_fn=view,
-          seed=cfg.seed, start_step=start)
+          seed=cfg.seed, start_step=start, host_input=host_input(config))
 
   def batches(start_step: int) -> Iterator[dict]:
     labeled = input_pipeline.train_batches(
         labeled_src, global_batch_size=cfg.batch_size, preprocess_fn=labeled_fn, seed=cfg.seed,
-        start_step=start_step)
+        start_step=start_step, host_input=host_input(config))
     pseudo = unlabeled(start_step) if unlabeled is not None else None
     for lb in labeled:
       batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
@@ -269,7 +274,8 @@ def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batc
 
   def batches(start_step):
     it = input_pipeline.train_batches(src, global_batch_size=unlabeled_batch, preprocess_fn=views,
-                                      seed=seed + 1, start_step=start_step)
+                                      seed=seed + 1, start_step=start_step,
+                                      host_input=host_input(config))
     return ({"image": b["image"], "teacher_image": b["teacher_image"]} for b in it)
 
   return batches

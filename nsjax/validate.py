@@ -48,6 +48,10 @@ def validate_config(config, workdir: str) -> None:
   if not config.students:
     raise ConfigError("config.students is empty: a Noisy Student schedule needs at least one "
                       "student.")
+  host_input = config.data.get("host_input", "global")
+  if host_input not in ("global", "split"):
+    raise ConfigError(f"config.data.host_input = {host_input!r}; use 'global' (the same batches on "
+                      "any number of hosts) or 'split' (each host reads only its slice).")
   num_devices = jax.device_count()
   num_classes = config.data.num_classes
   previous = None

@@ -16,6 +16,12 @@ Why things are done the way they are:
   image does not decode (or has the wrong shape) are dropped by `ignore_errors` right after decoding --
   before `preprocess_fn`, whose own errors must still surface -- and counted: every record carries its
   stream position, so `BatchIterator.num_skipped` is the gap between positions read and examples seen.
+- Training data on several hosts (`host_input`): "split" -- each host reads only its even slice of
+  the split (I/O scales with the hosts, but the global batches depend on the number of hosts) -- or
+  "global" -- every host reads the one stream that a single process would read (same shuffle, same
+  record positions, same augmentation seeds) and keeps its rows of each global batch BEFORE decoding.
+  "global" makes the global batches identical for any number of hosts (a 2-host run trains exactly
+  what a 1-host run trains), at the price of every host reading (not decoding) every record.
 - Single-pass pipelines (evaluation, and the unlabeled pass that the teacher labels) pad with masked
   examples up to a number of batches that every process computes alike from split sizes, so all hosts
   run the same number of steps without communicating and each real example counts exactly once.
@@ -50,6 +56,7 @@ RECORD_KEY = "_record"  # Stream position of each example; BatchIterator strips 
 MASK_KEY = "mask"
 ENCODED_IMAGE_KEY = "image_encoded"
 _SHUFFLE_STREAM, _EXAMPLE_STREAM = 0, 1  # Keep shuffle and augmentation randomness independent.
+HOST_INPUTS = ("split", "global")  # see the module docstring
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -220,7 +227,28 @@ class _Opened:
   local_batch_size: int
 
 
-def _open(source: Source, global_batch_size: int, mesh, process_index, process_count) -> _Opened:
+def check_host_input(host_input: str) -> None:
+  if host_input not in HOST_INPUTS:
+    raise ValueError(f"host_input must be one of {HOST_INPUTS}, got {host_input!r}.")
+
+
+def slice_global_batches(stream: tf.data.Dataset, global_batch_size: int, process_index: int,
+                         process_count: int) -> tf.data.Dataset:
+  """Elements of a global stream -> this process's rows of each global batch of it (in order).
+
+  Meant for encoded records: the other hosts' rows are dropped before anything is decoded.
+  """
+  if process_count == 1:
+    return stream
+  local = global_batch_size // process_count
+  begin, end = process_index * local, (process_index + 1) * local
+  rows = lambda *elem: tf.nest.map_structure(lambda t: t[begin:end], elem)
+  return stream.batch(global_batch_size, drop_remainder=True).map(rows).unbatch()
+
+
+def _open(source: Source, global_batch_size: int, mesh, process_index, process_count,
+          whole_split: bool = False) -> _Opened:
+  """Opens this process's slice of the split (the whole split with `whole_split`)."""
   index, count = resolve_process(process_index, process_count)
   if mesh is not None and count != jax.process_count():
     raise ValueError(f"With a mesh, batches are fed by the {jax.process_count()} real jax process(es); "
@@ -230,7 +258,8 @@ def _open(source: Source, global_batch_size: int, mesh, process_index, process_c
   local = (parallel.local_batch_size(global_batch_size, mesh) if mesh is not None
            else global_batch_size // count)
   builder = load_builder(source.name, source.data_dir)
-  split = process_split(source.split, index, count)
+  split = process_split(source.split, 0, 1) if whole_split else process_split(source.split, index,
+                                                                              count)
   records = _read_records(builder, source.name, split, source.image_key)
   return _Opened(builder, records, split, index, count, local)
 
@@ -238,21 +267,29 @@ def _open(source: Source, global_batch_size: int, mesh, process_index, process_c
 def train_batches(source: Source, *, global_batch_size: int,
                   preprocess_fn: PreprocessFn = identity_preprocess, seed: int = 0,
                   start_step: int = 0, shuffle_block: int = 16_384, mesh=None,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> BatchIterator:
+                  process_index: int | None = None, process_count: int | None = None,
+                  host_input: str = "split") -> BatchIterator:
   """Infinite, shuffled, repeated batches of labeled (or pseudo-labeled) training data.
 
-  Epochs are passes over this process's slice; batches run across epoch boundaries. Batch k depends
-  only on (source, seed, global batch size, processes, k): `start_step=k` resumes there exactly
-  (exactly in records read: with undecodable records, see `BatchIterator.next_record`).
+  Epochs are passes over this process's slice (host_input="split") or over the whole split
+  ("global"); batches run across epoch boundaries. Batch k depends only on (source, seed, global
+  batch size, processes, k) -- with "global", not on the processes -- so `start_step=k` resumes
+  there exactly (exactly in records read: with undecodable records, see
+  `BatchIterator.next_record`; with "global", an undecodable record also shortens its host's batch
+  slot, so keep such data on "split").
   """
-  opened = _open(source, global_batch_size, mesh, process_index, process_count)
+  check_host_input(host_input)
+  whole = host_input == "global"
+  opened = _open(source, global_batch_size, mesh, process_index, process_count, whole_split=whole)
+  # In "global" mode the stream is the one process 0 of a single-process run reads.
+  stream_process = 0 if whole else opened.process_index
+  stream_batch = global_batch_size if whole else opened.local_batch_size
   epoch_size = _num_examples(opened.builder, opened.split, opened.records)
   if epoch_size == 0:
     raise ValueError(f"Process {opened.process_index} of {opened.process_count} got no examples of "
                      f"{source.name} split {source.split!r}; use fewer processes or a larger split.")
-  first_record = int(start_step) * opened.local_batch_size
-  shuffle_seed = _seed_pair(seed, opened.process_index, _SHUFFLE_STREAM)
+  first_record = int(start_step) * stream_batch
+  shuffle_seed = _seed_pair(seed, stream_process, _SHUFFLE_STREAM)
   records = opened.records
 
   def epoch(index):
@@ -261,8 +298,11 @@ def train_batches(source: Source, *, global_batch_size: int,
 
   stream = tf.data.Dataset.range(first_record // epoch_size, np.iinfo(np.int64).max).flat_map(epoch)
   stream = stream.skip(first_record % epoch_size)
+  if whole:
+    stream = slice_global_batches(stream, global_batch_size, opened.process_index,
+                                  opened.process_count)
   examples = _decoded_examples(stream, opened.builder, source, preprocess_fn,
-                               _seed_pair(seed, opened.process_index, _EXAMPLE_STREAM))
+                               _seed_pair(seed, stream_process, _EXAMPLE_STREAM))
   batches = examples.batch(opened.local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return BatchIterator(batches, mesh=mesh, first_record=first_record, first_step=int(start_step))
 

@@ -2,7 +2,10 @@
 
 Pseudo-labeled images come from the label stage's shards, filtered and balanced at read time
 (`pseudo_labels.apply_balance`), then decoded and noised by the student's preprocessing. Each host
-reads every process_count-th shard file. The stream is a function of (seed, position) only: per
+reads every process_count-th shard file (host_input="split"), or every host reads all shards in
+manifest order and keeps its rows of each global batch ("global": the same global batches for any
+number of hosts, because hosts write their contiguous slices of the unlabeled split in order, so
+the concatenated shards are the same record sequence however many hosts labeled them). The stream is a function of (seed, position) only: per
 epoch, the shard order and the shuffle buffer's seed are derived from (seed, epoch), and each
 example's augmentation seed from its stream position, so `start_step` resumes exactly. An epoch
 (one balanced pass over this host's shards) has a fixed size, counted once up front.
@@ -39,11 +42,13 @@ def epoch_size(directory: str, plan: balance.BalancePlan, paths: list[str]) -> i
   return size
 
 
-def _epoch(directory, plan, paths, seed, epoch, shuffle_buffer):
+def _epoch(directory, plan, paths, seed, epoch, shuffle_buffer, shuffle_files=True):
   epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-  order = tf.random.experimental.stateless_shuffle(
-      tf.range(len(paths)), seed=tf.stack([epoch_seed[0] + _FILES_STREAM, epoch_seed[1]]))
-  files = tf.gather(tf.constant(paths), order)
+  files = tf.constant(paths)
+  if shuffle_files:  # not in "global" mode: the file boundaries depend on the number of hosts
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(len(paths)), seed=tf.stack([epoch_seed[0] + _FILES_STREAM, epoch_seed[1]]))
+    files = tf.gather(files, order)
   records = tf.data.TFRecordDataset(files)
   examples = pseudo_labels.apply_balance(pseudo_labels.parse_records(records, directory), plan)
   # A stateless block shuffle (not Dataset.shuffle, whose order follows tf.random.set_seed).
@@ -53,19 +58,23 @@ def _epoch(directory, plan, paths, seed, epoch, shuffle_buffer):
 
 def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_batch_size: int,
                          view_fn, seed: int = 0, start_step: int = 0, shuffle_buffer: int = 16_384,
-                         process_index: int | None = None,
-                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                         process_index: int | None = None, process_count: int | None = None,
+                         host_input: str = "split") -> Iterator[dict[str, np.ndarray]]:
   """Infinite host batches {"image": float32 [b,H,W,3], "probs": float32 [b,C]}.
 
   `view_fn(image_uint8, seed[2]) -> image` is the student's (noised) view of a decoded image.
+  `local_batch_size` is this host's part of a global batch of local_batch_size * process_count.
   """
+  input_pipeline.check_host_input(host_input)
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
-  paths = host_shards(directory, index, count)
+  whole = host_input == "global"
+  paths = pseudo_labels.shard_paths(directory) if whole else host_shards(directory, index, count)
   size = epoch_size(directory, plan, paths)
   shuffle_buffer = min(shuffle_buffer, size)
-  start = int(start_step) * local_batch_size
-  example_seed = tf.constant([seed + _EXAMPLE_STREAM, index], tf.int64)
+  stream_batch = local_batch_size * count if whole else local_batch_size
+  start = int(start_step) * stream_batch
+  example_seed = tf.constant([seed + _EXAMPLE_STREAM, 0 if whole else index], tf.int64)
 
   def decode_and_view(position, ex):
     image, ok = preprocess.decode(ex["image"])
@@ -73,9 +82,13 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
     return {"image": view_fn(image, noise_seed), "probs": ex["probs"], "ok": ok}
 
   stream = (tf.data.Dataset.range(start // size, np.iinfo(np.int64).max)
-            .flat_map(lambda e: _epoch(directory, plan, paths, seed, e, shuffle_buffer))
+            .flat_map(lambda e: _epoch(directory, plan, paths, seed, e, shuffle_buffer,
+                                       shuffle_files=not whole))
             .skip(start % size)
-            .enumerate(start=start)
+            .enumerate(start=start))
+  if whole:
+    stream = input_pipeline.slice_global_batches(stream, stream_batch, index, count)
+  stream = (stream
             .map(decode_and_view, num_parallel_calls=tf.data.AUTOTUNE)
             .filter(lambda ex: ex["ok"])  # the label stage wrote only decodable images
             .map(lambda ex: {"image": ex["image"], "probs": ex["probs"]})

@@ -83,12 +83,15 @@ def corrupt(image: np.ndarray, name: str, severity: int, seed: int = 0) -> np.nd
   return _corrupt(image, name, severity, np.random.default_rng(seed))
 
 
-def corrupt_batch(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
-  """Corrupts each image of a uint8 [N, H, W(, C)] batch with its own random stream (seed, i)."""
+def corrupt_batch(images: np.ndarray, name: str, severity: int, seed: int = 0,
+                  first_index: int = 0) -> np.ndarray:
+  """Corrupts each image of a uint8 [N, H, W(, C)] batch with its own random stream
+  (seed, first_index + i): a host corrupting rows [first_index, ...) of a dataset draws exactly
+  what a single process corrupting the whole dataset draws for them."""
   images = np.asarray(images)
   if images.ndim not in (3, 4):
     raise ValueError(f"Expected a batch [N, H, W] or [N, H, W, C], got shape {images.shape}.")
-  return np.stack([_corrupt(image, name, severity, np.random.default_rng([seed, i]))
+  return np.stack([_corrupt(image, name, severity, np.random.default_rng([seed, first_index + i]))
                    for i, image in enumerate(images)])
 
 

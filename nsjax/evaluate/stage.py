@@ -39,27 +39,39 @@ def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_
   return result
 
 
+def local_share(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """[start, end) of this process's contiguous share of `num_examples` rows (larger shares first)."""
+  base, extra = divmod(num_examples, process_count)
+  start = process_index * base + min(process_index, extra)
+  return start, start + base + int(process_index < extra)
+
+
 def load_local_arrays(src: input_pipeline.Source, max_examples: int = 0):
-  """(uint8 images [N,H,W,C], int labels [N]) of this process's slice (first max_examples)."""
+  """(uint8 images [n,H,W,C], int labels [n], first row) of this process's contiguous share of the
+  split's first `max_examples` (0: all) examples: the same examples, whatever the process count."""
   builder = input_pipeline.load_builder(src.name, src.data_dir)
-  split = input_pipeline.process_split(src.split, jax.process_index(), jax.process_count())
-  ds = builder.as_dataset(split=split, shuffle_files=False)
+  total = int(builder.info.splits[src.split].num_examples)
   if max_examples:
-    ds = ds.take(int(math.ceil(max_examples / jax.process_count())))
+    total = min(total, int(max_examples))
+  start, end = local_share(total, jax.process_index(), jax.process_count())
+  ds = builder.as_dataset(split=src.split, shuffle_files=False).skip(start).take(end - start)
   images, labels = [], []
   for ex in ds.as_numpy_iterator():
     images.append(ex[src.image_key])
     labels.append(ex["label"])
-  return np.stack(images), np.asarray(labels, np.int32)
+  if not images:
+    shape = tuple(d or 1 for d in builder.info.features[src.image_key].shape)
+    return np.zeros((0,) + shape, np.uint8), np.zeros(0, np.int32), start
+  return np.stack(images), np.asarray(labels, np.int32), start
 
 
 def accuracy_on_arrays(model, variables, images: np.ndarray, labels: np.ndarray, *, mesh,
                        batch_size: int, small_image: bool) -> dict[str, float]:
   """Top-1/top-5 of uint8 images through the eval view; pads with masked examples."""
   local = batch_size // jax.process_count()
-  # Every host runs the same number of steps: the largest slice decides.
-  num_batches = int(math.ceil(
-      np.max(_all_process_sizes(len(images))) / local)) if len(images) else 0
+  # Every host runs the same number of steps: the largest slice decides (and every host must join
+  # the all-gather, even one without images).
+  num_batches = int(math.ceil(np.max(_all_process_sizes(len(images))) / local))
   view = tf.function(lambda x: tf.map_fn(
       lambda im: preprocess.eval_view(im, model.test_resolution, small_image=small_image), x,
       fn_output_signature=tf.float32))
@@ -94,15 +106,15 @@ def _all_process_sizes(own: int) -> np.ndarray:
 
 def corruption_accuracy(model, variables, images, labels, *, mesh, batch_size: int,
                         small_image: bool, names: Sequence[str], severities: Sequence[int],
-                        seed: int = 0) -> dict[str, Any]:
+                        seed: int = 0, first_index: int = 0) -> dict[str, Any]:
   """{"per_setting": {"name/severity": top1}, "corruptions": {name: mean over severities},
   "corruption_top1": mean over everything}."""
   per_setting, per_name = {}, {}
   for name in names:
     accs = []
     for severity in severities:
-      corrupted = corruption_lib.corrupt_batch(images, name, severity,
-                                               seed=seed * 7919 + jax.process_index())
+      corrupted = corruption_lib.corrupt_batch(images, name, severity, seed=seed,
+                                               first_index=first_index)
       acc = accuracy_on_arrays(model, variables, corrupted, labels, mesh=mesh,
                                batch_size=batch_size, small_image=small_image)["top1"]
       per_setting[f"{name}/{severity}"] = acc
@@ -125,8 +137,9 @@ def evaluate_export(export: str, src: input_pipeline.Source, *, mesh, batch_size
     if unknown:
       raise ValueError(f"Unknown corruption(s) {unknown}; available: "
                        f"{', '.join(corruption_lib.CORRUPTIONS)}.")
-    images, labels = load_local_arrays(src, max_corruption_examples)
+    images, labels, first = load_local_arrays(src, max_corruption_examples)
     results.update(corruption_accuracy(model, variables, images, labels, mesh=mesh,
                                        batch_size=batch_size, small_image=small_image,
-                                       names=corruptions, severities=severities, seed=seed))
+                                       names=corruptions, severities=severities, seed=seed,
+                                       first_index=first))
   return results
