@@ -13,7 +13,7 @@ usage() {
 usage: launch/tpu_run.sh --name=NAME --zone=ZONE --config=CONFIG --workdir=gs://... [options] [-- ARGS...]
 
 Start nsjax on all workers in the background; follow it with launch/tpu_logs.sh.
-Runs in ~/nsjax on each worker: python -m nsjax.main --config=CONFIG --workdir=WORKDIR ARGS...
+Runs in ~/nsjax on each worker: python -m nsjax.main --config=CONFIG --workdir=WORKDIR --distributed ARGS...
 
 required:
   --name=NAME              TPU name given to tpu_create.sh
@@ -28,7 +28,7 @@ options:
   --project=PROJECT        GCP project; default: gcloud's configured project
   --dry-run                print the gcloud command instead of running it (gcloud not needed)
   --help                   this text
-  -- ARGS...               passed on to nsjax.main, e.g. -- --stage=label --iteration=1
+  -- ARGS...               passed on to nsjax.main, e.g. -- --stage=label-1
 EOF
 }
 
@@ -36,7 +36,7 @@ OPT_CONFIG="" OPT_WORKDIR="" OPT_TFDS_DATA_DIR="" OPT_WORKER=all OPT_LOG_NAME=""
 OPT_ENV=()
 SCRIPT_VALUE_FLAGS=(config workdir tfds-data-dir worker log-name)
 SCRIPT_LIST_FLAGS=(env)
-UNKNOWN_FLAG_HINT="arguments for nsjax.main go after --, e.g. launch/tpu_run.sh ... -- --stage=label"
+UNKNOWN_FLAG_HINT="arguments for nsjax.main go after --, e.g. launch/tpu_run.sh ... -- --stage=label-1"
 
 # default_log_name: CONFIG's file stem plus a UTC time stamp, kept to file-name-safe characters.
 default_log_name() {
@@ -78,7 +78,7 @@ remote_run_command() {
     env_prefix="env $(remote_words "${env_words[@]}") "
   fi
   local program
-  program=$(remote_words -m nsjax.main "--config=$OPT_CONFIG" "--workdir=$OPT_WORKDIR" \
+  program=$(remote_words -m nsjax.main "--config=$OPT_CONFIG" "--workdir=$OPT_WORKDIR" --distributed \
     ${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"})
   # shellcheck disable=SC2016  # $logs, $run, $! and $(hostname) belong to the worker's shell.
   printf '%s' "set -euo pipefail; logs=$REMOTE_LOG_DIR; run=$(remote_words "$1");" \

@@ -244,7 +244,7 @@ def test_run_dry_run_command(dry):
   script = remote_command(ssh)
   assert_remote_syntax_ok(script)
   assert python_argv(script) == ["-m", "nsjax.main", f"--config={AWKWARD_CONFIG}",
-                                 f"--workdir={AWKWARD_WORKDIR}", *AWKWARD_ARGS]
+                                 f"--workdir={AWKWARD_WORKDIR}", "--distributed", *AWKWARD_ARGS]
   words = shlex.split(script)
   env_words = words[words.index("env") + 1:words.index("-m") - 1]
   assert env_words == ["TFDS_DATA_DIR=gs://bucket/tensorflow datasets", "XLA_FLAGS=--xla_dump_to=/tmp/x y"]
@@ -308,7 +308,7 @@ echo "step 1 loss 2.3"
 
   wait_for(home / "argv.bin")
   seen = (home / "argv.bin").read_text().split("\0")[:-1]
-  assert seen == ["-m", "nsjax.main", f"--config={AWKWARD_CONFIG}", f"--workdir={AWKWARD_WORKDIR}",
+  assert seen == ["-m", "nsjax.main", f"--config={AWKWARD_CONFIG}", f"--workdir={AWKWARD_WORKDIR}", "--distributed",
                   *AWKWARD_ARGS, "TFDS_DATA_DIR=gs://bucket/tensorflow datasets", f"PWD={home / 'nsjax'}"]
   logs = home / "nsjax_logs"
   assert os.readlink(logs / "latest.log") == "r1.log"
