@@ -333,7 +333,8 @@ def _image_shape(first: Any, model: nn.Module) -> tuple[int, ...]:
 def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], Iterable],
           workdir: str | os.PathLike, eval_fn: Callable[[Any], dict[str, float]] | None = None,
           teacher: Teacher | str | os.PathLike | None = None,
-          mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+          mesh: jax.sharding.Mesh | None = None,
+          export_metadata: dict[str, Any] | None = None) -> TrainResult:
   """Trains `model`, resuming from the latest checkpoint in `workdir/checkpoints` if any.
 
   Args:
@@ -347,6 +348,7 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
     teacher: an online teacher (`Teacher` or an export directory); without one, unlabeled
       batches must carry the offline teacher's `probs`.
     mesh: defaults to all devices on one `data` axis.
+    export_metadata: extra entries for the export's metadata (e.g. "class_names").
   Returns:
     TrainResult(state, metrics, step, export_dir).
   Raises:
@@ -431,7 +433,7 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
     if cfg.export:
       export_dir = str(epath.Path(cfg.export_dir) if cfg.export_dir else workdir / "export")
       checkpoint.export_model(export_dir, model, state.ema_variables, metadata={
-          "step": int(step), "train_config": _hparams(cfg),
+          **(export_metadata or {}), "step": int(step), "train_config": _hparams(cfg),
           "metrics": {k: float(v) for k, v in metrics.items()}})
     writer.flush()
   finally:
