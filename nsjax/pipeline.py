@@ -405,7 +405,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
   """Runs the schedule (or one stage of it) in `workdir`; returns the state file's content."""
   from nsjax import validate
   validate.check_workdir(workdir)
-  # The state file keys on the config as written; image folders are tracked by their own fingerprints.
+  # The state file keys on the config as written; image folders have their own fingerprints.
   config_fingerprint = fingerprint(config)
   config, data_dir = resolve_data(config, workdir)
   validate.validate_config(config, workdir)

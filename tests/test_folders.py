@@ -196,8 +196,10 @@ def test_class_mismatch_between_teacher_and_data_is_an_error(example_run, tmp_pa
   changed = load_example(f"{data},tiny")
   changed.data.labeled.folder = other
   changed.data.test.folder = other
+  changed.data.folder_cache_dir = os.path.join(workdir, folder.CACHE_SUBDIR)  # reuse the builds
   resolved, data_dir = pipeline.resolve_data(changed, str(tmp_path / "work"))
-  with pytest.raises(folder.ClassMismatchError, match=r"only in the teacher model: \['dog', 'emu'\]"):
+  with pytest.raises(folder.ClassMismatchError,
+                     match=r"only in the teacher model: \['dog', 'emu'\]"):
     pipeline.eval_stage(pipeline.Stage("eval-teacher", "eval", 0), resolved, workdir, data_dir,
                         pipeline.parallel.make_mesh())
 

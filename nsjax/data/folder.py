@@ -7,7 +7,7 @@ instead of many small ones (which is what makes gs:// fast), and bad files are f
 time, instead of in every epoch.
 
 Layouts (local paths or gs://, read through tf.io.gfile):
-  labeled     <folder>/<class name>/**/<image>   one subfolder per class; labels are the sorted names
+  labeled     <folder>/<class name>/**/<image>   one subfolder per class; labels: the sorted names
   unlabeled   <folder>/**/<image>                any nesting, any file names
 Names starting with "." (.DS_Store, .ipynb_checkpoints/) are ignored. Every file is decoded once to
 check it: JPEG and PNG bytes are stored as given (decodable by tf.io.decode_image, the decoder the
@@ -92,7 +92,8 @@ def list_files(folder: str) -> list[FolderFile]:
   relative = []
   for root, dirs, files in tf.io.gfile.walk(folder):
     dirs[:] = [d for d in dirs if not _hidden(d)]
-    rel_root = os.path.relpath(root, folder) if "://" not in folder else root[len(folder):].strip("/")
+    remote = "://" in folder
+    rel_root = root[len(folder):].strip("/") if remote else os.path.relpath(root, folder)
     rel_root = "" if rel_root in (".", "") else rel_root.replace(os.sep, "/")
     if any(_hidden(part) for part in rel_root.split("/") if part):
       continue  # gfile.walk on gs:// may not honour the pruning above
@@ -295,8 +296,8 @@ def build(folder: str, kind: str, cache_dir: str) -> dict[str, Any]:
   if existing is not None and existing.get("fingerprint") == digest:
     return dict(existing, rebuilt=False)
   if not files:
-    raise FolderError(f"The image folder {folder} holds no files; expected images "
-                      f"{'in one subfolder per class' if classes is not None else 'anywhere below it'}.")
+    raise FolderError(f"The image folder {folder} holds no files; expected images anywhere "
+                      "below it.")
   root = _dataset_root(cache_dir, name)
   if tf.io.gfile.exists(root):
     logging.info("Image folder %s changed since its last build; rebuilding %s.", folder, name)
