@@ -6,8 +6,25 @@ from typing import Any
 import ml_collections
 
 
-def data_source(name: str, split: str, data_dir: str | None = None,
-                image_key: str = "image") -> ml_collections.ConfigDict:
+def data_source(name: str = "", split: str = "", data_dir: str | None = None,
+                image_key: str = "image", *, folder: str = "",
+                kind: str = "labeled") -> ml_collections.ConfigDict:
+  """A TFDS dataset (`name` with optional "/config", `split`, optional `data_dir`), or an image
+  folder, local or gs:// (`folder`; `kind` "labeled": one subfolder per class, "unlabeled": any
+  nested images; `split` defaults to the whole folder, "train", and takes slices like
+  "train[:90%]"). Folders are converted once into TFDS datasets (nsjax.data.folder)."""
+  if bool(name) == bool(folder):
+    raise ValueError("A data source needs exactly one of `name` (a TFDS dataset) or `folder` (an "
+                     f"image folder); got name={name!r}, folder={folder!r}.")
+  if folder:
+    if kind not in ("labeled", "unlabeled"):
+      raise ValueError(f"data_source kind={kind!r}; use 'labeled' or 'unlabeled'.")
+    # Folder keys exist only on folder sources, so TFDS sources (and their workdirs' config
+    # fingerprints) are exactly as before.
+    return ml_collections.ConfigDict(dict(name="", split=split or "train", data_dir="",
+                                          image_key=image_key, folder=folder, kind=kind))
+  if not split:
+    raise ValueError(f"The TFDS data source {name!r} needs a split, e.g. 'train'.")
   return ml_collections.ConfigDict(dict(name=name, split=split, data_dir=data_dir or "",
                                         image_key=image_key))
 

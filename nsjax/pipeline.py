@@ -33,7 +33,7 @@ import tensorflow as tf
 from absl import logging
 
 from nsjax import checkpoint, label, models, parallel, report
-from nsjax.data import input_pipeline, mnist5k, preprocess, student_input
+from nsjax.data import folder, input_pipeline, mnist5k, preprocess, student_input
 from nsjax.data import randaugment as ra
 from nsjax.files import atomic_write_json, read_json
 from nsjax.run_state import RunState
@@ -115,6 +115,19 @@ def prepare_data(config, workdir: str) -> str | None:
       mnist5k.build(data_dir, name.split("/")[1] if "/" in name else "labels_10")
     parallel.sync("mnist5k-built")
   return data_dir
+
+
+def resolve_data(config, workdir: str):
+  """(config with image-folder sources converted to TFDS datasets and data.num_classes /
+  data.class_names taken from the labeled source, data_dir); see nsjax.data.folder."""
+  data_dir = prepare_data(config, workdir)
+  return folder.resolve_sources(config, workdir, data_dir), data_dir
+
+
+def class_metadata(config) -> dict[str, Any]:
+  """What exported models record about their classes."""
+  names = list(config.data.get("class_names") or [])
+  return {"class_names": names} if names else {}
 
 
 def randaugment_config(noise, small_image: bool, resolution: int) -> ra.RandAugmentConfig | None:
@@ -249,11 +262,12 @@ def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, 
   model = build_model(stage_cfg, config)
   cfg = train_config(stage_cfg, config, _num_examples(source(config.data.labeled, data_dir)))
   if stage.kind == "student":
-    check_teacher_compatible(teacher_export_of(stage, config, workdir), model, stage_cfg)
+    check_teacher_compatible(teacher_export_of(stage, config, workdir), model, stage_cfg,
+                             config.data.get("class_names"))
   batches, teacher = training_batches(stage, config, workdir, data_dir, mesh, cfg)
   eval_fn = make_eval_fn(model, config, data_dir, mesh)
   result = loop.train(cfg, model, batches, stage_dir(workdir, stage.name), eval_fn=eval_fn,
-                      teacher=teacher, mesh=mesh)
+                      teacher=teacher, mesh=mesh, export_metadata=class_metadata(config))
   return {"step": int(result.step), "export_dir": result.export_dir,
           "final_metrics": {k: float(v) for k, v in result.metrics.items()
                             if np.isscalar(v) or np.ndim(v) == 0}}
@@ -290,9 +304,13 @@ def make_eval_fn(model, config, data_dir, mesh):
                                     test_src.image_key)))
 
 
-def check_teacher_compatible(teacher_dir: str, student: models.EfficientNet, stage_cfg) -> None:
+def check_teacher_compatible(teacher_dir: str, student: models.EfficientNet, stage_cfg,
+                             class_names=None) -> None:
   """The teacher must predict the student's classes; a smaller student only gets a warning."""
   description = checkpoint.read_description(teacher_dir)
+  folder.check_class_names(description["metadata"].get("class_names"), class_names,
+                           f"the teacher at {teacher_dir}", "the student's labeled data",
+                           "Use a teacher trained on these classes (or a new workdir).")
   teacher = description["model"]
   if teacher["num_classes"] != student.num_classes:
     raise ValueError(f"The teacher at {teacher_dir} predicts {teacher['num_classes']} classes but "
@@ -316,6 +334,9 @@ def import_teacher(stage_cfg, config, workdir: str) -> dict:
   if model.num_classes != config.data.num_classes:
     raise ValueError(f"The teacher checkpoint {stage_cfg.checkpoint} has {model.num_classes} "
                      f"classes but config.data.num_classes is {config.data.num_classes}.")
+  folder.check_class_names(metadata.get("class_names"), config.data.get("class_names"),
+                           f"the teacher checkpoint {stage_cfg.checkpoint}", "the labeled data",
+                           "Import a teacher trained on these classes.")
   out = export_dir(workdir, "teacher")
   checkpoint.export_model(out, model, variables, dict(metadata, imported_from=stage_cfg.checkpoint))
   return {"export_dir": out, "imported_from": stage_cfg.checkpoint}
@@ -355,9 +376,14 @@ def eval_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
   """Test top-1/top-5 of an exported model, plus the offline corruption suite if configured."""
   from nsjax.evaluate import stage as eval_lib
   model_stage = stage.name[len("eval-"):]
+  test_src = source(config.data.test, data_dir)
+  folder.check_class_names(
+      checkpoint.read_description(final_export_dir(config, workdir, model_stage))["metadata"].get(
+          "class_names"),
+      folder.source_class_names(test_src), f"the {model_stage} model", "the test data",
+      "Evaluate on data with the classes the model was trained on.")
   results = eval_lib.evaluate_export(
-      final_export_dir(config, workdir, model_stage), source(config.data.test, data_dir),
-      mesh=mesh,
+      final_export_dir(config, workdir, model_stage), test_src, mesh=mesh,
       batch_size=int(config.eval.batch_size), small_image=config.data.small_image,
       corruptions=list(config.eval.get("corruptions", [])),
       severities=list(config.eval.get("severities", [1, 2, 3, 4, 5])),
@@ -393,7 +419,8 @@ def summary_stage(config, workdir: str, state: RunState, started: float) -> dict
              if name.startswith("label-")}
   summary = None
   if jax.process_index() == 0:
-    summary = report.write_summary(workdir, rows, wall, {"skipped_unlabeled_images": skipped})
+    extra = {"skipped_unlabeled_images": skipped, "skipped_files": folder.skipped_files(workdir)}
+    summary = report.write_summary(workdir, rows, wall, extra)
     report.plot_accuracy(rows, os.path.join(workdir, "summary.png"))
     report.plot_corruptions(rows, os.path.join(workdir, "corruptions.png"))
     print(report.format_table(rows), flush=True)
@@ -408,13 +435,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
         mesh=None) -> dict[str, Any]:
   """Runs the schedule (or one stage of it) in `workdir`; returns the state file's content."""
   from nsjax import validate
+  validate.check_workdir(workdir)
+  # The state file keys on the config as written; image folders have their own fingerprints.
+  config_fingerprint = fingerprint(config)
+  config, data_dir = resolve_data(config, workdir)
   validate.validate_config(config, workdir)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  tf.io.gfile.makedirs(workdir)
   started = time.time()
-  state = RunState(workdir, fingerprint(config), writer=jax.process_index() == 0)
+  state = RunState(workdir, config_fingerprint, writer=jax.process_index() == 0)
   state.data.setdefault("started_at", started)
-  data_dir = prepare_data(config, workdir)
   stages = schedule(config)
   if stage is not None:
     known = [s.name for s in stages]

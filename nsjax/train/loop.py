@@ -351,7 +351,8 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
           workdir: str | os.PathLike, eval_fn: Callable[[Any], dict[str, float]] | None = None,
           teacher: Teacher | str | os.PathLike | None = None,
           mesh: jax.sharding.Mesh | None = None,
-          initial_variables: Any = None) -> TrainResult:
+          initial_variables: Any = None,
+          export_metadata: dict[str, Any] | None = None) -> TrainResult:
   """Trains `model`, resuming from the latest checkpoint in `workdir/checkpoints` if any.
 
   Args:
@@ -368,6 +369,7 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
     initial_variables: {"params", "batch_stats"} to start from instead of a random init (e.g. an
       exported model, for fine-tuning); the EMA starts there too, the optimizer slots fresh.
       Ignored when resuming from a checkpoint.
+    export_metadata: extra entries for the export's metadata (e.g. "class_names").
   Returns:
     TrainResult(state, metrics, step, export_dir).
   Raises:
@@ -455,7 +457,7 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
     if cfg.export:
       export_dir = str(epath.Path(cfg.export_dir) if cfg.export_dir else workdir / "export")
       checkpoint.export_model(export_dir, model, state.ema_variables, metadata={
-          "step": int(step), "train_config": _hparams(cfg),
+          **(export_metadata or {}), "step": int(step), "train_config": _hparams(cfg),
           "metrics": {k: float(v) for k, v in metrics.items()}})
     writer.flush()
   finally:
