@@ -44,6 +44,8 @@ def export_model(directory: str | os.PathLike, model: models.EfficientNet, varia
   directory.mkdir(parents=True, exist_ok=True)
   variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
   var_dir = directory / VARIABLES_DIR
+  if jax.process_index() == 0 and (directory / MODEL_JSON).exists():
+    (directory / MODEL_JSON).unlink()  # re-export: never model.json beside half-replaced variables
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(var_dir, variables, force=True)
   if jax.process_index() == 0:

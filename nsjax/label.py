@@ -3,7 +3,8 @@
 The teacher runs as exported (eval mode, EMA weights, no augmentation, the eval center crop at its
 own test resolution) through the jitted inference step, data-parallel over every device and host.
 Each host writes the shards of its own slice of the split (nsjax.data.pseudo_labels); a rerun skips
-the shards its manifest records. When all hosts are done, process 0 merges the manifests, plans the
+the shards its manifest records (a single-process run stops after the current shard on SIGTERM,
+raising `nsjax.train.loop.Preempted`). When all hosts are done, process 0 merges the manifests, plans the
 official filtering and balancing, and writes `balance.json` and `balance.png`.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from absl import logging
 from nsjax import checkpoint, parallel, report
 from nsjax.data import balance, input_pipeline, preprocess, pseudo_labels
 from nsjax.files import atomic_write_json, read_json
-from nsjax.train import steps
+from nsjax.train import loop, steps
 
 BALANCE_FILE = "balance.json"
 
@@ -65,7 +66,12 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
   if writer.manifest["complete"]:
     logging.info("Pseudo labels of host %d already complete in %s.", host, out_dir)
   else:
-    _label_host(batches, writer, predict, variables, shard_batches, host, log_every_seconds)
+    preemption = loop.PreemptionWatch().start()
+    try:
+      _label_host(batches, writer, predict, variables, shard_batches, host, log_every_seconds,
+                  preemption)
+    finally:
+      preemption.stop()
   parallel.sync("pseudo-labels-written")
   if host == 0:
     merged = pseudo_labels.merge_manifests(out_dir, jax.process_count())
@@ -73,7 +79,8 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
   return pseudo_labels.read_manifest(out_dir)
 
 
-def _label_host(batches, writer, predict, variables, shard_batches, host, log_every_seconds):
+def _label_host(batches, writer, predict, variables, shard_batches, host, log_every_seconds,
+                preemption):
   already = writer.num_examples_done
   total = batches.num_batches
   images, probs, ids = [], [], []
@@ -98,6 +105,10 @@ def _label_host(batches, writer, predict, variables, shard_batches, host, log_ev
         skipped = batches.num_skipped - skipped_before
         skipped_before = batches.num_skipped
         writer.write_shard(images, np.concatenate(probs), ids, num_skipped=skipped)
+        if preemption.requested and not end_of_data:  # single process: hosts need no agreement
+          preemption.acknowledge()
+          raise loop.Preempted(writer.num_shards_done, f"manifest {writer.manifest_path}",
+                               unit="pseudo-label shard")
       images, probs, ids = [], [], []
     if time.time() - last_log > log_every_seconds or end_of_data:
       rate = labeled_now / max(time.time() - start, 1e-9)

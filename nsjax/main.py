@@ -2,8 +2,15 @@
 
 Multi-host: on Cloud TPU, `jax.distributed.initialize()` needs no arguments; elsewhere pass
 --coordinator_address, --num_processes and --process_id (every process runs the same command).
+
+Exit codes: 0 done; 75 preempted (SIGTERM: the step in flight was checkpointed; rerun the same
+command to resume -- EX_TEMPFAIL, so schedulers that restart failed jobs do so); 2 the config cannot
+run (nothing was computed); 3 training produced NaN/Inf (the message names the step and the last
+good checkpoint); 1 anything else (with a traceback).
 """
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,6 +27,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
                                  "automatic settings (Cloud TPU pods).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again later
+EXIT_BAD_CONFIG = 2
+EXIT_NON_FINITE = 3
 
 
 class _QuietLibraries:
@@ -42,11 +53,26 @@ def main(argv):
   import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")  # TF only feeds the host
   tfds.disable_progress_bar()
-  from nsjax import parallel, pipeline
+  from nsjax import parallel, pipeline, validate
+  from nsjax.train import loop
   parallel.enable_compilation_cache()
   logging.info("JAX process %d/%d, %d devices.", jax.process_index(), jax.process_count(),
                jax.device_count())
-  pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value)
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value)
+  except loop.Preempted as error:
+    _exit(EXIT_PREEMPTED, f"Stage {getattr(error, 'stage', '?')}: {error}.")
+  except validate.ConfigError as error:
+    _exit(EXIT_BAD_CONFIG, f"Config error: {error}")
+  except loop.NonFiniteError as error:
+    _exit(EXIT_NON_FINITE, f"Stage {getattr(error, 'stage', '?')} stopped: {error}")
+
+
+def _exit(code: int, message: str) -> None:
+  """One clear line (no traceback) on stderr and in the log, then the documented exit code."""
+  logging.error(message)
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ Stages talk only through artifacts in the workdir (exported models, pseudo-label
 each is recorded in state.json when complete: rerunning the same command skips finished stages and
 resumes the interrupted one from its own checkpoints or shards. `run(config, workdir, stage=...)`
 runs one stage (for pod users who run each stage as its own job).
+
+Preemption: a SIGTERM stops the run at the next training step (checkpointed), pseudo-label shard, or
+stage boundary with `nsjax.train.loop.Preempted` ("preempted at step N ...; rerun the same command
+to resume"); `nsjax.main` turns it into exit code 75. A SIGKILL loses at most the work since the
+last checkpoint or shard: every artifact is written under a temporary name and renamed.
 """
 from __future__ import annotations
 
@@ -448,14 +453,41 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
   if stage is not None:
     known = [s.name for s in stages]
     if stage not in known:
-      raise ValueError(f"Unknown stage {stage!r}; this schedule has: {', '.join(known)}.")
+      raise validate.ConfigError(f"Unknown stage {stage!r}; this schedule has: {', '.join(known)}.")
     stages = [s for s in stages if s.name == stage]
-  for s in stages:
-    if state.done(s.name):
-      logging.info("Stage %s already complete; skipping.", s.name)
-      continue
-    logging.info("Stage %s starting.", s.name)
-    t0 = time.time()
+    if not state.done(stage):
+      validate.check_stage_inputs(stage, config, state.data["completed"])
+  data_dir = prepare_data(config, workdir)
+  validate.check_datasets(config, data_dir)
+  preemption = loop.PreemptionWatch().start()  # SIGTERM: stop at the next step/shard/stage end
+  try:
+    for s in stages:
+      if state.done(s.name):
+        logging.info("Stage %s already complete; skipping.", s.name)
+        continue
+      _stop_if_preempted(preemption, s.name)
+      _run_stage(s, config, workdir, data_dir, mesh, state, started)
+    preemption.acknowledge()  # a notice during the last stage: nothing is left to resume
+    return state.data
+  finally:
+    preemption.stop()
+
+
+def _stop_if_preempted(preemption: loop.PreemptionWatch, next_stage: str) -> None:
+  """Between stages every finished one is recorded, so stopping here loses nothing."""
+  if preemption.synced or not preemption.requested:
+    return
+  preemption.acknowledge()
+  error = loop.Preempted(next_stage, "every earlier stage is complete", unit="the start of stage")
+  error.stage = next_stage
+  raise error
+
+
+def _run_stage(s: Stage, config, workdir: str, data_dir, mesh, state: RunState,
+               started: float) -> None:
+  logging.info("Stage %s starting.", s.name)
+  t0 = time.time()
+  try:
     if s.kind in ("teacher", "student", "baseline"):
       result = train_model_stage(s, config, workdir, data_dir, mesh)
     elif s.kind == "finetune":
@@ -466,8 +498,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
       result = eval_stage(s, config, workdir, data_dir, mesh)
     else:
       result = summary_stage(config, workdir, state, started)
-    result["seconds"] = time.time() - t0
-    state.mark_done(s.name, result)
-    parallel.sync(f"stage-{s.name}-done")
-    logging.info("Stage %s done in %.1f s.", s.name, result["seconds"])
-  return state.data
+  except (loop.Preempted, loop.NonFiniteError) as error:
+    error.stage = s.name  # for the command line's one-line message
+    raise
+  result["seconds"] = time.time() - t0
+  state.mark_done(s.name, result)
+  parallel.sync(f"stage-{s.name}-done")
+  logging.info("Stage %s done in %.1f s.", s.name, result["seconds"])

@@ -1,4 +1,16 @@
-"""Config validation before any compute: one clear message per problem, naming the fix."""
+"""Config validation before any compute: one clear message per problem, naming the fix.
+
+`validate_config` checks a schedule as written: model names, the imported teacher, batch sizes
+against the device count, ranges, each stage's training settings, the workdir. "Stages chain"
+means each stage can consume what the previous one produces:
+  - an imported teacher (teacher.checkpoint) predicts config.data.num_classes, and teacher.model
+    names the checkpoint's architecture (the checkpoint decides it; a different name is a typo);
+  - every stage's `train` settings resolve in nsjax.train.loop (known keys, a run length), so a
+    typo in the last student fails now, not after hours of teacher training;
+  - a student is not smaller than its teacher (a warning: Noisy Student expects equal or larger);
+  - the datasets' label features have config.data.num_classes classes (`check_datasets`);
+  - a single stage run with --stage finds the stages it consumes complete (`check_stage_inputs`).
+"""
 from __future__ import annotations
 
 import os
@@ -66,6 +78,10 @@ def validate_config(config, workdir: str) -> None:
       if teacher["num_classes"] != num_classes:
         raise ConfigError(f"teacher.checkpoint {path} predicts {teacher['num_classes']} classes but "
                           f"config.data.num_classes is {num_classes}.")
+      if stage.get("model") and stage.model != teacher["model_name"]:
+        raise ConfigError(f"teacher.model is {stage.model!r} but teacher.checkpoint {path} holds "
+                          f"{teacher['model_name']!r}; the checkpoint decides the architecture, so "
+                          f"set teacher.model = {teacher['model_name']!r}.")
       previous = (where, models.model_from_config(teacher))
       continue
     if stage.model not in models.MODEL_SPECS:
@@ -89,6 +105,10 @@ def validate_config(config, workdir: str) -> None:
                  low_open=True)
     _check_range(where, "train.label_smoothing", float(train.get("label_smoothing", 0.1)), 0.0,
                  1.0, high_open=True)
+    pseudo = train.get("pseudo_labels", "soft")
+    if pseudo not in ("soft", "hard"):
+      raise ConfigError(f"{where}.train.pseudo_labels = {pseudo!r}; use 'soft' or 'hard'.")
+    _check_train_settings(where, train)
     try:
       model = models.create_model(stage.model, num_classes,
                                   **dict(stage.get("model_overrides", {}) or {}))
@@ -113,6 +133,60 @@ def validate_config(config, workdir: str) -> None:
     raise ConfigError(f"eval.batch_size = {config.eval.batch_size} is not divisible by the "
                       f"{num_devices} devices.")
   check_workdir(workdir)
+
+
+def _check_train_settings(where: str, train) -> None:
+  from nsjax.train import loop
+  try:  # the labeled set size is only known once the data is there; any size checks the rest
+    loop.resolve_config(dict(train), num_labeled_examples=int(train.batch_size))
+  except ValueError as error:
+    raise ConfigError(f"{where}.train: {error}") from error
+
+
+def check_datasets(config, data_dir: str | None) -> None:
+  """The labeled and test sets must have config.data.num_classes classes (before training)."""
+  from nsjax.data import input_pipeline
+  import tensorflow_datasets as tfds
+  num_classes = config.data.num_classes
+  for key in ("labeled", "test"):
+    src = config.data[key]
+    try:
+      builder = input_pipeline.load_builder(src.name, src.get("data_dir") or data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+      raise ConfigError(f"config.data.{key}.name: unknown TFDS dataset {src.name!r} ({error}).") \
+          from error
+    label = builder.info.features["label"] if "label" in builder.info.features else None
+    found = getattr(label, "num_classes", None)
+    if found is not None and found != num_classes:
+      raise ConfigError(f"config.data.{key} ({src.name}) has {found} classes but "
+                        f"config.data.num_classes is {num_classes}; make them agree.")
+
+
+def stage_inputs(stage_name: str, config) -> list[str]:
+  """The stages whose artifacts `stage_name` reads."""
+  from nsjax import pipeline
+  stages = {s.name: s for s in pipeline.schedule(config)}
+  stage = stages[stage_name]
+  previous = "teacher" if stage.iteration == 1 else f"student-{stage.iteration - 1}"
+  if stage.kind == "label":
+    return [previous]
+  if stage.kind == "student":
+    return [previous] + ([f"label-{stage.iteration}"] if f"label-{stage.iteration}" in stages
+                         else [])
+  if stage.kind == "eval":
+    return [stage_name[len("eval-"):]]
+  if stage.kind == "summary":
+    return [n for n in stages if n.startswith(("eval-", "label-"))]
+  return []
+
+
+def check_stage_inputs(stage_name: str, config, completed) -> None:
+  """A stage run alone (--stage) needs the stages it reads to be complete in this workdir."""
+  missing = [n for n in stage_inputs(stage_name, config) if n not in completed]
+  if missing:
+    raise ConfigError(f"Stage {stage_name} reads the output of {', '.join(missing)}, which "
+                      "this workdir has not completed; run those stages first (or run the whole "
+                      "schedule without --stage).")
 
 
 def _warn_if_smaller(teacher, student) -> None:

@@ -16,6 +16,7 @@ Why things are done the way they are:
   image does not decode (or has the wrong shape) are dropped by `ignore_errors` right after decoding --
   before `preprocess_fn`, whose own errors must still surface -- and counted: every record carries its
   stream position, so `BatchIterator.num_skipped` is the gap between positions read and examples seen.
+  A record file cut short loses its tail the same way (single pass: counted as skipped at the end).
 - Training data on several hosts (`host_input`): "split" -- each host reads only its even slice of
   the split (I/O scales with the hosts, but the global batches depend on the number of hosts) -- or
   "global" -- every host reads the one stream that a single process would read (same shuffle, same
@@ -122,14 +123,24 @@ def _read_records(builder, name: str, split, image_key: str) -> tf.data.Dataset:
   """Records in their stored order, images still encoded."""
   options = tf.data.Options()
   options.deterministic = True
-  read_config = tfds.ReadConfig(try_autocache=False, options=options)
+  # No assert_cardinality: a record file cut short (a truncated copy, a bad disk) ends early, and
+  # that assertion's error would repeat forever under `ignore_errors`; the missing records are
+  # counted as skipped instead (see BatchIterator).
+  read_config = tfds.ReadConfig(try_autocache=False, options=options, assert_cardinality=False)
   try:
-    return builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
-                              decoders={image_key: tfds.decode.SkipDecoding()})
+    records = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
+                                 decoders={image_key: tfds.decode.SkipDecoding()})
   except AssertionError as error:  # TFDS's way of saying "no data in data_dir".
     if builder.is_prepared():
       raise
     raise DatasetNotPreparedError(not_prepared_message(name, builder)) from error
+  return records
+
+
+def _readable(records: tf.data.Dataset) -> tf.data.Dataset:
+  """Drops read errors (a truncated file, a corrupt record) record by record, before anything
+  groups records: one error inside a shuffle block would otherwise discard the whole block."""
+  return records.ignore_errors()
 
 
 def _num_examples(builder, split, records: tf.data.Dataset | None = None) -> int:
@@ -290,7 +301,7 @@ def train_batches(source: Source, *, global_batch_size: int,
                      f"{source.name} split {source.split!r}; use fewer processes or a larger split.")
   first_record = int(start_step) * stream_batch
   shuffle_seed = _seed_pair(seed, stream_process, _SHUFFLE_STREAM)
-  records = opened.records
+  records = _readable(opened.records)
 
   def epoch(index):
     shuffled = block_shuffle(records, _fold(shuffle_seed, index), min(shuffle_block, epoch_size))
@@ -337,7 +348,7 @@ def single_pass_batches(source: Source, *, global_batch_size: int,
                     opened.records)
       for i in range(opened.process_count) if i != opened.process_index]
   num_batches = math.ceil(max(sizes) / opened.local_batch_size)
-  examples = _decoded_examples(opened.records.enumerate(), opened.builder, source, preprocess_fn,
+  examples = _decoded_examples(_readable(opened.records).enumerate(), opened.builder, source, preprocess_fn,
                                _seed_pair(seed, opened.process_index, _EXAMPLE_STREAM),
                                keep_encoded=keep_encoded_image, mask=True)
   padding = tf.data.Dataset.from_tensors(_padding(examples.element_spec)).repeat()

@@ -75,6 +75,10 @@ class HostShardWriter:
                        "num_skipped": 0, "complete": False}
 
   @property
+  def manifest_path(self) -> str:
+    return host_manifest_path(self.directory, self.host)
+
+  @property
   def num_examples_done(self) -> int:
     return sum(s["count"] for s in self.manifest["shards"])
 

@@ -33,8 +33,10 @@ class TrainCheckpoints:
                        "must both be >= 1.")
     self.directory = epath.Path(directory)
     self.every_steps = every_steps
+    # A save cut short (SIGKILL, lost VM) leaves only a temporary directory, which Orbax never
+    # reports as a step; it is removed on the next start so the step can be saved again.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps,
-                                           create=True)
+                                           create=True, cleanup_tmp_directories=True)
     handler = ocp.PyTreeCheckpointHandler(
         type_handler_registry=_type_handlers(replica_parallel=jax.process_count() > 1))
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)

@@ -41,6 +41,12 @@ Hyperparameters (an `ml_collections.ConfigDict`, a plain dict, or keyword overri
   export_dir              ""      default workdir/export
 
 Batches: see `nsjax.train.steps` for the dict layout ("labeled", optional "unlabeled").
+
+Preemption: SIGTERM (how Cloud TPU VMs and most schedulers announce preemption) makes `train`
+finish the step in flight, save a checkpoint of it, and raise `Preempted`; calling `train` again
+with the same arguments resumes there. Hosts of a multi-process run must stop at the SAME step,
+so there the decision is jax's preemption sync point (`jax.distributed.initialize()` starts the
+preemption service by default; it catches SIGTERM itself and agrees on a step across hosts).
 """
 from __future__ import annotations
 
@@ -49,6 +55,8 @@ import functools
 import logging
 import math
 import os
+import signal
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import flax.linen as nn
@@ -58,6 +66,7 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.experimental import multihost_utils
 
 from nsjax import checkpoint, models, parallel
 from nsjax.train import optimizer as opt
@@ -244,6 +253,85 @@ class NonFiniteError(FloatingPointError):
   """Training produced NaN/Inf; the offending update was not applied."""
 
 
+class Preempted(Exception):
+  """Stopped early on a preemption notice, after saving everything up to `step` (a training step,
+  or a shard / stage count elsewhere: `unit`). `saved` says where, e.g. the checkpoint."""
+
+  def __init__(self, step: int, saved: str, unit: str = "step"):
+    super().__init__(f"preempted at {unit} {step} ({saved}); rerun the same command to resume")
+    self.step = step
+    self.saved = saved
+    self.unit = unit
+
+
+_SIGTERM_RECEIVED = threading.Event()
+
+
+def _on_sigterm(signum, frame) -> None:
+  del signum, frame
+  _SIGTERM_RECEIVED.set()  # acted on at the next step (or shard, or stage) boundary
+  log.warning("SIGTERM received: saving a checkpoint at the next step boundary, then stopping.")
+
+
+class PreemptionWatch:
+  """Tells a loop, at each step boundary, whether to checkpoint and stop for a preemption.
+
+  Single process: a SIGTERM handler (main thread only) sets a flag; watches nest (the pipeline
+  holds one for the whole run, `train` one per stage) and the outermost `stop` puts the previous
+  handler back -- re-raising a SIGTERM that nobody acted on, so it is never swallowed. With
+  `jax.distributed` initialised, jax's preemption service owns SIGTERM and
+  `reached_preemption_sync_point` turns True on every host at the same step; a Python handler
+  would replace the service's, so none is installed then. Without the service a multi-process
+  run keeps the default SIGTERM behaviour (the process dies and resumes from the last periodic
+  checkpoint), since hosts deciding alone could stop at different steps and hang the save.
+  """
+
+  def __init__(self):
+    from jax._src import distributed  # the public sync-point API raises without the service
+    self.synced = (distributed.global_state.client is not None
+                   and distributed.global_state.preemption_sync_manager is not None)
+    self._previous = None
+    self._installed = False
+
+  def start(self) -> PreemptionWatch:
+    if self.synced:
+      return self
+    if jax.process_count() > 1:
+      log.warning("jax's preemption service is off (jax_enable_preemption_service); SIGTERM will "
+                  "end this run without a final checkpoint.")
+      return self
+    if (threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is not _on_sigterm):
+      self._previous = signal.signal(signal.SIGTERM, _on_sigterm)
+      self._installed = True
+    return self
+
+  def stop(self) -> None:
+    if not self._installed:
+      return
+    signal.signal(signal.SIGTERM, self._previous)
+    self._installed = False
+    if _SIGTERM_RECEIVED.is_set():  # nobody stopped for it: let the previous handler act
+      _SIGTERM_RECEIVED.clear()
+      signal.raise_signal(signal.SIGTERM)
+
+  @property
+  def requested(self) -> bool:
+    """A local SIGTERM arrived (single process; always False under the preemption service)."""
+    return _SIGTERM_RECEIVED.is_set()
+
+  def should_stop(self, step: int) -> bool:
+    """Call once per step on every host (the sync point needs every step)."""
+    if self.synced:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return _SIGTERM_RECEIVED.is_set()
+
+  @staticmethod
+  def acknowledge() -> None:
+    """The caller is stopping for the notice (raising `Preempted`): it is handled."""
+    _SIGTERM_RECEIVED.clear()
+
+
 @dataclasses.dataclass
 class TrainResult:
   state: state_lib.TrainState
@@ -347,6 +435,18 @@ def _image_shape(first: Any, model: nn.Module) -> tuple[int, ...]:
   return (res, res, 3)
 
 
+def _save_and_stop(step: int, state: state_lib.TrainState, reporter: _Reporter,
+                   checkpoints: TrainCheckpoints) -> None:
+  reporter.flush_pending()  # a non-finite step is reported, never saved
+  checkpoints.wait()
+  if checkpoints.latest_step() != step:  # not already saved as a periodic checkpoint
+    checkpoints.save(step, state, force=True)
+    checkpoints.wait()
+  reporter.writer.flush()
+  PreemptionWatch.acknowledge()
+  raise Preempted(step, f"checkpoint {checkpoints.path(step)}")
+
+
 def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], Iterable],
           workdir: str | os.PathLike, eval_fn: Callable[[Any], dict[str, float]] | None = None,
           teacher: Teacher | str | os.PathLike | None = None,
@@ -374,6 +474,7 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
     TrainResult(state, metrics, step, export_dir).
   Raises:
     NonFiniteError when an update yields NaN/Inf (naming the step and the last good checkpoint).
+    Preempted after a SIGTERM, once the step it arrived in is checkpointed (see module docstring).
   """
   from clu import metric_writers, parameter_overview, periodic_actions  # imports TensorFlow
 
@@ -392,6 +493,7 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
   checkpoints = TrainCheckpoints(workdir / "checkpoints", cfg.checkpoint_every_steps,
                                  cfg.keep_checkpoints)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  preemption = PreemptionWatch().start()
   try:
     latest = checkpoints.latest_step()
     step = latest or 0
@@ -441,6 +543,8 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
       if eval_now:
         writer.write_scalars(step, {f"eval/{k}": v
                                     for k, v in eval_fn(state.ema_variables).items()})
+      if step < total_steps and preemption.should_stop(step):
+        _save_and_stop(step, state, reporter, checkpoints)
       if step < total_steps:
         batch = next(batches, None)
         if batch is None:
@@ -461,6 +565,7 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
           "metrics": {k: float(v) for k, v in metrics.items()}})
     writer.flush()
   finally:
+    preemption.stop()
     writer.close()
     checkpoints.close()
   return TrainResult(state=state, metrics=metrics, step=step, export_dir=export_dir)
