@@ -26,7 +26,6 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
                                  "automatic settings (Cloud TPU pods).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again later
 EXIT_BAD_CONFIG = 2
@@ -44,6 +43,11 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Checked here rather than with mark_flags_as_required, which would bind every program that
+  # imports this module (absl flags are process-global) to --config and --workdir.
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required, e.g. "
+                         "python -m nsjax.main --config=configs/demo.py --workdir=/tmp/nsjax-demo")
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
   import jax

@@ -443,12 +443,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
   validate.check_workdir(workdir)
   # The state file keys on the config as written; image folders have their own fingerprints.
   config_fingerprint = fingerprint(config)
-  config, data_dir = resolve_data(config, workdir)
-  validate.validate_config(config, workdir)
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  started = time.time()
   state = RunState(workdir, config_fingerprint, writer=jax.process_index() == 0)
-  state.data.setdefault("started_at", started)
   stages = schedule(config)
   if stage is not None:
     known = [s.name for s in stages]
@@ -457,8 +452,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
     stages = [s for s in stages if s.name == stage]
     if not state.done(stage):
       validate.check_stage_inputs(stage, config, state.data["completed"])
-  data_dir = prepare_data(config, workdir)
+  # Check before building any data, unless the class count itself comes from the labeled data.
+  classes_known = bool(config.data.num_classes)
+  if classes_known:
+    validate.validate_config(config, workdir)
+  config, data_dir = resolve_data(config, workdir)  # builds mnist5k / image folders (cached)
+  if not classes_known:
+    validate.validate_config(config, workdir)
   validate.check_datasets(config, data_dir)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  started = time.time()
+  state.data.setdefault("started_at", started)
   preemption = loop.PreemptionWatch().start()  # SIGTERM: stop at the next step/shard/stage end
   try:
     for s in stages:

@@ -41,12 +41,16 @@ _EPSILONS = flags.DEFINE_list("epsilons", ["0", "1", "2", "4", "8", "16"], "fgsm
                               "sizes in 1/255 pixel units.")
 _PGD_STEPS = flags.DEFINE_integer("pgd_steps", 10, "pgd: projected steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "pgd random starts.")
-flags.mark_flags_as_required(["export", "output"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Checked here, not with mark_flags_as_required: that would bind every program importing this
+  # module (flags are process-global) to --export and --output.
+  missing = [f"--{name}" for name, flag in (("export", _EXPORT), ("output", _OUTPUT)) if not flag.value]
+  if missing:
+    raise app.UsageError(f"{' and '.join(missing)} required (see --helpfull).")
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   result = benchmarks.run_benchmark(
