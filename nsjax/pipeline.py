@@ -40,6 +40,7 @@ from absl import logging
 from nsjax import checkpoint, label, models, parallel, report
 from nsjax.data import folder, input_pipeline, mnist5k, preprocess, student_input
 from nsjax.data import randaugment as ra
+from nsjax.evaluate import stage as eval_stage_lib
 from nsjax.files import atomic_write_json, read_json
 from nsjax.run_state import RunState
 from nsjax.train import loop, steps
@@ -154,14 +155,6 @@ def student_view_fn(stage_cfg, config):
   flip = noise.get("flip", None)
   return lambda image, seed: preprocess.train_view(image, seed, res, randaugment=ra_cfg,
                                                    small_image=small, cutout=cutout, flip=flip)
-
-
-def eval_preprocess(resolution: int, small_image: bool, image_key: str = "image"):
-  def fn(features, seed):
-    del seed
-    return {"image": preprocess.eval_view(features[image_key], resolution, small_image=small_image),
-            "label": tf.cast(features["label"], tf.int32)}
-  return fn
 
 
 def host_input(config) -> str:
@@ -305,7 +298,7 @@ def make_eval_fn(model, config, data_dir, mesh):
   batch_size = int(config.eval.batch_size)
   return steps.make_eval_fn(model, mesh, lambda: input_pipeline.eval_batches(
       test_src, global_batch_size=batch_size,
-      preprocess_fn=eval_preprocess(model.test_resolution, config.data.small_image,
+      preprocess_fn=eval_stage_lib.eval_view_fn(model.test_resolution, config.data.small_image,
                                     test_src.image_key)))
 
 

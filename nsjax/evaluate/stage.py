@@ -20,7 +20,8 @@ from nsjax.evaluate import corruptions as corruption_lib
 from nsjax.train import steps
 
 
-def _eval_view_fn(resolution: int, small_image: bool, image_key: str = "image"):
+def eval_view_fn(resolution: int, small_image: bool, image_key: str = "image"):
+  """features -> {"image": the un-noised eval view, "label"}: for any labeled evaluation split."""
   def fn(features, seed):
     del seed
     return {"image": preprocess.eval_view(features[image_key], resolution, small_image=small_image),
@@ -33,7 +34,7 @@ def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_
   eval_step = steps.make_eval_step(model, mesh)
   batches = input_pipeline.eval_batches(
       src, global_batch_size=batch_size, mesh=mesh,
-      preprocess_fn=_eval_view_fn(model.test_resolution, small_image, src.image_key))
+      preprocess_fn=eval_view_fn(model.test_resolution, small_image, src.image_key))
   result = steps.evaluate(eval_step, variables, batches, mesh)
   result["num_skipped"] = batches.num_skipped
   return result
