@@ -82,6 +82,23 @@ def test_shift_depthwise_equals_xla_conv(stride, kernel, size):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_pointwise_conv_equals_flax_1x1_conv(use_bias):
+  """The dot-based 1x1 conv has nn.Conv's parameters and computes the same values and grads."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 7))
+  dot = layers.PointwiseConv(4, use_bias)
+  conv = nn.Conv(4, (1, 1), use_bias=use_bias)
+  params = dot.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, conv.init(jax.random.key(1), x))
+  if use_bias:
+    params = jax.tree.map(lambda p: p + 0.5, params)
+  np.testing.assert_allclose(dot.apply(params, x), conv.apply(params, x), rtol=1e-5, atol=1e-5)
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  for a, b in zip(jax.tree.leaves(jax.grad(loss(dot), (0, 1))(params, x)),
+                  jax.tree.leaves(jax.grad(loss(conv), (0, 1))(params, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_same_padding_matches_tf_rule():
   assert layers.same_padding(224, 3, 2) == ((0, 1), 112)
   assert layers.same_padding(224, 5, 2) == ((1, 2), 112)

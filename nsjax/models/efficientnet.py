@@ -20,7 +20,10 @@ import jax.numpy as jnp
 from nsjax.models import layers, specs
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, use_bias=False) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str,
+          use_bias=False) -> nn.Module:
+  if kernel == 1 and stride == 1:
+    return layers.PointwiseConv(features, use_bias, dtype, name=name)
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding="SAME", use_bias=use_bias,
                  kernel_init=layers.conv_kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
 
