@@ -127,6 +127,52 @@ def test_imagenet_c_mce_from_every_setting(tmp_path, imagenet_model):
   assert result["top1"] == pytest.approx(1 - 3 / NUM_EXAMPLES)  # mean severity 3
 
 
+def write_imagenet_c_tree(root, corruptions, severities, right_wnid, wrong_wnid):
+  """<root>/<c>/<s>/<wnid>/*.JPEG: 2 images of `right_wnid`, s images of `wrong_wnid`."""
+  rng = np.random.default_rng(0)
+  for c in corruptions:
+    for s in severities:
+      for wnid, count in ((right_wnid, 2), (wrong_wnid, s)):
+        folder = root / c / str(s) / wnid
+        folder.mkdir(parents=True)
+        for i in range(count):
+          image = rng.integers(0, 256, (40, 36, 3), np.uint8)
+          (folder / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(tf.io.encode_jpeg(image).numpy())
+
+
+def test_imagenet_c_from_the_official_folder_layout(tmp_path):
+  """--imagenet_c_dir: class indices from the wnid list, errors per setting, partial mCE."""
+  wnids = ["n00000001", "n01440764", "n01443537"]  # indices 0, 1, 2
+  bias = np.zeros(3)
+  bias[1] = 5.0  # always answers n01440764
+  export = export_constant_model(tmp_path / "export", 3, bias)
+  corruptions, severities = ["gaussian_noise", "fog"], [1, 2]
+  root = tmp_path / "ImageNet-C"
+  write_imagenet_c_tree(root, corruptions, severities, "n01440764", "n01443537")
+  (root / "extra").mkdir()  # other corruptions' folders are ignored unless asked for
+  wnid_file = tmp_path / "wnids.txt"
+  wnid_file.write_text("\n".join(wnids) + "\n")
+  run_cli([f"--export={export}", "--benchmark=imagenet_c", f"--output={tmp_path / 'out'}",
+           "--batch_size=4", f"--imagenet_c_dir={root}", f"--imagenet_c_wnids={wnid_file}",
+           f"--corruptions={','.join(corruptions)}", "--severities=1,2", "--clean_error=0.25"])
+  result = json.loads((tmp_path / "out" / "imagenet_c.json").read_text())
+  errors = {(c, s): s / (2 + s) for c in corruptions for s in severities}  # s wrong of 2 + s
+  assert result["per_setting"] == pytest.approx(robustness.results_to_json(errors))
+  expected = robustness.imagenet_c_summary(errors, clean_error=0.25, corruptions=corruptions,
+                                           severities=severities)
+  alexnet = robustness.ALEXNET_ERRORS["fog"]
+  assert expected["CE"]["fog"] == pytest.approx((1 / 3 + 1 / 2) / (alexnet[0] + alexnet[1]))
+  assert result["mCE"] == pytest.approx(expected["mCE"])
+  assert result["relative_mCE"] == pytest.approx(expected["relative_mCE"])
+  assert result["severities"] == [1, 2] and result["num_settings"] == 4
+  assert result["dataset"] == str(root) and result["split"] == "folder"
+  # Without the list, the sorted class folders are the classes: n01440764 -> 0, n01443537 -> 1,
+  # so the model's answer (1) is now right for the s images of n01443537 only.
+  plain = benchmarks.run_benchmark(export, "imagenet_c", batch_size=4, imagenet_c_dir=str(root),
+                                   corruptions=corruptions, severities=severities)
+  assert plain["per_setting"]["fog_1"] == pytest.approx(2 / 3)
+
+
 def test_cifar10_c_mean_error_uses_tfds_spellings(tmp_path):
   bias = np.zeros(10)
   bias[2] = 1.0
@@ -170,3 +216,5 @@ def test_clear_errors():
     benchmarks.run_benchmark("/nonexistent", "fgsm")
   with pytest.raises(ValueError, match="Unknown benchmark"):
     benchmarks.run_benchmark("/nonexistent", "imagenet_p")
+  with pytest.raises(ValueError, match="imagenet_c only"):
+    benchmarks.run_benchmark("/nonexistent", "clean", dataset="x", split="y", imagenet_c_dir="/c")

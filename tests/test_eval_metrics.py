@@ -165,6 +165,20 @@ def test_imagenet_c_summary_rejects_incomplete_or_percent_results():
     robustness.imagenet_c_summary(results)
 
 
+def test_imagenet_c_summary_on_a_subset_of_severities():
+  """Partial CEs: both sums run over the chosen severities only (AlexNet still scores 100)."""
+  results = {k: e for k, e in robustness.alexnet_results().items() if k[1] in (2, 4)}
+  summary = robustness.imagenet_c_summary(results, severities=(2, 4),
+                                          clean_error=robustness.ALEXNET_CLEAN_ERROR)
+  assert summary["mCE"] == pytest.approx(100.0) and summary["relative_mCE"] == pytest.approx(100.0)
+  assert summary["num_settings"] == 30 and summary["severities"] == [2, 4]
+  with pytest.raises(ValueError, match="gaussian_noise_1.*needs severity 1..5"):
+    robustness.imagenet_c_summary(results)  # the default still needs all five
+  for bad in ((), (2, 1), (0, 1), (6,)):
+    with pytest.raises(ValueError, match="severities"):
+      robustness.imagenet_c_summary(results, severities=bad)
+
+
 def test_results_json_round_trip_and_key_spellings():
   results = robustness.alexnet_results()
   as_json = robustness.results_to_json(results)

@@ -5,6 +5,8 @@
   python -m nsjax.evaluate --export=... --benchmark=imagenet_a --output=/tmp/eval
   python -m nsjax.evaluate --export=... --benchmark=imagenet_c --clean_dataset=imagenet2012 \
       --output=/tmp/eval
+  python -m nsjax.evaluate --export=... --benchmark=imagenet_c --imagenet_c_dir=/data/ImageNet-C \
+      --imagenet_c_wnids=imagenet_wnids.txt --clean_error=0.12 --output=/tmp/eval
   python -m nsjax.evaluate --export=... --benchmark=fgsm --dataset=imagenet2012 \
       --split='validation[:5000]' --epsilons=0,1,2,4,8,16 --output=/tmp/eval
 
@@ -13,7 +15,10 @@ the benchmark's 200 classes), imagenet_v2 (plain top-1), imagenet_c (15 corrupti
 of imagenet2012_corrupted -> mCE, relative mCE, top-1), cifar10_c (cifar10_corrupted -> mean
 error), fgsm / pgd (accuracy per epsilon; epsilons in 1/255 units; also a PNG). The corrupted and
 robustness sets default to their usual TFDS names and splits; they must be prepared in --data_dir
-(`tfds build NAME --data_dir=...`): nothing is downloaded here.
+(`tfds build NAME --data_dir=...`): nothing is downloaded here. ImageNet-C can also be read from
+its official folder release (--imagenet_c_dir; class index = position of the wnid in the sorted
+--imagenet_c_wnids list, by default the sorted class folders, which for all 1000 is ImageNet's
+label order).
 """
 from __future__ import annotations
 
@@ -39,6 +44,14 @@ _CLEAN_DATASET = flags.DEFINE_string("clean_dataset", "", "imagenet_c: measure t
 _CLEAN_SPLIT = flags.DEFINE_string("clean_split", "validation", "Split of --clean_dataset.")
 _EPSILONS = flags.DEFINE_list("epsilons", ["0", "1", "2", "4", "8", "16"], "fgsm / pgd: attack "
                               "sizes in 1/255 pixel units.")
+_IMAGENET_C_DIR = flags.DEFINE_string("imagenet_c_dir", "", "imagenet_c: read the official folder "
+                                      "release <dir>/<corruption>/<severity>/<wnid>/*.JPEG "
+                                      "instead of TFDS imagenet2012_corrupted.")
+_IMAGENET_C_WNIDS = flags.DEFINE_string("imagenet_c_wnids", "", "With --imagenet_c_dir: a file of "
+                                        "wnids, one per line, sorted; a class's index is its "
+                                        "line (default: the sorted class folders).")
+_SEVERITIES = flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"], "imagenet_c: severities "
+                                "to score (a subset gives partial CEs, not the benchmark's mCE).")
 _PGD_STEPS = flags.DEFINE_integer("pgd_steps", 10, "pgd: projected steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "pgd random starts.")
 
@@ -59,7 +72,10 @@ def main(argv):
       corruptions=_CORRUPTIONS.value or None, clean_error=_CLEAN_ERROR.value,
       clean_dataset=_CLEAN_DATASET.value, clean_split=_CLEAN_SPLIT.value,
       epsilons=[float(e) / 255.0 for e in _EPSILONS.value], pgd_steps=_PGD_STEPS.value,
-      seed=_SEED.value)
+      seed=_SEED.value, imagenet_c_dir=_IMAGENET_C_DIR.value,
+      imagenet_c_wnids=(benchmarks.read_wnids(_IMAGENET_C_WNIDS.value)
+                        if _IMAGENET_C_WNIDS.value else None),
+      severities=[int(s) for s in _SEVERITIES.value])
   path = benchmarks.write_results(_OUTPUT.value, result)
   print(f"{_BENCHMARK.value}: {benchmarks.scalars(result)} -> {path}", flush=True)
 

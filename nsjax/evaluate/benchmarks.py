@@ -172,14 +172,85 @@ def corruption_errors(model, variables, dataset: str, split: str, data_dir: str 
 
 def imagenet_c(model, variables, *, split: str, data_dir: str | None, mesh, batch_size: int,
                corruptions: Sequence[str] = robustness.CORRUPTIONS,
-               clean_error: float | None = None) -> dict[str, Any]:
-  """mCE (and relative mCE given the clean top-1 error) over `imagenet2012_corrupted`."""
-  errors = corruption_errors(model, variables, "imagenet2012_corrupted", split, data_dir,
-                             mesh=mesh, batch_size=batch_size, corruptions=corruptions)
+               clean_error: float | None = None, folder: str = "",
+               severities: Sequence[int] = robustness.SEVERITIES,
+               wnids: Sequence[str] | None = None) -> dict[str, Any]:
+  """mCE (and relative mCE given the clean top-1 error) over `imagenet2012_corrupted`, or over
+  the official folder release at `folder` (<folder>/<corruption>/<severity>/<wnid>/*.JPEG; class
+  index = position of the wnid in the sorted `wnids`, by default the sorted class folders).
+  A subset of `severities` gives partial CEs (see `robustness.imagenet_c_summary`)."""
+  if folder:
+    errors = folder_corruption_errors(model, variables, folder, mesh=mesh, batch_size=batch_size,
+                                      corruptions=corruptions, severities=severities, wnids=wnids)
+  else:
+    errors = corruption_errors(model, variables, "imagenet2012_corrupted", split, data_dir,
+                               mesh=mesh, batch_size=batch_size, corruptions=corruptions,
+                               severities=severities)
   summary = robustness.imagenet_c_summary(errors, clean_error=clean_error,
-                                          corruptions=corruptions)
+                                          corruptions=corruptions, severities=severities)
   summary["per_setting"] = robustness.results_to_json(errors)
   return summary
+
+
+def read_wnids(path: str) -> list[str]:
+  """A class list: one wnid per line (blank lines and `#` comments ignored); the class index is
+  the line's position, so the list must be sorted (ImageNet's label order)."""
+  with tf.io.gfile.GFile(path) as f:
+    wnids = [line.split("#", 1)[0].strip() for line in f]
+  wnids = [w for w in wnids if w]
+  if not wnids:
+    raise ValueError(f"{path}: no wnids (expected one per line).")
+  return wnids
+
+
+def folder_batches(items: Sequence[tuple[Any, int]], model, *, mesh, batch_size: int):
+  """[(image path, class index)] -> padded numpy batches {"image", "label", "mask"} of the eval
+  view, this process's share (every process yields the same number of batches)."""
+  process, count = jax.process_index(), jax.process_count()
+  local = parallel.local_batch_size(batch_size, mesh)
+  num_batches = max(-(-len(items[i::count]) // local) for i in range(count))
+  own = items[process::count]
+  view = eval_view_fn(model.test_resolution, model.small_image)
+  res = int(model.test_resolution)
+
+  def load(path, label):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    out = view({"image": image, "label": label}, None)
+    out["mask"] = tf.constant(True)
+    return out
+
+  examples = tf.data.Dataset.from_tensor_slices(
+      (tf.constant([str(p) for p, _ in own], tf.string),
+       tf.constant([int(i) for _, i in own], tf.int64))).map(load, tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([res, res, 3], tf.float32), "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(False)}).repeat()
+  batches = (examples.concatenate(padding).take(num_batches * local)
+             .batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+  return batches.as_numpy_iterator()
+
+
+def folder_corruption_errors(model, variables, root: str, *, mesh, batch_size: int,
+                             corruptions: Sequence[str] = robustness.CORRUPTIONS,
+                             severities: Sequence[int] = robustness.SEVERITIES,
+                             wnids: Sequence[str] | None = None) -> dict[tuple[str, int], float]:
+  """{(corruption, severity): top-1 error} from the ImageNet-C folder release at `root`."""
+  listing = robustness.list_imagenet_c(root, corruptions, severities, wnids)
+  num_classes = len(wnids) if wnids is not None else 1 + max(
+      (i for items in listing.values() for _, i in items), default=-1)
+  if num_classes > model.num_classes:
+    raise ValueError(f"{root}: {num_classes} classes but the model has {model.num_classes}; pass "
+                     "the full sorted wnid list (--imagenet_c_wnids) of the model's classes.")
+  eval_step = cached_eval_step(model, mesh)  # one compilation for every setting
+  errors = {}
+  for (corruption, severity), items in sorted(listing.items()):
+    if not items:
+      raise ValueError(f"{root}/{corruption}/{severity}: no images "
+                       f"({', '.join(robustness.IMAGE_SUFFIXES)}).")
+    batches = folder_batches(items, model, mesh=mesh, batch_size=batch_size)
+    errors[(corruption, severity)] = 1.0 - steps.evaluate(eval_step, variables, batches,
+                                                          mesh)["top1"]
+  return errors
 
 
 def cifar10_c(model, variables, *, split: str, data_dir: str | None, mesh, batch_size: int,
@@ -213,15 +284,23 @@ def run_benchmark(export: str, benchmark: str = "clean", *, dataset: str = "", s
                   clean_error: float | None = None, clean_dataset: str = "",
                   clean_split: str = "validation",
                   epsilons: Sequence[float] = adversarial.DEFAULT_EPSILONS, pgd_steps: int = 10,
-                  seed: int = 0) -> dict[str, Any]:
+                  seed: int = 0, imagenet_c_dir: str = "",
+                  imagenet_c_wnids: Sequence[str] | None = None,
+                  severities: Sequence[int] = robustness.SEVERITIES) -> dict[str, Any]:
   """Scores the export at `export` on one benchmark; returns a JSON-ready dict (with the model,
   dataset and resolution it used).
 
   ImageNet-C's relative mCE needs the clean error: pass `clean_error`, or `clean_dataset` (e.g.
-  "imagenet2012") to measure it here on `clean_split`.
+  "imagenet2012") to measure it here on `clean_split`. `imagenet_c_dir`: read ImageNet-C from its
+  official folder release instead of TFDS (class order: `imagenet_c_wnids`, by default the sorted
+  class folders); `severities`: ImageNet-C over a subset of 1..5 (partial CEs).
   """
   if benchmark not in BENCHMARKS:
     raise ValueError(f"Unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}.")
+  if (imagenet_c_dir or imagenet_c_wnids) and benchmark != "imagenet_c":
+    raise ValueError("imagenet_c_dir / imagenet_c_wnids are for benchmark=imagenet_c only.")
+  if imagenet_c_wnids and not imagenet_c_dir:
+    raise ValueError("imagenet_c_wnids needs imagenet_c_dir (the TFDS sets carry their labels).")
   default_name, default_split = DEFAULT_DATASETS.get(benchmark, ("", ""))
   dataset, split = dataset or default_name, split or default_split
   if not dataset or not split:
@@ -244,7 +323,10 @@ def run_benchmark(export: str, benchmark: str = "clean", *, dataset: str = "", s
       clean_error = 1.0 - clean_accuracy(model, variables, clean_src, **common)["top1"]
     result = imagenet_c(model, variables, split=split, data_dir=data_dir,
                         corruptions=corruptions or robustness.CORRUPTIONS,
-                        clean_error=clean_error, **common)
+                        clean_error=clean_error, folder=imagenet_c_dir, severities=severities,
+                        wnids=imagenet_c_wnids, **common)
+    if imagenet_c_dir:
+      dataset, split = str(imagenet_c_dir), "folder"
   elif benchmark == "cifar10_c":
     result = cifar10_c(model, variables, split=split, data_dir=data_dir,
                        corruptions=corruptions or robustness.CIFAR10_C_CORRUPTIONS, **common)

@@ -92,29 +92,35 @@ def corruption_error(errors: Sequence[float], baseline_errors: Sequence[float],
 def imagenet_c_summary(results: Results, clean_error: float | None = None,
                        alexnet_errors: Mapping[str, Sequence[float]] | None = None,
                        alexnet_clean_error: float = ALEXNET_CLEAN_ERROR,
-                       corruptions: Sequence[str] = CORRUPTIONS) -> dict[str, Any]:
+                       corruptions: Sequence[str] = CORRUPTIONS,
+                       severities: Sequence[int] = SEVERITIES) -> dict[str, Any]:
   """mCE, per-corruption CE, top-1 over all settings, and (given `clean_error`) relative mCE.
 
   `results`: {(corruption, severity): top-1 error in [0, 1]} for every corruption x severity 1..5.
   Returns a JSON-ready dict; CE values are fractions (1.0 = AlexNet), mCE values are percentages.
+  `severities`: a subset of 1..5 gives a partial CE (sums over those severities only, AlexNet's
+  included); it is not the benchmark's mCE, and the result says which severities it covers.
   """
   alexnet_errors = ALEXNET_ERRORS if alexnet_errors is None else alexnet_errors
-  table = _error_table(results, corruptions)
+  severities = _check_severities(severities)
+  table = _error_table(results, corruptions, severities)
   missing_baseline = [c for c in corruptions if c not in alexnet_errors]
   if missing_baseline:
     raise ValueError(f"No AlexNet errors for {missing_baseline}; pass `alexnet_errors` for them.")
-  ce = {c: corruption_error(table[c], alexnet_errors[c]) for c in corruptions}
+  baseline = {c: [alexnet_errors[c][s - 1] for s in severities] for c in corruptions}
+  ce = {c: corruption_error(table[c], baseline[c]) for c in corruptions}
   summary: dict[str, Any] = {
       "mCE": 100.0 * float(np.mean(list(ce.values()))),
       "CE": ce,
       "mean_error": float(np.mean([table[c] for c in corruptions])),
       "top1": 1.0 - float(np.mean([table[c] for c in corruptions])),
-      "num_settings": len(corruptions) * len(SEVERITIES),
+      "num_settings": len(corruptions) * len(severities),
       "errors": {c: list(table[c]) for c in corruptions},
+      "severities": list(severities),
   }
   if clean_error is not None:
     _check_fraction(clean_error, "clean_error")
-    relative = {c: corruption_error(table[c], alexnet_errors[c], clean_error, alexnet_clean_error)
+    relative = {c: corruption_error(table[c], baseline[c], clean_error, alexnet_clean_error)
                 for c in corruptions}
     summary.update({"relative_mCE": 100.0 * float(np.mean(list(relative.values()))),
                     "relative_CE": relative, "clean_error": clean_error,
@@ -172,18 +178,30 @@ def parse_results(raw: Mapping[Any, Any]) -> dict[tuple[str, int], float]:
   return parsed
 
 
-def _error_table(results: Results, corruptions: Sequence[str]) -> dict[str, list[float]]:
+def _error_table(results: Results, corruptions: Sequence[str],
+                 severities: Sequence[int] = SEVERITIES) -> dict[str, list[float]]:
   results = parse_results(results)
-  missing = [f"{c}_{s}" for c in corruptions for s in SEVERITIES if (c, s) not in results]
+  missing = [f"{c}_{s}" for c in corruptions for s in severities if (c, s) not in results]
   if missing:
+    wanted = ("1..5" if tuple(severities) == SEVERITIES
+              else ", ".join(str(s) for s in severities))
     raise ValueError(f"Results lack {len(missing)} setting(s): {', '.join(missing[:8])}"
                      f"{' ...' if len(missing) > 8 else ''}. Each corruption needs severity "
-                     "1..5.")
-  table = {c: [results[(c, s)] for s in SEVERITIES] for c in corruptions}
+                     f"{wanted}.")
+  table = {c: [results[(c, s)] for s in severities] for c in corruptions}
   for c, errors in table.items():
-    for s, error in zip(SEVERITIES, errors):
+    for s, error in zip(severities, errors):
       _check_fraction(error, f"error for {c}_{s}")
   return table
+
+
+def _check_severities(severities: Sequence[int]) -> tuple[int, ...]:
+  severities = tuple(int(s) for s in severities)
+  if not severities or list(severities) != sorted(set(severities)) or not set(severities) <= set(
+      SEVERITIES):
+    raise ValueError(f"severities must be sorted, unique and among {SEVERITIES}; got "
+                     f"{list(severities)}.")
+  return severities
 
 
 def _check_fraction(value: float, what: str) -> None:
