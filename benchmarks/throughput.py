@@ -254,16 +254,17 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   out["nsjax_infer_flops_per_step"] = flops
   out["nsjax_infer_flop_s"] = flops / out["nsjax_infer_step_s"] if flops else None
 
-  # The labeling loop's per-batch work minus the input pipeline (batch already in host memory),
-  # through the jitted step as the loop calls it (its first warm-up call compiles it).
+  # The labeling loop's per-batch work minus the input pipeline (batch already in host memory).
+  # `infer` is the predict step compiled for exactly the shapes and shardings the loop feeds it,
+  # so it stands in for the jitted `predict` here and in the labeling stage (one compilation).
   def infer_only():
-    probs = predict(variables, steps.to_global_batch(images, mesh))["probs"]
+    probs = infer(variables, steps.to_global_batch(images, mesh))["probs"]
     parallel.process_local_rows(probs)
 
   times = _time_calls(infer_only, args.warmup, args.steps)
   out.update(_summary("nsjax_infer_only", times, batch_size))
   out["nsjax_infer_peak_rss_mb"] = _rss_mb()
-  return out, dict(model=model, variables=variables, predict=predict, mesh=mesh)
+  return out, dict(model=model, variables=variables, predict=infer, mesh=mesh)
 
 
 def _write_jpegs(folder: str, count: int, resolution: int) -> None:
@@ -298,8 +299,8 @@ def bench_label(args, model, variables, predict, mesh, workdir: str) -> dict[str
   checkpoint.export_model(teacher, model, variables)
 
   # label_unlabeled builds (and compiles) its predict step afresh on each call; hand it the one
-  # already compiled above (same model, mesh and shapes), so both passes measure labeling, not
-  # compilation. The first pass also pays one-time costs (tf.data tracing, Orbax); the second is
+  # compiled above (same model, mesh, shapes and shardings: a mismatch would raise), so both
+  # passes measure labeling, not compilation. The first pass also pays one-time costs (tf.data tracing, Orbax); the second is
   # the one reported.
   original = steps.make_predict_step
 
@@ -487,7 +488,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from nsjax import parallel
     parallel.enable_compilation_cache(args.compilation_cache_dir)
   import tensorflow as tf
-  tf.config.set_visible_devices([], "GPU")  # the input pipeline only; JAX owns any accelerator
+  try:
+    tf.config.set_visible_devices([], "GPU")  # the input pipeline only; JAX owns any accelerator
+  except RuntimeError:  # TF already initialised (main() called from a process that used TF)
+    pass
 
   devices = jax.devices()
   results: dict[str, Any] = {
