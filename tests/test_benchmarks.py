@@ -28,7 +28,7 @@ def test_tiny_run_reports_every_required_number(tmp_path, capsys):
   for key in required:
     value = results.get(key)
     assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
-  assert results["label_e2e_images"] == 8
+  assert results["label_e2e_images"] == 8 and results["label_reused_compiled_step"] is True
   assert results["flags"]["resolution"] == 32 and results["flags"]["batch_size"] == 4
   assert results["jax_version"] and results["device"] and results["threads"] >= 1
   assert returned["nsjax_train_img_s"] == results["nsjax_train_img_s"]
