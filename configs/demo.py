@@ -26,7 +26,7 @@ def get_config():
   # 100 labeled images: an "epoch" is ~3 steps of 32, so schedules are given in steps; the cosine
   # decay spans the whole run (lr_decay_epochs = steps * batch / 100).
   def train(steps, **kw):
-    base = dict(batch_size=32, num_train_steps=steps, optimizer="adamw", base_learning_rate=0.02,
+    base = dict(batch_size=32, num_train_steps=steps, optimizer="adamw", base_learning_rate=0.16,
                 warmup_epochs=5, lr_schedule="cosine", lr_decay_epochs=steps * 32 / 100,
                 weight_decay=5e-5, ema_decay=0.99, label_smoothing=0.1, log_every_steps=100,
                 checkpoint_every_steps=500)
@@ -38,7 +38,7 @@ def get_config():
   student_size = dict(width=0.3, depth=0.3)
   c.teacher = config_lib.model_stage("efficientnet-b0", 28, model_overrides=teacher_size,
                                      train=train(800), noise_cfg=noise)
-  student_train = train(1200, unlabeled_ratio=3.0, pseudo_labels="soft", temperature=1.0)
+  student_train = train(600, unlabeled_ratio=2.0, pseudo_labels="soft", temperature=1.0)
   c.students = [
       config_lib.model_stage("efficientnet-b0", 28, model_overrides=student_size,
                              train=student_train, noise_cfg=noise, seed_offset=1),
@@ -57,5 +57,5 @@ def get_config():
   c.eval.corruptions = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
                         "motion_blur", "contrast", "brightness", "pixelate", "jpeg_compression"]
   c.eval.severities = [1, 2, 3, 4, 5]
-  c.eval.max_corruption_examples = 1000
+  c.eval.max_corruption_examples = 500
   return c

@@ -4,7 +4,9 @@ Depthwise convolution has two numerically equal formulations, picked by backend:
 - "xla": `lax.conv_general_dilated` with `feature_group_count` -- what TPUs and GPUs run best;
 - "shift": a sum of k*k shifted, strided slices times per-channel weights. XLA's CPU backend
   compiles grouped convolutions ~20x slower than oneDNN (REFERENCE.md section 5); elementwise
-  multiply-adds it vectorises well, forward and backward.
+  multiply-adds it vectorises well. Its gradients are written by hand (`custom_vjp`): autodiff of
+  the k*k strided slices is ~10x slower than the forward pass.
+1x1 convolutions are dots (`PointwiseConv`) so that their CPU gradients are dots too.
 """
 from __future__ import annotations
 
