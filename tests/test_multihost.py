@@ -212,3 +212,54 @@ def test_two_hosts_match_one_host(runs):
     events = [f for f in os.listdir(os.path.join(multi, stage)) if "tfevents" in f]
     assert len(events) == 1, events
   assert "test top-1" in open(logs[0]).read() and "test top-1" not in open(logs[1]).read()
+
+
+# ------------------------------------------------------------------------------------------------
+# Preemption on several hosts: jax.distributed starts jax's preemption service, which catches
+# SIGTERM on whichever process gets it and makes `reached_preemption_sync_point` true on every
+# process at the same step (nsjax.train.loop.PreemptionWatch); both save that step and exit 75.
+
+def _wait_for(path, text, procs, timeout=600):
+  import time
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.exists(path) and text in open(path).read():
+      return
+    assert all(p.poll() is None for p in procs), open(path).read()[-4000:]
+    time.sleep(0.2)
+  raise TimeoutError(f"{text!r} never appeared in {path}")
+
+
+@pytest.mark.slow  # ~3 min on 2 cores (two 2-process runs, then a resume beside a reference)
+def test_sigterm_to_one_host_stops_both_at_the_same_step_and_resumes(tmp_path):
+  import re
+  steps_flag = ["--config.teacher.train.num_train_steps=48", "--stage=teacher"]
+  stopped, straight = str(tmp_path / "stopped"), str(tmp_path / "straight")
+  logs = [str(tmp_path / f"stopped{i}.log") for i in range(2)]
+  ref_logs = [str(tmp_path / f"straight{i}.log") for i in range(2)]
+  procs = _multi(stopped, logs, _free_port(), steps_flag)
+  try:
+    _wait_for(logs[1], "[4] steps_per_sec", procs)  # training, past the first checkpoint
+  except BaseException:
+    for q in procs:
+      q.kill()
+    raise
+  procs[1].terminate()  # SIGTERM to process 1 only
+  _wait(procs, logs, expect=75)
+  said = [re.findall(r"preempted at step (\d+) \(checkpoint ([^)]*)\)", open(f).read())
+          for f in logs]
+  assert said[0] and said[0] == said[1], said  # the same step and checkpoint on both hosts
+  step, path = int(said[0][0][0]), said[0][0][1]
+  assert 4 <= step < 48 and os.path.isdir(path) and path.endswith(f"/{step}")
+  assert not os.path.exists(os.path.join(stopped, "teacher", "export"))
+  # Rerunning the same command resumes there and ends where an uninterrupted run ends (both start
+  # now, after the first run filled the compilation cache).
+  procs = (_multi(stopped, logs, _free_port(), steps_flag)
+           + _multi(straight, ref_logs, _free_port(), steps_flag))
+  _wait(procs, logs + ref_logs)
+  assert f"Restored step {step}" in open(logs[0]).read()
+  x, y = _flat(_params(stopped, "teacher")), _flat(_params(straight, "teacher"))
+  # Same topology, batches and step: observed bitwise equal; allow the all-reduce tolerance above.
+  assert np.linalg.norm(x - y) / np.linalg.norm(y) < 2e-3
+  assert np.mean(np.abs(x - y) > 1e-4) < 0.05
+  print("bitwise" if np.array_equal(x, y) else f"max diff {np.abs(x - y).max()}")
