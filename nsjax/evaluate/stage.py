@@ -7,6 +7,7 @@ jitted eval step; counts are global sums, so every host sees the same numbers.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -73,9 +74,7 @@ def accuracy_on_arrays(model, variables, images: np.ndarray, labels: np.ndarray,
   # Every host runs the same number of steps: the largest slice decides (and every host must join
   # the all-gather, even one without images).
   num_batches = int(math.ceil(np.max(_all_process_sizes(len(images))) / local))
-  view = tf.function(lambda x: tf.map_fn(
-      lambda im: preprocess.eval_view(im, model.test_resolution, small_image=small_image), x,
-      fn_output_signature=tf.float32))
+  view = _batch_view(model.test_resolution, small_image)
   eval_step = steps.make_eval_step(model, mesh)
   totals = None
   for b in range(num_batches):
@@ -96,6 +95,15 @@ def accuracy_on_arrays(model, variables, images: np.ndarray, labels: np.ndarray,
   count = float(totals["count"])
   return {"top1": float(totals["top1_correct"]) / count,
           "top5": float(totals["top5_correct"]) / count, "num_examples": int(count)}
+
+
+@functools.lru_cache(maxsize=8)
+def _batch_view(resolution: int, small_image: bool):
+  """uint8 [n,H,W,C] -> eval views, one traced function per (resolution, small_image): a new
+  tf.function per call retraced it for every corruption setting (seconds each on a small CPU)."""
+  return tf.function(lambda x: tf.map_fn(
+      lambda im: preprocess.eval_view(im, resolution, small_image=small_image), x,
+      fn_output_signature=tf.float32), reduce_retracing=True)
 
 
 def _all_process_sizes(own: int) -> np.ndarray:

@@ -1,0 +1,36 @@
+"""The smoke schedule shrunk for the end-to-end multi-host test (tests/test_multihost.py).
+
+Same stages (teacher, label-1, student-1, eval, summary) with fewer steps and images: on a 2-core
+machine nearly all of a run's time is XLA compilation, which this cannot shrink, so the steps and
+images are cut only as far as the comparisons stay meaningful.
+"""
+import importlib.util
+import os
+
+from nsjax import config_lib
+
+
+def _smoke():
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "smoke.py")
+  spec = importlib.util.spec_from_file_location("nsjax_smoke_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  c = _smoke()
+  c.data.unlabeled = config_lib.data_source("mnist5k/labels_10", "unlabeled[:256]")
+  c.data.test = config_lib.data_source("mnist5k/labels_10", "test[:128]")
+  for stage in [c.teacher] + list(c.students):
+    stage.train.num_train_steps = 8
+    stage.train.checkpoint_every_steps = 4
+    stage.train.log_every_steps = 4
+  c.label.batch_size = 64  # 4 batches: 2 shards per host on 2 hosts
+  c.label.shard_batches = 1
+  c.eval.batch_size = 64
+  c.eval.corruptions = ["contrast"]
+  c.eval.severities = [3]
+  c.eval.max_corruption_examples = 64
+  return c
