@@ -103,8 +103,9 @@ def _depthwise_conv_shift_bwd(stride, residuals, cotangent):
   x_grad = _shifted_multiply_add(spread, kernel[::-1, ::-1], height, width, 1)
 
   padded = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
-  products = tuple(_strided_window(padded, i, j, out_h, out_w, stride) * cotangent
-                   for i in range(kh) for j in range(kw))
+  # Accumulate in float32 even for bfloat16 activations: each sum runs over a whole image.
+  products = tuple((_strided_window(padded, i, j, out_h, out_w, stride) * cotangent)
+                   .astype(jnp.float32) for i in range(kh) for j in range(kw))
   zeros = tuple(jnp.zeros((), p.dtype) for p in products)
   per_image = lax.reduce(products, zeros,
                          lambda a, b: tuple(u + v for u, v in zip(a, b)), (1, 2))
