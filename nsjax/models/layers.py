@@ -68,12 +68,16 @@ def _shifted_multiply_add(padded: jax.Array, kernel: jax.Array, out_h: int, out_
   return out
 
 
+def _pad_same(x: jax.Array, kernel_shape, stride: int):
+  """x with TF 'SAME' padding for a [kh, kw, ...] kernel, the padding, and the output size."""
+  pad_h, out_h = same_padding(x.shape[1], kernel_shape[0], stride)
+  pad_w, out_w = same_padding(x.shape[2], kernel_shape[1], stride)
+  return jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0))), (pad_h, pad_w), (out_h, out_w)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _depthwise_conv_shift(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  kh, kw = kernel.shape[:2]
-  pad_h, out_h = same_padding(x.shape[1], kh, stride)
-  pad_w, out_w = same_padding(x.shape[2], kw, stride)
-  padded = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+  padded, _, (out_h, out_w) = _pad_same(x, kernel.shape, stride)
   return _shifted_multiply_add(padded, kernel, out_h, out_w, stride)
 
 
@@ -93,8 +97,7 @@ def _depthwise_conv_shift_bwd(stride, residuals, cotangent):
   x, kernel = residuals
   kh, kw = kernel.shape[:2]
   _, height, width, _ = x.shape
-  pad_h, out_h = same_padding(height, kh, stride)
-  pad_w, out_w = same_padding(width, kw, stride)
+  padded, (pad_h, pad_w), (out_h, out_w) = _pad_same(x, kernel.shape, stride)
   dilated_h, dilated_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
   lo_h, lo_w = kh - 1 - pad_h[0], kw - 1 - pad_w[0]
   spread = lax.pad(cotangent, jnp.zeros((), cotangent.dtype),
@@ -102,7 +105,6 @@ def _depthwise_conv_shift_bwd(stride, residuals, cotangent):
                     (lo_w, width + kw - 1 - lo_w - dilated_w, stride - 1), (0, 0, 0)))
   x_grad = _shifted_multiply_add(spread, kernel[::-1, ::-1], height, width, 1)
 
-  padded = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
   # Accumulate in float32 even for bfloat16 activations: each sum runs over a whole image.
   products = tuple((_strided_window(padded, i, j, out_h, out_w, stride) * cotangent)
                    .astype(jnp.float32) for i in range(kh) for j in range(kw))
