@@ -149,3 +149,19 @@ def test_bad_input_is_rejected():
     corruptions.corrupt(image.astype(np.float32), "contrast", 1)
   with pytest.raises(ValueError, match="H x W"):
     corruptions.corrupt(np.zeros((8, 8, 4), np.uint8), "contrast", 1)
+
+
+def test_corrupted_sets_are_reused_per_key_within_a_byte_budget(digits):
+  from nsjax.evaluate import stage
+  images = digits[:6]
+  cache = stage.CorruptedSets(max_bytes=2 * images.nbytes)
+  first = cache.get(("src", 6), images, "gaussian_noise", 3, 0, 0)
+  np.testing.assert_array_equal(first, corruptions.corrupt_batch(images, "gaussian_noise", 3, seed=0))
+  assert cache.get(("src", 6), images, "gaussian_noise", 3, 0, 0) is first  # reused
+  assert cache.get(("src", 6), images, "gaussian_noise", 4, 0, 0) is not first  # other setting
+  assert cache.nbytes == 2 * images.nbytes
+  # Full: a third set is computed but not kept; without a key nothing is kept either.
+  third = cache.get(("src", 6), images, "contrast", 1, 0, 0)
+  assert cache.get(("src", 6), images, "contrast", 1, 0, 0) is not third
+  assert cache.get(None, images, "gaussian_noise", 3, 0, 0) is not first
+  assert cache.nbytes == 2 * images.nbytes

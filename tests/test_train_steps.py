@@ -137,6 +137,18 @@ def test_fsdp_shards_params_slots_and_ema_and_matches_replicated(replicated_run,
   assert counts[0] == counts[1] and counts[0]["count"] == 8
 
 
+def test_eval_step_is_compiled_once_per_model_and_mesh(mesh4):
+  """Corruption suites call make_eval_step once per setting; each call used to recompile."""
+  eval_step = steps.make_eval_step(TinyNet(), mesh4)
+  assert steps.make_eval_step(TinyNet(), mesh4) is eval_step  # equal modules share it
+  variables = jax.jit(lambda: TinyNet().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
+                                             train=False))()
+  for seed in (1, 2):
+    batch = steps.to_global_batch(make_batch(seed, unlabeled=0)["labeled"], mesh4)
+    steps.make_eval_step(TinyNet(), mesh4)(variables, batch)
+  assert eval_step._cache_size() == 1
+
+
 @pytest.mark.slow
 def test_efficientnet_sharded_and_fsdp_match_single_device():
   """The same equivalences on the tiny EfficientNet (three ~20 s compiles, hence slow)."""

@@ -113,17 +113,49 @@ def _all_process_sizes(own: int) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.asarray([own])))
 
 
+class CorruptedSets:
+  """Corrupted copies of one eval set, kept while they fit in `max_bytes`.
+
+  The pipeline evaluates every model of a schedule on the same corrupted images, and corrupting
+  (the blurs above all) costs more than a small model's inference: the teacher's evaluation fills
+  the cache and the students' reuse it. Sets that would not fit are recomputed on every call.
+  """
+
+  def __init__(self, max_bytes: int = 1 << 30):
+    self.max_bytes = max_bytes
+    self._sets: dict[tuple, np.ndarray] = {}
+
+  def get(self, key: tuple | None, images: np.ndarray, name: str, severity: int, seed: int,
+          first_index: int) -> np.ndarray:
+    full_key = None if key is None else (key, name, severity, seed, first_index)
+    if full_key in self._sets:
+      return self._sets[full_key]
+    corrupted = corruption_lib.corrupt_batch(images, name, severity, seed=seed,
+                                             first_index=first_index)
+    if full_key is not None and corrupted.nbytes + self.nbytes <= self.max_bytes:
+      self._sets[full_key] = corrupted
+    return corrupted
+
+  @property
+  def nbytes(self) -> int:
+    return sum(a.nbytes for a in self._sets.values())
+
+
+CORRUPTED_SETS = CorruptedSets()
+
+
 def corruption_accuracy(model, variables, images, labels, *, mesh, batch_size: int,
                         small_image: bool, names: Sequence[str], severities: Sequence[int],
-                        seed: int = 0, first_index: int = 0) -> dict[str, Any]:
+                        seed: int = 0, first_index: int = 0,
+                        cache_key: tuple | None = None) -> dict[str, Any]:
   """{"per_setting": {"name/severity": top1}, "corruptions": {name: mean over severities},
-  "corruption_top1": mean over everything}."""
+  "corruption_top1": mean over everything}. `cache_key` names `images` (e.g. (source, count)) so
+  calls for other models on the same images reuse the corrupted copies (CORRUPTED_SETS)."""
   per_setting, per_name = {}, {}
   for name in names:
     accs = []
     for severity in severities:
-      corrupted = corruption_lib.corrupt_batch(images, name, severity, seed=seed,
-                                               first_index=first_index)
+      corrupted = CORRUPTED_SETS.get(cache_key, images, name, severity, seed, first_index)
       acc = accuracy_on_arrays(model, variables, corrupted, labels, mesh=mesh,
                                batch_size=batch_size, small_image=small_image)["top1"]
       per_setting[f"{name}/{severity}"] = acc
@@ -150,5 +182,6 @@ def evaluate_export(export: str, src: input_pipeline.Source, *, mesh, batch_size
     results.update(corruption_accuracy(model, variables, images, labels, mesh=mesh,
                                        batch_size=batch_size, small_image=small_image,
                                        names=corruptions, severities=severities, seed=seed,
-                                       first_index=first))
+                                       first_index=first,
+                                       cache_key=(src, int(max_corruption_examples))))
   return results
