@@ -78,6 +78,13 @@ def local_batch_size(global_batch_size: int, mesh: Mesh | None = None) -> int:
   return global_batch_size // jax.process_count()
 
 
+def local_share(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """[start, end) of this process's contiguous share of `num_examples` rows (larger shares first)."""
+  base, extra = divmod(num_examples, process_count)
+  start = process_index * base + min(process_index, extra)
+  return start, start + base + int(process_index < extra)
+
+
 def process_local_rows(x: jax.Array) -> np.ndarray:
   """This process's rows of a batch-sharded global array, in local-batch order (inverse of
   `global_batch_from_local`)."""

@@ -173,6 +173,26 @@ def test_imagenet_c_from_the_official_folder_layout(tmp_path):
   assert plain["per_setting"]["fog_1"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize("process", [0, 1, 2])
+def test_folder_batches_give_each_host_its_contiguous_share(tmp_path, monkeypatch, process):
+  """7 files over 3 hosts: shares [0,3) [3,5) [5,7) (as the eval stage's), padded to 2 batches."""
+  items = []
+  for i in range(7):
+    path = tmp_path / f"{i}.png"
+    path.write_bytes(tf.io.encode_png(np.full((8, 8, 3), i, np.uint8)).numpy())
+    items.append((str(path), i))
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  monkeypatch.setattr(jax, "process_index", lambda: process)
+  model = models.create_model("efficientnet-b0", 10, **TINY)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  batches = list(benchmarks.folder_batches(items, model, mesh=mesh, batch_size=6))
+  assert len(batches) == 2 and all(len(b["label"]) == 2 for b in batches)
+  labels = np.concatenate([b["label"] for b in batches])
+  mask = np.concatenate([b["mask"] for b in batches])
+  start, end = [(0, 3), (3, 5), (5, 7)][process]
+  assert labels[mask].tolist() == list(range(start, end))
+
+
 def test_cifar10_c_mean_error_uses_tfds_spellings(tmp_path):
   bias = np.zeros(10)
   bias[2] = 1.0

@@ -20,10 +20,10 @@ import sys
 import numpy as np
 import pytest
 
+from nsjax import parallel
 from nsjax.data import input_pipeline as ip
 from nsjax.data import mnist5k
 from nsjax.evaluate import corruptions
-from nsjax.evaluate import stage as eval_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +67,7 @@ def test_split_host_input_reads_disjoint_slices(data_dir):
 
 
 def test_corruption_examples_and_noise_do_not_depend_on_the_process_count():
-  shares = [eval_stage.local_share(10, i, 3) for i in range(3)]
+  shares = [parallel.local_share(10, i, 3) for i in range(3)]
   assert shares == [(0, 4), (4, 7), (7, 10)]
   images = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
   whole = corruptions.corrupt_batch(images, "gaussian_noise", 3, seed=5)

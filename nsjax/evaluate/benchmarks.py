@@ -206,10 +206,11 @@ def read_wnids(path: str) -> list[str]:
 def folder_batches(items: Sequence[tuple[Any, int]], model, *, mesh, batch_size: int):
   """[(image path, class index)] -> padded numpy batches {"image", "label", "mask"} of the eval
   view, this process's share (every process yields the same number of batches)."""
-  process, count = jax.process_index(), jax.process_count()
+  count = jax.process_count()
   local = parallel.local_batch_size(batch_size, mesh)
-  num_batches = max(-(-len(items[i::count]) // local) for i in range(count))
-  own = items[process::count]
+  start, end = parallel.local_share(len(items), jax.process_index(), count)
+  own = items[start:end]
+  num_batches = -(-parallel.local_share(len(items), 0, count)[1] // local)  # the largest share
   view = eval_view_fn(model.test_resolution, model.small_image)
   res = int(model.test_resolution)
 

@@ -41,13 +41,6 @@ def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_
   return result
 
 
-def local_share(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """[start, end) of this process's contiguous share of `num_examples` rows (larger shares first)."""
-  base, extra = divmod(num_examples, process_count)
-  start = process_index * base + min(process_index, extra)
-  return start, start + base + int(process_index < extra)
-
-
 def load_local_arrays(src: input_pipeline.Source, max_examples: int = 0):
   """(uint8 images [n,H,W,C], int labels [n], first row) of this process's contiguous share of the
   split's first `max_examples` (0: all) examples: the same examples, whatever the process count."""
@@ -55,7 +48,7 @@ def load_local_arrays(src: input_pipeline.Source, max_examples: int = 0):
   total = int(builder.info.splits[src.split].num_examples)
   if max_examples:
     total = min(total, int(max_examples))
-  start, end = local_share(total, jax.process_index(), jax.process_count())
+  start, end = parallel.local_share(total, jax.process_index(), jax.process_count())
   ds = builder.as_dataset(split=src.split, shuffle_files=False).skip(start).take(end - start)
   images, labels = [], []
   for ex in ds.as_numpy_iterator():
