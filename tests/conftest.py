@@ -7,8 +7,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent XLA cache per test session, shared with the subprocesses tests start (they run
 # `python -m nsjax.main`, which reads NSJAX_COMPILATION_CACHE): the smoke schedule compiles the same
 # functions in many tests.
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
-os.environ.setdefault("NSJAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="nsjax-xla-cache-"))
+_SESSION_CACHE = None
+if "NSJAX_COMPILATION_CACHE" not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="nsjax-xla-cache-")  # removed when the session ends
+  os.environ["NSJAX_COMPILATION_CACHE"] = _SESSION_CACHE
 
 import jax  # noqa: E402
 
@@ -23,6 +27,12 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long-running (large models); run with -m slow")
+
+
+def pytest_unconfigure(config):
+  del config
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
