@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from nsjax import checkpoint, models
+from nsjax.data import preprocess
 from nsjax.evaluate import __main__ as cli
 from nsjax.evaluate import benchmarks, metrics, robustness
 
@@ -31,6 +32,21 @@ def random_variables(model, seed=0):
     if jax.tree_util.keystr(path).endswith("['var']"):
       return np.ones(leaf.shape, np.float32)
     return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(fill, checkpoint.abstract_variables(model))
+
+
+def signal_preserving_variables(model, seed=0):
+  """He-scaled kernels and unit BatchNorms: unlike `random_variables`, whose small BatchNorm
+  scales shrink the signal to nothing, the prediction depends on the image."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['kernel']"):
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (np.sqrt(2.0 / fan_in) * rng.standard_normal(leaf.shape)).astype(np.float32)
+    ones = name.endswith(("['scale']", "['var']"))
+    return (np.ones if ones else np.zeros)(leaf.shape, np.float32)
   return jax.tree_util.tree_map_with_path(fill, checkpoint.abstract_variables(model))
 
 
@@ -193,6 +209,41 @@ def test_folder_batches_give_each_host_its_contiguous_share(tmp_path, monkeypatc
   assert labels[mask].tolist() == list(range(start, end))
 
 
+def test_imagenet_p_cli_on_official_mp4_videos(tmp_path):
+  """--benchmark=imagenet_p on <dir>/<perturbation>/<wnid>/<video>.mp4: the flip probabilities of
+  the model's own per-frame predictions, and mFR against a normaliser table."""
+  from test_eval_metrics import _write_mp4
+  rng = np.random.default_rng(0)
+  perturbations = ["gaussian_noise", "rotate"]
+  for p in perturbations:
+    for wnid, video in (("n01440764", "a"), ("n01440764", "b"), ("n01443537", "c")):
+      _write_mp4(tmp_path / "P" / p / wnid / f"{video}.mp4", list(rng.integers(0, 256, 6)))
+  model = models.create_model("efficientnet-b0", 3, **TINY)
+  variables = signal_preserving_variables(model, seed=2)
+  checkpoint.export_model(str(tmp_path / "export"), model, variables, {"step": 1})
+  table = {"gaussian_noise": 0.5, "rotate": 0.25}
+  (tmp_path / "alexnet.json").write_text(json.dumps(table))
+  run_cli([f"--export={tmp_path / 'export'}", "--benchmark=imagenet_p",
+           f"--imagenet_p_dir={tmp_path / 'P'}", f"--perturbations={','.join(perturbations)}",
+           f"--alexnet_flip_probabilities={tmp_path / 'alexnet.json'}", "--batch_size=4",
+           f"--output={tmp_path / 'out'}"])
+  result = json.loads((tmp_path / "out" / "imagenet_p.json").read_text())
+
+  def predict(frames):  # the same eval view and model, without the benchmark's batching
+    views = np.stack([preprocess.eval_view(tf.constant(f), 32, small_image=True).numpy()
+                      for f in frames])
+    return np.asarray(model.apply(variables, views, train=False)).argmax(-1)
+  listing = robustness.list_imagenet_p(tmp_path / "P", perturbations)
+  expected = robustness.imagenet_p_flip_probabilities(listing, predict)
+  assert result["FP"] == pytest.approx(expected)
+  assert max(expected.values()) > 0  # the model's answer does change along the videos
+  assert result["mFR"] == pytest.approx(100 * np.mean([expected[p] / table[p]
+                                                      for p in perturbations]))
+  assert result["normalized"] and result["num_videos"] == {p: 3 for p in perturbations}
+  with pytest.raises(ValueError, match="needs imagenet_p_dir"):
+    benchmarks.run_benchmark(str(tmp_path / "export"), "imagenet_p")
+
+
 def test_cifar10_c_mean_error_uses_tfds_spellings(tmp_path):
   bias = np.zeros(10)
   bias[2] = 1.0
@@ -235,6 +286,6 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="needs --dataset and --split"):
     benchmarks.run_benchmark("/nonexistent", "fgsm")
   with pytest.raises(ValueError, match="Unknown benchmark"):
-    benchmarks.run_benchmark("/nonexistent", "imagenet_p")
+    benchmarks.run_benchmark("/nonexistent", "imagenet_q")
   with pytest.raises(ValueError, match="imagenet_c only"):
     benchmarks.run_benchmark("/nonexistent", "clean", dataset="x", split="y", imagenet_c_dir="/c")

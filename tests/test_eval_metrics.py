@@ -301,6 +301,41 @@ def test_imagenet_p_frame_folders_end_to_end(tmp_path):
   assert fp["rotate"] == pytest.approx((5 / 10 + 0) / 2)
 
 
+def _write_mp4(path, values, size=(32, 48)):
+  """An H.264 video (as ImageNet-P's) of flat grey frames, written with PyAV."""
+  import av
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("libx264", rate=10)
+    stream.height, stream.width = size
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": "10"}
+    for value in values:
+      frame = av.VideoFrame.from_ndarray(np.full(size + (3,), value, np.uint8), format="rgb24")
+      container.mux(stream.encode(frame))
+    container.mux(stream.encode())  # flush
+
+
+def test_imagenet_p_official_mp4_videos_decode_and_score(tmp_path):
+  """The official layout (<perturbation>/<wnid>/<video>.mp4) decodes with PyAV (a requirement)."""
+  values = [10, 10, 200, 10, 200, 10, 10, 10, 10, 10, 200]
+  for p in ("gaussian_noise", "rotate"):
+    _write_mp4(tmp_path / p / "n01440764" / "vid0.mp4", values)
+    _write_mp4(tmp_path / p / "n01443537" / "vid1.mp4", [200] * 3)
+  listing = robustness.list_imagenet_p(tmp_path, perturbations=("gaussian_noise", "rotate"))
+  assert [(v.name, label) for v, label in listing["rotate"]] == [("vid0.mp4", 0), ("vid1.mp4", 1)]
+  frames = robustness.read_video(listing["rotate"][0][0])
+  assert frames.shape == (11, 32, 48, 3) and frames.dtype == np.uint8
+  np.testing.assert_allclose(frames.reshape(11, -1).mean(axis=1), values, atol=3)  # lossy codec
+
+  def predict(batch):
+    return (batch.reshape(len(batch), -1).mean(axis=1) > 100).astype(int)
+
+  fp = robustness.imagenet_p_flip_probabilities(listing, predict)
+  assert fp["gaussian_noise"] == pytest.approx((3 / 10 + 0) / 2)
+  assert fp["rotate"] == pytest.approx((5 / 10 + 0) / 2)
+
+
 def test_mp4_without_decoder_gives_a_clear_error(tmp_path, monkeypatch):
   video = tmp_path / "v.mp4"
   video.write_bytes(b"")

@@ -7,6 +7,8 @@
       --output=/tmp/eval
   python -m nsjax.evaluate --export=... --benchmark=imagenet_c --imagenet_c_dir=/data/ImageNet-C \
       --imagenet_c_wnids=imagenet_wnids.txt --clean_error=0.12 --output=/tmp/eval
+  python -m nsjax.evaluate --export=... --benchmark=imagenet_p --imagenet_p_dir=/data/ImageNet-P \
+      --alexnet_flip_probabilities=alexnet_fp.json --output=/tmp/eval
   python -m nsjax.evaluate --export=... --benchmark=fgsm --dataset=imagenet2012 \
       --split='validation[:5000]' --epsilons=0,1,2,4,8,16 --output=/tmp/eval
 
@@ -18,7 +20,9 @@ robustness sets default to their usual TFDS names and splits; they must be prepa
 (`tfds build NAME --data_dir=...`): nothing is downloaded here. ImageNet-C can also be read from
 its official folder release (--imagenet_c_dir; class index = position of the wnid in the sorted
 --imagenet_c_wnids list, by default the sorted class folders, which for all 1000 is ImageNet's
-label order).
+label order). ImageNet-P (imagenet_p) reads its official release of mp4 videos (decoded with
+PyAV) or frame folders from --imagenet_p_dir -> flip probability per perturbation, and mFR when
+--alexnet_flip_probabilities gives the normalisers.
 """
 from __future__ import annotations
 
@@ -52,6 +56,18 @@ _IMAGENET_C_WNIDS = flags.DEFINE_string("imagenet_c_wnids", "", "With --imagenet
                                         "line (default: the sorted class folders).")
 _SEVERITIES = flags.DEFINE_list("severities", ["1", "2", "3", "4", "5"], "imagenet_c: severities "
                                 "to score (a subset gives partial CEs, not the benchmark's mCE).")
+_IMAGENET_P_DIR = flags.DEFINE_string("imagenet_p_dir", "", "imagenet_p: the official release "
+                                      "<dir>/<perturbation>/<wnid>/<video>.mp4 (or frame "
+                                      "folders <video>/<frame>.png).")
+_IMAGENET_P_WNIDS = flags.DEFINE_string("imagenet_p_wnids", "", "With --imagenet_p_dir: the sorted "
+                                        "wnid list (default: the sorted class folders).")
+_PERTURBATIONS = flags.DEFINE_list("perturbations", [], "imagenet_p: a subset of the 10 "
+                                   "perturbations (default: all).")
+_ALEXNET_FP = flags.DEFINE_string("alexnet_flip_probabilities", "", "imagenet_p: a JSON file "
+                                  "{perturbation: AlexNet's flip probability}; with it the result "
+                                  "has mFR, without it the unnormalised mFP.")
+_DIFFICULTY = flags.DEFINE_integer("difficulty", 1, "imagenet_p: compare frame t with t - "
+                                   "difficulty (non-noise perturbations).")
 _PGD_STEPS = flags.DEFINE_integer("pgd_steps", 10, "pgd: projected steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "pgd random starts.")
 
@@ -75,7 +91,13 @@ def main(argv):
       seed=_SEED.value, imagenet_c_dir=_IMAGENET_C_DIR.value,
       imagenet_c_wnids=(benchmarks.read_wnids(_IMAGENET_C_WNIDS.value)
                         if _IMAGENET_C_WNIDS.value else None),
-      severities=[int(s) for s in _SEVERITIES.value])
+      severities=[int(s) for s in _SEVERITIES.value], imagenet_p_dir=_IMAGENET_P_DIR.value,
+      imagenet_p_wnids=(benchmarks.read_wnids(_IMAGENET_P_WNIDS.value)
+                        if _IMAGENET_P_WNIDS.value else None),
+      perturbations=_PERTURBATIONS.value or None,
+      alexnet_flip_probabilities=(benchmarks.read_flip_probabilities(_ALEXNET_FP.value)
+                                  if _ALEXNET_FP.value else None),
+      difficulty=_DIFFICULTY.value)
   path = benchmarks.write_results(_OUTPUT.value, result)
   print(f"{_BENCHMARK.value}: {benchmarks.scalars(result)} -> {path}", flush=True)
 

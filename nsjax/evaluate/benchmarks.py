@@ -18,8 +18,9 @@ inside the attacked function, so epsilon is in pixel units.
 from __future__ import annotations
 
 import functools
+import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,8 @@ from nsjax.evaluate import adversarial, metrics, robustness
 from nsjax.files import atomic_write_json
 from nsjax.train import steps
 
-BENCHMARKS = ("clean", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_c", "cifar10_c",
-              "fgsm", "pgd")
+BENCHMARKS = ("clean", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_c", "imagenet_p",
+              "cifar10_c", "fgsm", "pgd")
 # (TFDS name, split) read when --dataset / --split are not given.
 DEFAULT_DATASETS = {
     "imagenet_a": ("imagenet_a", "test"),
@@ -88,16 +89,10 @@ def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_
   Pass `eval_step` (`steps.make_eval_step(model, mesh)`) to reuse one compilation over many sets.
   """
   batches = eval_batches(model, src, mesh=mesh, batch_size=batch_size)
-  eval_step = eval_step or cached_eval_step(model, mesh)
+  eval_step = eval_step or steps.make_eval_step(model, mesh)
   result = steps.evaluate(eval_step, variables, batches, mesh)
   result["num_skipped"] = batches.num_skipped
   return result
-
-
-# Variables are arguments, not constants: one compilation serves every export of the same model.
-@functools.lru_cache(maxsize=8)
-def cached_eval_step(model, mesh):
-  return steps.make_eval_step(model, mesh)
 
 
 @functools.lru_cache(maxsize=8)
@@ -158,7 +153,7 @@ def corruption_errors(model, variables, dataset: str, split: str, data_dir: str 
                       image_key: str = "image") -> dict[tuple[str, int], float]:
   """{(corruption, severity): top-1 error} from the TFDS configs of `dataset`."""
   names = robustness.tfds_names(dataset, list(corruptions))
-  eval_step = cached_eval_step(model, mesh)  # one compilation for every setting
+  eval_step = steps.make_eval_step(model, mesh)  # one compilation for every setting
   errors = {}
   for (corruption, severity), name in sorted(names.items()):
     if severity not in severities:
@@ -242,7 +237,7 @@ def folder_corruption_errors(model, variables, root: str, *, mesh, batch_size: i
   if num_classes > model.num_classes:
     raise ValueError(f"{root}: {num_classes} classes but the model has {model.num_classes}; pass "
                      "the full sorted wnid list (--imagenet_c_wnids) of the model's classes.")
-  eval_step = cached_eval_step(model, mesh)  # one compilation for every setting
+  eval_step = steps.make_eval_step(model, mesh)  # one compilation for every setting
   errors = {}
   for (corruption, severity), items in sorted(listing.items()):
     if not items:
@@ -262,6 +257,79 @@ def cifar10_c(model, variables, *, split: str, data_dir: str | None, mesh, batch
   summary = robustness.cifar10_c_summary(errors, corruptions=corruptions)
   summary["per_setting"] = robustness.results_to_json(errors)
   return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageNet-P.
+
+def frame_classifier(model, variables, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
+  """uint8 frames [T, H, W, 3] -> top-1 class per frame, on THIS process's devices only.
+
+  Videos differ in length, so hosts cannot step through them in lockstep; each host classifies its
+  own videos on a mesh of its local devices (no collective per batch) and the flip statistics are
+  summed across hosts once per perturbation. `batch_size` is the global batch size.
+  """
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), (parallel.DATA_AXIS,))
+  local = batch_size // jax.process_count()
+  if local < 1 or local % mesh.size:
+    raise ValueError(f"batch_size {batch_size} gives {local} frames per process, not a multiple "
+                     f"of its {mesh.size} devices; choose a multiple of {jax.device_count()}.")
+  variables = jax.device_put(jax.device_get(variables), parallel.replicated(mesh))
+  classify = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1),
+                     in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)))
+  view = tf.function(lambda frames: tf.map_fn(
+      lambda im: preprocess.eval_view(im, model.test_resolution, small_image=model.small_image),
+      frames, fn_output_signature=tf.float32), reduce_retracing=True)
+
+  def predict(frames: np.ndarray) -> np.ndarray:
+    classes = []
+    for start in range(0, len(frames), local):
+      chunk = view(tf.constant(frames[start:start + local])).numpy()
+      padded = np.concatenate([chunk, np.zeros((local - len(chunk),) + chunk.shape[1:],
+                                               chunk.dtype)])
+      classes.append(np.asarray(classify(variables, padded))[:len(chunk)])
+    return np.concatenate(classes)
+  return predict
+
+
+def imagenet_p(model, variables, root: str, *, batch_size: int,
+               perturbations: Sequence[str] = robustness.PERTURBATIONS,
+               wnids: Sequence[str] | None = None,
+               alexnet_flip_probabilities: dict[str, float] | None = None,
+               difficulty: int = 1) -> dict[str, Any]:
+  """Flip probabilities over the official release `<root>/<perturbation>/<wnid>/<video>.mp4` (or
+  frame folders), each host scoring its contiguous share of the videos; mFR when AlexNet's flip
+  probabilities are given (a {perturbation: FP} table), else the unnormalised mean FP."""
+  listing = robustness.list_imagenet_p(root, perturbations, wnids)
+  predict = frame_classifier(model, variables, batch_size)
+  totals = []
+  for p in perturbations:
+    start, end = parallel.local_share(len(listing[p]), jax.process_index(), jax.process_count())
+    rates = [robustness.video_flip_rate(predict(robustness.read_video(video)),
+                                        p in robustness.NOISE_PERTURBATIONS, difficulty)
+             for video, _ in listing[p][start:end]]
+    totals.append([sum(rates), len(rates)])
+  totals = np.asarray(totals, np.float64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
+  empty = [p for p, (_, n) in zip(perturbations, totals) if n == 0]
+  if empty:
+    raise ValueError(f"{root}: no videos for {empty} (expected <perturbation>/<wnid>/*.mp4).")
+  fp = {p: float(total / n) for p, (total, n) in zip(perturbations, totals)}
+  summary = robustness.imagenet_p_summary(fp, alexnet_flip_probabilities, perturbations)
+  summary.update(num_videos={p: int(n) for p, (_, n) in zip(perturbations, totals)},
+                 difficulty=int(difficulty))
+  return summary
+
+
+def read_flip_probabilities(path: str) -> dict[str, float]:
+  """A JSON object {perturbation: AlexNet's flip probability} (the mFR normalisers)."""
+  with tf.io.gfile.GFile(path) as f:
+    table = json.load(f)
+  if not isinstance(table, dict) or not all(isinstance(v, (int, float)) for v in table.values()):
+    raise ValueError(f"{path}: expected a JSON object {{perturbation: flip probability}}.")
+  return {str(k): float(v) for k, v in table.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,14 +355,20 @@ def run_benchmark(export: str, benchmark: str = "clean", *, dataset: str = "", s
                   epsilons: Sequence[float] = adversarial.DEFAULT_EPSILONS, pgd_steps: int = 10,
                   seed: int = 0, imagenet_c_dir: str = "",
                   imagenet_c_wnids: Sequence[str] | None = None,
-                  severities: Sequence[int] = robustness.SEVERITIES) -> dict[str, Any]:
+                  severities: Sequence[int] = robustness.SEVERITIES, imagenet_p_dir: str = "",
+                  imagenet_p_wnids: Sequence[str] | None = None,
+                  perturbations: Sequence[str] | None = None,
+                  alexnet_flip_probabilities: dict[str, float] | None = None,
+                  difficulty: int = 1) -> dict[str, Any]:
   """Scores the export at `export` on one benchmark; returns a JSON-ready dict (with the model,
   dataset and resolution it used).
 
   ImageNet-C's relative mCE needs the clean error: pass `clean_error`, or `clean_dataset` (e.g.
   "imagenet2012") to measure it here on `clean_split`. `imagenet_c_dir`: read ImageNet-C from its
   official folder release instead of TFDS (class order: `imagenet_c_wnids`, by default the sorted
-  class folders); `severities`: ImageNet-C over a subset of 1..5 (partial CEs).
+  class folders); `severities`: ImageNet-C over a subset of 1..5 (partial CEs). ImageNet-P reads
+  its official release at `imagenet_p_dir` (mp4 videos or frame folders; class order
+  `imagenet_p_wnids`) and gives mFR with `alexnet_flip_probabilities`, else the unnormalised mFP.
   """
   if benchmark not in BENCHMARKS:
     raise ValueError(f"Unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}.")
@@ -302,6 +376,19 @@ def run_benchmark(export: str, benchmark: str = "clean", *, dataset: str = "", s
     raise ValueError("imagenet_c_dir / imagenet_c_wnids are for benchmark=imagenet_c only.")
   if imagenet_c_wnids and not imagenet_c_dir:
     raise ValueError("imagenet_c_wnids needs imagenet_c_dir (the TFDS sets carry their labels).")
+  if (imagenet_p_dir or imagenet_p_wnids) and benchmark != "imagenet_p":
+    raise ValueError("imagenet_p_dir / imagenet_p_wnids are for benchmark=imagenet_p only.")
+  if benchmark == "imagenet_p":
+    if not imagenet_p_dir:
+      raise ValueError("benchmark=imagenet_p needs imagenet_p_dir (--imagenet_p_dir), the official "
+                       "release <dir>/<perturbation>/<wnid>/<video>.mp4: TFDS has no ImageNet-P.")
+    model, variables, metadata = load_model(export, resolution, mesh)
+    result = imagenet_p(model, variables, imagenet_p_dir, batch_size=batch_size,
+                        perturbations=perturbations or robustness.PERTURBATIONS,
+                        wnids=imagenet_p_wnids,
+                        alexnet_flip_probabilities=alexnet_flip_probabilities,
+                        difficulty=difficulty)
+    return _describe(result, benchmark, str(imagenet_p_dir), "folder", export, model, metadata)
   default_name, default_split = DEFAULT_DATASETS.get(benchmark, ("", ""))
   dataset, split = dataset or default_name, split or default_split
   if not dataset or not split:
@@ -334,6 +421,11 @@ def run_benchmark(export: str, benchmark: str = "clean", *, dataset: str = "", s
   else:
     result = adversarial_sweep(model, variables, src, method=benchmark, epsilons=epsilons,
                                pgd_steps=pgd_steps, seed=seed, **common)
+  return _describe(result, benchmark, dataset, split, export, model, metadata)
+
+
+def _describe(result: dict[str, Any], benchmark: str, dataset: str, split: str, export: str,
+              model, metadata: dict[str, Any]) -> dict[str, Any]:
   result.update(benchmark=benchmark, dataset=dataset, split=split, export=str(export),
                 model=model.model_name, resolution=int(model.test_resolution),
                 step=int(metadata.get("step", 0)))
@@ -342,7 +434,7 @@ def run_benchmark(export: str, benchmark: str = "clean", *, dataset: str = "", s
 
 def scalars(result: dict[str, Any]) -> dict[str, float]:
   """The headline numbers of a result, for TensorBoard."""
-  keys = ("top1", "top5", "mCE", "relative_mCE", "mean_error")
+  keys = ("top1", "top5", "mCE", "relative_mCE", "mean_error", "mFP", "mFR")
   out = {k: float(result[k]) for k in keys if isinstance(result.get(k), (int, float))}
   if "epsilons" in result:
     for epsilon, accuracy in zip(result["epsilons_255"], result["accuracy"]):
