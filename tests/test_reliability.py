@@ -325,3 +325,62 @@ def test_main_turns_stops_into_one_line_and_an_exit_code(error, code, line, monk
     flags.FLAGS.unparse_flags()
   assert exit_.value.code == code
   assert capsys.readouterr().err.strip().splitlines()[-1] == line
+
+
+# --- Undecodable LABELED images: exact resume ---------------------------------------------------
+
+def corrupt_labeled_config(data_dir):
+  """The smoke schedule on the 40-image corrupt dataset (4 bad images) as labeled and test data."""
+  config = load_smoke_config()
+  config.data.labeled = config_lib.data_source("nsjax_test_corrupt_unlabeled", "train", data_dir)
+  config.data.test = config_lib.data_source("nsjax_test_corrupt_unlabeled", "train", data_dir)
+  # 40 images are 1.25 steps per epoch: the smoke cosine (over 2.4 epochs) would reach lr 0 at
+  # step 3, after which the parameters no longer depend on the data.
+  for stage in [config.teacher] + list(config.students):
+    stage.train.lr_schedule = "constant"
+  return config
+
+
+class SimulatedCrash(Exception):
+  pass
+
+
+def crash_after_step(monkeypatch, stage, n):
+  """Like the SIGKILL wrapper, in process: the run dies right after step n (checkpoints flushed)."""
+  add = loop._Reporter.add
+
+  def add_then_crash(self, step, metrics):
+    add(self, step, metrics)
+    if self.checkpoints.directory.parent.name == stage and step == n:
+      self.checkpoints.wait()
+      raise SimulatedCrash(f"{stage} step {n}")
+
+  monkeypatch.setattr(loop._Reporter, "add", add_then_crash)
+
+
+def train_teacher(config, workdir):
+  stage = pipeline.Stage("teacher", "teacher", 0)
+  return pipeline.train_model_stage(stage, config, str(workdir), None,
+                                    pipeline.parallel.make_mesh())
+
+
+def export_sha256(workdir, stage="teacher"):
+  """Of the exported params AND batch-norm statistics (both depend on every batch)."""
+  _, variables, _ = checkpoint.load_exported(os.path.join(workdir, stage, "export"))
+  return checkpoint.params_sha256(variables)
+
+
+def test_resume_with_undecodable_labeled_images_is_bitwise_exact(corrupt_data_dirs, tmp_path,
+                                                                  monkeypatch):
+  good, _, _ = corrupt_data_dirs
+  config = corrupt_labeled_config(good)
+  train_teacher(config, tmp_path / "straight")
+  # Step 9 of 12, checkpoints every 6: the rerun restores step 6, after 192 good images; bad
+  # images came before that point in the stream, so the stream must resume past them.
+  with monkeypatch.context() as m:
+    crash_after_step(m, "teacher", 9)
+    with pytest.raises(SimulatedCrash):
+      train_teacher(config, tmp_path / "crashed")
+  assert os.listdir(tmp_path / "crashed" / "teacher" / "checkpoints") == ["6"]
+  train_teacher(config, tmp_path / "crashed")
+  assert export_sha256(tmp_path / "crashed") == export_sha256(tmp_path / "straight")
