@@ -234,22 +234,48 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
     else:
       labels_dir = stage_dir(workdir, f"label-{stage.iteration}")
       plan = label.read_plan(labels_dir)
-      unlabeled = lambda start: student_input.pseudo_label_batches(
+      unlabeled = lambda start, position: student_input.pseudo_label_batches(
           labels_dir, plan, local_batch_size=_local(unlabeled_batch), view_fn=view,
           seed=cfg.seed, start_step=start, host_input=host_input(config))
 
-  def batches(start_step: int) -> Iterator[dict]:
+  def batches(start_step: int, input_position: dict | None = None) -> StageBatches:
+    position = input_position or {}
     labeled = input_pipeline.train_batches(
         labeled_src, global_batch_size=cfg.batch_size, preprocess_fn=labeled_fn, seed=cfg.seed,
-        start_step=start_step, host_input=host_input(config))
-    pseudo = unlabeled(start_step) if unlabeled is not None else None
-    for lb in labeled:
-      batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
-      if pseudo is not None:
-        batch["unlabeled"] = next(pseudo)
-      yield steps.to_global_batch(batch, mesh)
+        start_step=start_step, host_input=host_input(config), position=position.get("labeled"))
+    pseudo = None
+    if unlabeled is not None:
+      pseudo = unlabeled(start_step, position.get("unlabeled"))
+    return StageBatches(labeled, pseudo, mesh)
 
   return batches, teacher
+
+
+class StageBatches:
+  """Global batches {"labeled"[, "unlabeled"]} of a model stage, and where its streams stand.
+
+  `input_position()` is what `loop.train` saves with each checkpoint and hands back on resume:
+  a stream that drops undecodable records cannot be placed by the step alone."""
+
+  def __init__(self, labeled: input_pipeline.BatchIterator, unlabeled: Iterator | None, mesh):
+    self.labeled, self.unlabeled, self.mesh = labeled, unlabeled, mesh
+
+  def __iter__(self) -> StageBatches:
+    return self
+
+  def __next__(self) -> dict:
+    lb = next(self.labeled)
+    batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
+    if self.unlabeled is not None:
+      batch["unlabeled"] = next(self.unlabeled)
+    return steps.to_global_batch(batch, self.mesh)
+
+  def input_position(self) -> dict[str, dict[str, int]]:
+    position = {"labeled": self.labeled.position()}
+    # Offline pseudo labels are all decodable (the label stage wrote them): placed by the step.
+    if isinstance(self.unlabeled, input_pipeline.BatchIterator):
+      position["unlabeled"] = self.unlabeled.position()
+    return position
 
 
 def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, mesh) -> dict:
@@ -268,7 +294,18 @@ def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, 
                       teacher=teacher, mesh=mesh, export_metadata=class_metadata(config))
   return {"step": int(result.step), "export_dir": result.export_dir,
           "final_metrics": {k: float(v) for k, v in result.metrics.items()
-                            if np.isscalar(v) or np.ndim(v) == 0}}
+                            if np.isscalar(v) or np.ndim(v) == 0},
+          **skipped_while_training(result.input_position)}
+
+
+def skipped_while_training(position: dict | None) -> dict[str, int]:
+  """{"num_skipped_<stream>": records dropped as undecodable, summed over hosts} of a stage; a
+  bad image counts once per epoch that reads it."""
+  if position is None:
+    return {}
+  streams = sorted({name for host in position["hosts"] for name in host})
+  return {f"num_skipped_{name}": sum(host[name]["num_skipped"] for host in position["hosts"])
+          for name in streams}
 
 
 def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batch, seed):
@@ -284,11 +321,12 @@ def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batc
         flip=stage_cfg.noise.get("flip", None))
     return {"image": student_view, "teacher_image": teacher_view}
 
-  def batches(start_step):
-    it = input_pipeline.train_batches(src, global_batch_size=unlabeled_batch, preprocess_fn=views,
-                                      seed=seed + 1, start_step=start_step,
-                                      host_input=host_input(config))
-    return ({"image": b["image"], "teacher_image": b["teacher_image"]} for b in it)
+  def batches(start_step, position=None):
+    # views() returns exactly {"image", "teacher_image"}: the iterator is the batches (and it
+    # reports its position, since unlabeled images may fail to decode).
+    return input_pipeline.train_batches(src, global_batch_size=unlabeled_batch,
+                                        preprocess_fn=views, seed=seed + 1, start_step=start_step,
+                                        host_input=host_input(config), position=position)
 
   return batches
 

@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 from nsjax import checkpoint, config_lib, models, pipeline
 from nsjax.data import input_pipeline, pseudo_labels
 from nsjax.train import loop
+from nsjax.train.checkpointing import TrainCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -382,5 +383,12 @@ def test_resume_with_undecodable_labeled_images_is_bitwise_exact(corrupt_data_di
     with pytest.raises(SimulatedCrash):
       train_teacher(config, tmp_path / "crashed")
   assert os.listdir(tmp_path / "crashed" / "teacher" / "checkpoints") == ["6"]
-  train_teacher(config, tmp_path / "crashed")
+  # The checkpoint carries where the labeled stream stood: past 6 x 32 good images and the bad
+  # ones among them.
+  with TrainCheckpoints(tmp_path / "crashed" / "teacher" / "checkpoints") as saved:
+    labeled = saved.input_position(6)["hosts"][0]["labeled"]
+  assert labeled["num_skipped"] > 0 and labeled["next_record"] == 6 * 32 + labeled["num_skipped"]
+  result = train_teacher(config, tmp_path / "crashed")
   assert export_sha256(tmp_path / "crashed") == export_sha256(tmp_path / "straight")
+  # 12 x 32 = 384 good images = 10 epochs of 36 and 24 more: 40 bad ones, and up to 4 more.
+  assert 40 <= result["num_skipped_labeled"] <= 44
