@@ -168,4 +168,5 @@ def finetune(student_export: str, labeled: input_pipeline.Source, workdir: str, 
       "metrics": final_metrics})
   return {"step": int(result.step), "export_dir": out, "final_metrics": final_metrics,
           "learning_rate": float(loop.make_schedule(cfg)(0)),
-          "num_train_steps": loop.num_train_steps(cfg)}
+          "num_train_steps": loop.num_train_steps(cfg),
+          **{f"num_skipped_{name}": n for name, n in result.num_skipped().items()}}

@@ -295,17 +295,12 @@ def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, 
   return {"step": int(result.step), "export_dir": result.export_dir,
           "final_metrics": {k: float(v) for k, v in result.metrics.items()
                             if np.isscalar(v) or np.ndim(v) == 0},
-          **skipped_while_training(result.input_position)}
+          **skipped_while_training(result)}
 
 
-def skipped_while_training(position: dict | None) -> dict[str, int]:
-  """{"num_skipped_<stream>": records dropped as undecodable, summed over hosts} of a stage; a
-  bad image counts once per epoch that reads it."""
-  if position is None:
-    return {}
-  streams = sorted({name for host in position["hosts"] for name in host})
-  return {f"num_skipped_{name}": sum(host[name]["num_skipped"] for host in position["hosts"])
-          for name in streams}
+def skipped_while_training(result: loop.TrainResult) -> dict[str, int]:
+  """{"num_skipped_<stream>": records dropped as undecodable, all hosts} for a stage result."""
+  return {f"num_skipped_{name}": n for name, n in result.num_skipped().items()}
 
 
 def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batch, seed):
@@ -448,14 +443,26 @@ def summary_rows(config, workdir: str, state: RunState) -> list[dict]:
   return rows
 
 
+def skipped_images(state: RunState) -> dict[str, dict[str, int]]:
+  """Undecodable images dropped per stage: unlabeled ones once each by the label stages (or, per
+  epoch read, by online-teacher students), labeled ones once per epoch read by training stages."""
+  unlabeled, labeled = {}, {}
+  for name, result in state.data["completed"].items():
+    if name.startswith("label-"):
+      unlabeled[name] = result.get("num_skipped", 0)
+    if "num_skipped_unlabeled" in result:
+      unlabeled[name] = result["num_skipped_unlabeled"]
+    if "num_skipped_labeled" in result:
+      labeled[name] = result["num_skipped_labeled"]
+  return {"skipped_unlabeled_images": unlabeled, "skipped_labeled_images": labeled}
+
+
 def summary_stage(config, workdir: str, state: RunState, started: float) -> dict:
   rows = summary_rows(config, workdir, state)
   wall = time.time() - state.data.get("started_at", started)
-  skipped = {name: state.result(name).get("num_skipped", 0) for name in state.data["completed"]
-             if name.startswith("label-")}
   summary = None
   if jax.process_index() == 0:
-    extra = {"skipped_unlabeled_images": skipped, "skipped_files": folder.skipped_files(workdir)}
+    extra = {**skipped_images(state), "skipped_files": folder.skipped_files(workdir)}
     summary = report.write_summary(workdir, rows, wall, extra)
     report.plot_accuracy(rows, os.path.join(workdir, "summary.png"))
     report.plot_corruptions(rows, os.path.join(workdir, "corruptions.png"))

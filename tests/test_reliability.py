@@ -392,3 +392,38 @@ def test_resume_with_undecodable_labeled_images_is_bitwise_exact(corrupt_data_di
   assert export_sha256(tmp_path / "crashed") == export_sha256(tmp_path / "straight")
   # 12 x 32 = 384 good images = 10 epochs of 36 and 24 more: 40 bad ones, and up to 4 more.
   assert 40 <= result["num_skipped_labeled"] <= 44
+
+
+# --- End to end: summary.json counts every skipped image ----------------------------------------
+
+def good_examples_stream_skips(data_dir, seed, steps=12, batch=32):
+  """Undecodable records a fresh labeled stream drops while yielding `steps` batches."""
+  src = input_pipeline.Source("nsjax_test_corrupt_unlabeled", "train", data_dir)
+  iterator = input_pipeline.train_batches(src, global_batch_size=batch, seed=seed,
+                                          host_input="global")
+  for _ in range(steps):
+    next(iterator)
+  return iterator.num_skipped
+
+
+def test_smoke_schedule_on_corrupt_data_reports_exact_skipped_counts(corrupt_data_dirs, tmp_path):
+  good, truncated, intact = corrupt_data_dirs
+  config = corrupt_labeled_config(good)  # labeled and test data: 40 images, 4 undecodable
+  # Unlabeled: the copy whose record file lost its tail, so read errors count too.
+  config.data.unlabeled = config_lib.data_source("nsjax_test_corrupt_unlabeled", "train", truncated)
+  config.label.batch_size = 16
+  config.label.shard_batches = 1
+  config.balance.num_image_per_class = 4
+  config.eval.max_corruption_examples = 16
+  state = pipeline.run(config, str(tmp_path))
+  assert "summary" in state["completed"]
+  summary = json.load(open(tmp_path / "summary.json"))
+  bad_in_intact = sum(1 for i in BAD_UNLABELED if i < intact)
+  assert summary["skipped_unlabeled_images"] == {
+      "label-1": NUM_UNLABELED - intact + bad_in_intact}
+  # Labeled: 12 steps x 32 good images = 10 epochs of 36 (40 bad) and 24 images of an 11th.
+  expected = {"teacher": good_examples_stream_skips(good, seed=0),
+              "student-1": good_examples_stream_skips(good, seed=1)}  # seeds: seed * 1000 + offset
+  assert all(40 <= n <= 44 for n in expected.values())
+  assert summary["skipped_labeled_images"] == expected
+  assert summary["skipped_files"] == {}

@@ -189,6 +189,12 @@ def _decode_fn(image_key: str, channels: int, shape: list[int | None], keep_enco
   return decode
 
 
+def image_decoder(builder, image_key: str):
+  """(index, features with encoded image) -> decoded; raises on bad bytes (use ignore_errors)."""
+  channels, shape = _image_spec(builder, image_key)
+  return _decode_fn(image_key, channels, shape, keep_encoded=False)
+
+
 def _preprocess_with_seed(preprocess_fn: PreprocessFn, example_seed: tf.Tensor,
                           keep_encoded: bool, mask: bool | None):
 

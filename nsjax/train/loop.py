@@ -346,6 +346,12 @@ class TrainResult:
   # reports positions (e.g. pipeline stages: skipped-record counts per stream).
   input_position: dict[str, Any] | None = None
 
+  def num_skipped(self) -> dict[str, int]:
+    """{stream: undecodable records dropped over the whole run, all processes} (from positions)."""
+    hosts = (self.input_position or {}).get("hosts", [])
+    streams = sorted({name for host in hosts for name in host})
+    return {name: sum(host[name]["num_skipped"] for host in hosts) for name in streams}
+
 
 def _gather_positions(batches: Any) -> dict[str, Any] | None:
   """Every process's `batches.input_position()` ({stream: {counter: int}}), on every process.
