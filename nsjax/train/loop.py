@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
@@ -269,6 +270,11 @@ class Preempted(Exception):
 
 
 _SIGTERM_RECEIVED = threading.Event()
+# Sync-point calls made by this process. jax's service stops every host at the call after the
+# fastest host's latest one, comparing the counters the hosts pass, so they must count the same
+# calls: training steps, pseudo-label shards and stage starts alike, whichever stage is running
+# (a step number would restart at every stage and could never meet a sync point set earlier).
+_SYNC_CALLS = itertools.count(1)
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -325,9 +331,11 @@ class PreemptionWatch:
     return _SIGTERM_RECEIVED.is_set()
 
   def should_stop(self, step: int) -> bool:
-    """Call once per step on every host (the sync point needs every step)."""
+    """Call at every step (or shard, or stage) boundary, on every host alike: with the service,
+    hosts agree by counting these calls (see _SYNC_CALLS); `step` only names the boundary."""
+    del step
     if self.synced:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(next(_SYNC_CALLS))
     return _SIGTERM_RECEIVED.is_set()
 
   @staticmethod
