@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from nsjax import checkpoint, models
 from nsjax.data import input_pipeline, preprocess
-from nsjax.train import loop, steps
+from nsjax.train import loop
 
 LR_MODES = ("final", "continue", "constant")
 
@@ -132,11 +132,12 @@ def labeled_batches(src: input_pipeline.Source, model: models.EfficientNet, batc
       image = tf.image.stateless_random_flip_left_right(image, example_seed)
     return {"image": image, "label": tf.cast(features["label"], tf.int32)}
 
-  def batches(start_step: int) -> Iterator[dict]:
-    for batch in input_pipeline.train_batches(src, global_batch_size=batch_size,
-                                              preprocess_fn=view, seed=seed,
-                                              start_step=start_step):
-      yield steps.to_global_batch({"labeled": batch}, mesh)
+  def batches(start_step: int, input_position: dict | None = None) -> Iterator[dict]:
+    from nsjax.pipeline import StageBatches  # reports its position, for exact resumes
+    labeled = input_pipeline.train_batches(
+        src, global_batch_size=batch_size, preprocess_fn=view, seed=seed, start_step=start_step,
+        position=(input_position or {}).get("labeled"))
+    return StageBatches(labeled, None, mesh)
   return batches
 
 
@@ -167,4 +168,5 @@ def finetune(student_export: str, labeled: input_pipeline.Source, workdir: str, 
       "metrics": final_metrics})
   return {"step": int(result.step), "export_dir": out, "final_metrics": final_metrics,
           "learning_rate": float(loop.make_schedule(cfg)(0)),
-          "num_train_steps": loop.num_train_steps(cfg)}
+          "num_train_steps": loop.num_train_steps(cfg),
+          **{f"num_skipped_{name}": n for name, n in result.num_skipped().items()}}

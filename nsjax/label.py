@@ -2,10 +2,15 @@
 
 The teacher runs as exported (eval mode, EMA weights, no augmentation, the eval center crop at its
 own test resolution) through the jitted inference step, data-parallel over every device and host.
-Each host writes the shards of its own slice of the split (nsjax.data.pseudo_labels); a rerun skips
-the shards its manifest records (a single-process run stops after the current shard on SIGTERM,
-raising `nsjax.train.loop.Preempted`). When all hosts are done, process 0 merges the manifests, plans the
-official filtering and balancing, and writes `balance.json` and `balance.png`.
+Each host writes the shards of its own slice of the split (nsjax.data.pseudo_labels); its manifest
+records how many batches of the pass its shards cover. Every host runs every batch's inference step
+(a jitted step over global arrays needs them all), so a rerun starts at the batch the LEAST
+advanced host reached, and hosts further on predict without writing until their own shards end:
+hosts killed at different shards resume with exactly the shards of an uninterrupted run. On a
+SIGTERM, hosts stop after the same shard (`nsjax.train.loop.Preempted`): each shard boundary is a
+step of jax's preemption sync point (a plain flag in a single process). When all hosts are done,
+process 0 merges the manifests, plans the official filtering and balancing, and writes
+`balance.json` and `balance.png`.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from nsjax import checkpoint, parallel, report
 from nsjax.data import balance, input_pipeline, preprocess, pseudo_labels
@@ -63,13 +69,15 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
       preprocess_fn=teacher_view_fn(model.test_resolution, small_image, source.image_key))
   host = jax.process_index()
   writer = pseudo_labels.HostShardWriter(out_dir, host, num_classes, top_k)
-  if writer.manifest["complete"]:
-    logging.info("Pseudo labels of host %d already complete in %s.", host, out_dir)
+  own_done = batches.num_batches if writer.manifest["complete"] else writer.num_batches_done
+  start = agreed_start(own_done)
+  if start == batches.num_batches:
+    logging.info("Pseudo labels of every host already complete in %s.", out_dir)
   else:
     preemption = loop.PreemptionWatch().start()
     try:
       _label_host(batches, writer, predict, variables, shard_batches, host, log_every_seconds,
-                  preemption)
+                  preemption, start, own_done)
     finally:
       preemption.stop()
   parallel.sync("pseudo-labels-written")
@@ -79,45 +87,55 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
   return pseudo_labels.read_manifest(out_dir)
 
 
+def agreed_start(own_done: int) -> int:
+  """The first batch some host has not written: every host resumes its inference there."""
+  if jax.process_count() == 1:
+    return own_done
+  return int(np.min(multihost_utils.process_allgather(np.int64(own_done))))
+
+
 def _label_host(batches, writer, predict, variables, shard_batches, host, log_every_seconds,
-                preemption):
-  already = writer.num_examples_done
+                preemption, start, own_done):
+  """Labels batches [start, num_batches); writes this host's shards from batch `own_done` on."""
   total = batches.num_batches
   images, probs, ids = [], [], []
-  seen, skipped_before, start, last_log = 0, 0, time.time(), time.time()
-  labeled_now = 0
+  skipped_before, began, last_log = 0, time.time(), time.time()
+  seen = labeled_now = 0
   for step, batch in enumerate(batches):
     mask = parallel.process_local_rows(batch["mask"]).astype(bool)
-    real = int(mask.sum())
-    if seen + real <= already:  # finished in an earlier run: skip without running the teacher
-      seen += real
-      continue
-    out = predict(variables, batch["image"])
-    local_probs = parallel.process_local_rows(out["probs"])[mask]
-    images += list(np.asarray(batch[input_pipeline.ENCODED_IMAGE_KEY])[mask])
-    probs.append(local_probs)
-    ids += [i for i, m in zip(_ids(batch, seen, host), mask) if m]
-    seen += real
-    labeled_now += real
+    if step < own_done:  # in this host's shards already (predicted too, if others need it)
+      if step >= start:
+        predict(variables, batch["image"])
+      seen += int(mask.sum())
+      skipped_before = batches.num_skipped
+    else:
+      local_probs = parallel.process_local_rows(predict(variables, batch["image"])["probs"])
+      images += list(np.asarray(batch[input_pipeline.ENCODED_IMAGE_KEY])[mask])
+      probs.append(local_probs[mask])
+      ids += [i for i, m in zip(_ids(batch, seen, host), mask) if m]
+      seen += int(mask.sum())
+      labeled_now += int(mask.sum())
     end_of_data = step + 1 == total
-    if len(probs) == shard_batches or end_of_data:
-      if images:
-        skipped = batches.num_skipped - skipped_before
-        skipped_before = batches.num_skipped
-        writer.write_shard(images, np.concatenate(probs), ids, num_skipped=skipped)
-        if preemption.requested and not end_of_data:  # single process: hosts need no agreement
-          preemption.acknowledge()
-          raise loop.Preempted(writer.num_shards_done, f"manifest {writer.manifest_path}",
-                               unit="pseudo-label shard")
+    if step >= own_done and ((step + 1) % shard_batches == 0 or end_of_data) and images:
+      writer.write_shard(images, np.concatenate(probs), ids,
+                         num_skipped=batches.num_skipped - skipped_before,
+                         num_batches_done=step + 1)
+      skipped_before = batches.num_skipped
       images, probs, ids = [], [], []
+    # Every host calls this at the same shard boundaries (from the agreed start on).
+    if step >= start and (step + 1) % shard_batches == 0 and not end_of_data and \
+        preemption.should_stop(step + 1):
+      preemption.acknowledge()
+      raise loop.Preempted(writer.num_shards_done, f"manifest {writer.manifest_path}",
+                           unit="pseudo-label shard")
     if time.time() - last_log > log_every_seconds or end_of_data:
-      rate = labeled_now / max(time.time() - start, 1e-9)
-      remaining = (total - step - 1) * len(mask) / max(rate, 1e-9)
+      rate = labeled_now / max(time.time() - began, 1e-9)
       logging.info("label: batch %d/%d, %d images this run, %.1f img/s, ETA %.0f s", step + 1,
-                   total, labeled_now, rate, remaining)
+                   total, labeled_now, rate, (total - step - 1) * len(mask) / max(rate, 1e-9))
       last_log = time.time()
-  writer.manifest["num_skipped"] += batches.num_skipped - skipped_before
-  writer.finish()
+  if not writer.manifest["complete"]:
+    writer.manifest["num_skipped"] += batches.num_skipped - skipped_before
+    writer.finish()
 
 
 def plan_and_report(out_dir: str, num_image: int, min_threshold: float, seed: int) -> balance.BalancePlan:

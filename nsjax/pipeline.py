@@ -234,22 +234,48 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
     else:
       labels_dir = stage_dir(workdir, f"label-{stage.iteration}")
       plan = label.read_plan(labels_dir)
-      unlabeled = lambda start: student_input.pseudo_label_batches(
+      unlabeled = lambda start, position: student_input.pseudo_label_batches(
           labels_dir, plan, local_batch_size=_local(unlabeled_batch), view_fn=view,
           seed=cfg.seed, start_step=start, host_input=host_input(config))
 
-  def batches(start_step: int) -> Iterator[dict]:
+  def batches(start_step: int, input_position: dict | None = None) -> StageBatches:
+    position = input_position or {}
     labeled = input_pipeline.train_batches(
         labeled_src, global_batch_size=cfg.batch_size, preprocess_fn=labeled_fn, seed=cfg.seed,
-        start_step=start_step, host_input=host_input(config))
-    pseudo = unlabeled(start_step) if unlabeled is not None else None
-    for lb in labeled:
-      batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
-      if pseudo is not None:
-        batch["unlabeled"] = next(pseudo)
-      yield steps.to_global_batch(batch, mesh)
+        start_step=start_step, host_input=host_input(config), position=position.get("labeled"))
+    pseudo = None
+    if unlabeled is not None:
+      pseudo = unlabeled(start_step, position.get("unlabeled"))
+    return StageBatches(labeled, pseudo, mesh)
 
   return batches, teacher
+
+
+class StageBatches:
+  """Global batches {"labeled"[, "unlabeled"]} of a model stage, and where its streams stand.
+
+  `input_position()` is what `loop.train` saves with each checkpoint and hands back on resume:
+  a stream that drops undecodable records cannot be placed by the step alone."""
+
+  def __init__(self, labeled: input_pipeline.BatchIterator, unlabeled: Iterator | None, mesh):
+    self.labeled, self.unlabeled, self.mesh = labeled, unlabeled, mesh
+
+  def __iter__(self) -> StageBatches:
+    return self
+
+  def __next__(self) -> dict:
+    lb = next(self.labeled)
+    batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
+    if self.unlabeled is not None:
+      batch["unlabeled"] = next(self.unlabeled)
+    return steps.to_global_batch(batch, self.mesh)
+
+  def input_position(self) -> dict[str, dict[str, int]]:
+    position = {"labeled": self.labeled.position()}
+    # Offline pseudo labels are all decodable (the label stage wrote them): placed by the step.
+    if isinstance(self.unlabeled, input_pipeline.BatchIterator):
+      position["unlabeled"] = self.unlabeled.position()
+    return position
 
 
 def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, mesh) -> dict:
@@ -268,7 +294,13 @@ def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, 
                       teacher=teacher, mesh=mesh, export_metadata=class_metadata(config))
   return {"step": int(result.step), "export_dir": result.export_dir,
           "final_metrics": {k: float(v) for k, v in result.metrics.items()
-                            if np.isscalar(v) or np.ndim(v) == 0}}
+                            if np.isscalar(v) or np.ndim(v) == 0},
+          **skipped_while_training(result)}
+
+
+def skipped_while_training(result: loop.TrainResult) -> dict[str, int]:
+  """{"num_skipped_<stream>": records dropped as undecodable, all hosts} for a stage result."""
+  return {f"num_skipped_{name}": n for name, n in result.num_skipped().items()}
 
 
 def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batch, seed):
@@ -284,11 +316,12 @@ def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batc
         flip=stage_cfg.noise.get("flip", None))
     return {"image": student_view, "teacher_image": teacher_view}
 
-  def batches(start_step):
-    it = input_pipeline.train_batches(src, global_batch_size=unlabeled_batch, preprocess_fn=views,
-                                      seed=seed + 1, start_step=start_step,
-                                      host_input=host_input(config))
-    return ({"image": b["image"], "teacher_image": b["teacher_image"]} for b in it)
+  def batches(start_step, position=None):
+    # views() returns exactly {"image", "teacher_image"}: the iterator is the batches (and it
+    # reports its position, since unlabeled images may fail to decode).
+    return input_pipeline.train_batches(src, global_batch_size=unlabeled_batch,
+                                        preprocess_fn=views, seed=seed + 1, start_step=start_step,
+                                        host_input=host_input(config), position=position)
 
   return batches
 
@@ -410,14 +443,26 @@ def summary_rows(config, workdir: str, state: RunState) -> list[dict]:
   return rows
 
 
+def skipped_images(state: RunState) -> dict[str, dict[str, int]]:
+  """Undecodable images dropped per stage: unlabeled ones once each by the label stages (or, per
+  epoch read, by online-teacher students), labeled ones once per epoch read by training stages."""
+  unlabeled, labeled = {}, {}
+  for name, result in state.data["completed"].items():
+    if name.startswith("label-"):
+      unlabeled[name] = result.get("num_skipped", 0)
+    if "num_skipped_unlabeled" in result:
+      unlabeled[name] = result["num_skipped_unlabeled"]
+    if "num_skipped_labeled" in result:
+      labeled[name] = result["num_skipped_labeled"]
+  return {"skipped_unlabeled_images": unlabeled, "skipped_labeled_images": labeled}
+
+
 def summary_stage(config, workdir: str, state: RunState, started: float) -> dict:
   rows = summary_rows(config, workdir, state)
   wall = time.time() - state.data.get("started_at", started)
-  skipped = {name: state.result(name).get("num_skipped", 0) for name in state.data["completed"]
-             if name.startswith("label-")}
   summary = None
   if jax.process_index() == 0:
-    extra = {"skipped_unlabeled_images": skipped, "skipped_files": folder.skipped_files(workdir)}
+    extra = {**skipped_images(state), "skipped_files": folder.skipped_files(workdir)}
     summary = report.write_summary(workdir, rows, wall, extra)
     report.plot_accuracy(rows, os.path.join(workdir, "summary.png"))
     report.plot_corruptions(rows, os.path.join(workdir, "corruptions.png"))
@@ -471,8 +516,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
 
 
 def _stop_if_preempted(preemption: loop.PreemptionWatch, next_stage: str) -> None:
-  """Between stages every finished one is recorded, so stopping here loses nothing."""
-  if preemption.synced or not preemption.requested:
+  """Between stages every finished one is recorded, so stopping here loses nothing (every host
+  reaches this boundary, so it is also a sync point of jax's preemption service)."""
+  if not preemption.should_stop(0):
     return
   preemption.acknowledge()
   error = loop.Preempted(next_stage, "every earlier stage is complete", unit="the start of stage")

@@ -234,6 +234,44 @@ def test_undecodable_images_are_skipped_and_counted_in_training(bad_data_dir):
   assert iterator.num_skipped == iterator.next_record - 24
 
 
+@pytest.mark.parametrize("host_input, count", [("split", 1), ("split", 2), ("global", 2)])
+def test_resuming_from_a_position_continues_exactly_past_undecodable_images(
+    bad_data_dir, host_input, count):
+  src = ip.Source("nsjax_test_bad_images", "train", bad_data_dir)
+
+  def batches(index, **kwargs):
+    return ip.train_batches(src, global_batch_size=4, seed=1, preprocess_fn=with_noise,
+                            shuffle_block=12, host_input=host_input, process_index=index,
+                            process_count=count, **kwargs)
+
+  for index in range(count):
+    straight = batches(index)
+    expected = take(straight, 9)
+    first = batches(index)
+    take(first, 5)
+    position = first.position()
+    assert position["num_skipped"] > 0  # bad records lie before the resume point
+    # From the step alone the stream would restart too early, inside records already used.
+    from_step = next(batches(index, start_step=5))
+    assert not np.array_equal(from_step["id"], expected[5]["id"])
+    resumed = batches(index, start_step=5, position=position)
+    for want, got in zip(expected[5:], take(resumed, 4)):
+      for key in ("id", "image", "noise"):  # same examples, same augmentation seeds
+        np.testing.assert_array_equal(got[key], want[key])
+    assert resumed.position() == straight.position()  # skipped counts carry over the resume
+    # Skipped = positions this host read (with "global": its 4 // count rows of each 4) - examples.
+    own = [r for r in range(straight.next_record)
+           if host_input == "split" or r % 4 // (4 // count) == index]
+    assert straight.num_skipped == len(own) - 9 * 4 // count
+
+
+def test_a_damaged_position_is_a_clear_error(bad_data_dir):
+  src = ip.Source("nsjax_test_bad_images", "train", bad_data_dir)
+  for position in ({"next_record": 3}, {"next_record": 3, "num_skipped": 5}):
+    with pytest.raises(ValueError, match="Invalid input position"):
+      ip.train_batches(src, global_batch_size=4, position=position)
+
+
 def test_errors_in_preprocess_fn_are_not_swallowed(data_dir):
   def broken(features, seed):
     del seed

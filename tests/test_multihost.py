@@ -263,3 +263,128 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step_and_resumes(tmp_path):
   assert np.linalg.norm(x - y) / np.linalg.norm(y) < 2e-3
   assert np.mean(np.abs(x - y) > 1e-4) < 0.05
   print("bitwise" if np.array_equal(x, y) else f"max diff {np.abs(x - y).max()}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Labeling on several hosts: each host writes its own shards, but every host must run every
+# batch's inference step. A SIGTERM stops both hosts after the same shard; hosts stopped at
+# different shards (SIGKILL, a lost VM) resume from the least advanced one. Both reruns must end
+# with identical shards (every feature's bytes) to an uninterrupted run.
+
+# nsjax.main; NSJAX_TEST_SIGTERM="<process>" SIGTERMs that process right after it writes its first
+# pseudo-label shard. Every process then pauses after each shard (NSJAX_TEST_PAUSE seconds), so
+# the preemption service settles its sync point before anyone reaches the next shard boundary.
+_LABEL_WRAPPER = r"""
+import os, signal, time
+from absl import app
+from nsjax import main
+from nsjax.data import pseudo_labels
+if os.environ.get("NSJAX_TEST_SIGTERM"):
+  write_shard = pseudo_labels.HostShardWriter.write_shard
+  def write_then_signal(self, *args, **kwargs):
+    name = write_shard(self, *args, **kwargs)
+    if self.num_shards_done == 1 and self.host == int(os.environ["NSJAX_TEST_SIGTERM"]):
+      os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(float(os.environ["NSJAX_TEST_PAUSE"]))
+    return name
+  pseudo_labels.HostShardWriter.write_shard = write_then_signal
+app.run(main.main)
+"""
+
+
+def _multi_label(workdir, logs, sigterm=None):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", TF_CPP_MIN_LOG_LEVEL="2",
+             PYTHONPATH=ROOT, NSJAX_TEST_PAUSE="6")
+  env.pop("NSJAX_TEST_SIGTERM", None)
+  if sigterm is not None:
+    env["NSJAX_TEST_SIGTERM"] = str(sigterm)
+  port = _free_port()
+  return [subprocess.Popen(
+      [sys.executable, "-c", _LABEL_WRAPPER, f"--config={CONFIG}", f"--workdir={workdir}",
+       "--stage=label-1", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=ROOT, env=env, stdout=open(logs[i], "w"),
+      stderr=subprocess.STDOUT) for i in range(2)]
+
+
+def _workdir_with_teacher(workdir):
+  """A workdir whose teacher stage is complete (a random tiny teacher: labeling only needs one)."""
+  import importlib.util
+  import jax
+  import jax.numpy as jnp
+  from nsjax import checkpoint, models, pipeline
+  spec = importlib.util.spec_from_file_location("nsjax_multihost_config", CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  model = models.create_model("efficientnet-b0", 10, width=0.1, depth=0.1, small_image=True,
+                              resolution=28)
+  variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3))))()
+  checkpoint.export_model(os.path.join(workdir, "teacher", "export"), model, variables)
+  state = {"config_fingerprint": pipeline.fingerprint(module.get_config()),
+           "completed": {"teacher": {}}}
+  json.dump(state, open(os.path.join(workdir, "state.json"), "w"))
+
+
+def _shard_bytes(workdir):
+  """{shard file: its records, each feature's bytes} (an Example's serialised feature order
+  varies between processes, so the files themselves are compared through their content)."""
+  import tensorflow as tf
+  directory = os.path.join(workdir, "label-1")
+  content = {}
+  for f in sorted(os.listdir(directory)):
+    if f.startswith("shard-"):
+      examples = [tf.train.Example.FromString(r) for r in
+                  tf.data.TFRecordDataset(os.path.join(directory, f)).as_numpy_iterator()]
+      content[f] = [{k: v.SerializeToString() for k, v in sorted(e.features.feature.items())}
+                    for e in examples]
+  return content
+
+
+def _host_manifest(workdir, host):
+  return json.load(open(os.path.join(workdir, "label-1", f"manifest-h{host:03d}.json")))
+
+
+def _roll_back(workdir, host, keep):
+  """The on-disk state of `host` killed right after writing its shard number `keep`."""
+  manifest = _host_manifest(workdir, host)
+  for shard in manifest["shards"][keep:]:
+    os.remove(os.path.join(workdir, "label-1", shard["file"]))
+  manifest.update(shards=manifest["shards"][:keep], num_batches_done=keep, complete=False)
+  json.dump(manifest, open(os.path.join(workdir, "label-1", f"manifest-h{host:03d}.json"), "w"))
+
+
+@pytest.mark.slow  # ~3 min on 2 cores (four 2-process label-stage runs, two at a time)
+def test_labeling_stops_both_hosts_at_one_shard_and_resumes_identically(tmp_path):
+  import shutil
+  stopped, straight, uneven = (str(tmp_path / n) for n in ("stopped", "straight", "uneven"))
+  for workdir in (stopped, straight):
+    os.makedirs(workdir)
+    _workdir_with_teacher(workdir)
+  logs = [str(tmp_path / f"{n}{i}.log") for n in ("stopped", "straight") for i in range(2)]
+  procs = _multi_label(stopped, logs[:2], sigterm=1) + _multi_label(straight, logs[2:])
+  _wait(procs[2:], logs[2:])
+  _wait(procs[:2], logs[:2], expect=75)
+  # Multihost labeling: 4 batches of 32 per host, one shard each (tests/multihost_config.py).
+  reference = _shard_bytes(straight)
+  assert len(reference) == 8
+  # Both hosts stopped after the same shard, the first one, with nothing half-written.
+  assert [_host_manifest(stopped, h)["num_batches_done"] for h in range(2)] == [1, 1]
+  assert sorted(_shard_bytes(stopped)) == ["shard-h000-00000.tfrecord", "shard-h001-00000.tfrecord"]
+  assert not [f for f in os.listdir(os.path.join(stopped, "label-1")) if ".tmp-" in f]
+  for log in logs[:2]:
+    assert "Stage label-1: preempted at pseudo-label shard 1" in open(log).read()
+  # Hosts that stopped at different shards: host 0 after 3, host 1 after 1.
+  shutil.copytree(straight, uneven)
+  for host, keep in ((0, 3), (1, 1)):
+    _roll_back(uneven, host, keep)
+  os.remove(os.path.join(uneven, "label-1", "manifest.json"))
+  state = json.load(open(os.path.join(uneven, "state.json")))
+  del state["completed"]["label-1"]
+  json.dump(state, open(os.path.join(uneven, "state.json"), "w"))
+  logs = [str(tmp_path / f"{n}{i}.log") for n in ("resumed", "uneven") for i in range(2)]
+  procs = _multi_label(stopped, logs[:2]) + _multi_label(uneven, logs[2:])
+  _wait(procs, logs)
+  assert _shard_bytes(stopped) == reference
+  assert _shard_bytes(uneven) == reference
+  for workdir in (stopped, uneven):
+    merged = json.load(open(os.path.join(workdir, "label-1", "manifest.json")))
+    assert merged["num_examples"] == 256 and merged["num_skipped"] == 0

@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 from nsjax import checkpoint, config_lib, models, pipeline
 from nsjax.data import input_pipeline, pseudo_labels
 from nsjax.train import loop
+from nsjax.train.checkpointing import TrainCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -325,3 +326,104 @@ def test_main_turns_stops_into_one_line_and_an_exit_code(error, code, line, monk
     flags.FLAGS.unparse_flags()
   assert exit_.value.code == code
   assert capsys.readouterr().err.strip().splitlines()[-1] == line
+
+
+# --- Undecodable LABELED images: exact resume ---------------------------------------------------
+
+def corrupt_labeled_config(data_dir):
+  """The smoke schedule on the 40-image corrupt dataset (4 bad images) as labeled and test data."""
+  config = load_smoke_config()
+  config.data.labeled = config_lib.data_source("nsjax_test_corrupt_unlabeled", "train", data_dir)
+  config.data.test = config_lib.data_source("nsjax_test_corrupt_unlabeled", "train", data_dir)
+  # 40 images are 1.25 steps per epoch: the smoke cosine (over 2.4 epochs) would reach lr 0 at
+  # step 3, after which the parameters no longer depend on the data.
+  for stage in [config.teacher] + list(config.students):
+    stage.train.lr_schedule = "constant"
+  return config
+
+
+class SimulatedCrash(Exception):
+  pass
+
+
+def crash_after_step(monkeypatch, stage, n):
+  """Like the SIGKILL wrapper, in process: the run dies right after step n (checkpoints flushed)."""
+  add = loop._Reporter.add
+
+  def add_then_crash(self, step, metrics):
+    add(self, step, metrics)
+    if self.checkpoints.directory.parent.name == stage and step == n:
+      self.checkpoints.wait()
+      raise SimulatedCrash(f"{stage} step {n}")
+
+  monkeypatch.setattr(loop._Reporter, "add", add_then_crash)
+
+
+def train_teacher(config, workdir):
+  stage = pipeline.Stage("teacher", "teacher", 0)
+  return pipeline.train_model_stage(stage, config, str(workdir), None,
+                                    pipeline.parallel.make_mesh())
+
+
+def export_sha256(workdir, stage="teacher"):
+  """Of the exported params AND batch-norm statistics (both depend on every batch)."""
+  _, variables, _ = checkpoint.load_exported(os.path.join(workdir, stage, "export"))
+  return checkpoint.params_sha256(variables)
+
+
+def test_resume_with_undecodable_labeled_images_is_bitwise_exact(corrupt_data_dirs, tmp_path,
+                                                                  monkeypatch):
+  good, _, _ = corrupt_data_dirs
+  config = corrupt_labeled_config(good)
+  train_teacher(config, tmp_path / "straight")
+  # Step 9 of 12, checkpoints every 6: the rerun restores step 6, after 192 good images; bad
+  # images came before that point in the stream, so the stream must resume past them.
+  with monkeypatch.context() as m:
+    crash_after_step(m, "teacher", 9)
+    with pytest.raises(SimulatedCrash):
+      train_teacher(config, tmp_path / "crashed")
+  assert os.listdir(tmp_path / "crashed" / "teacher" / "checkpoints") == ["6"]
+  # The checkpoint carries where the labeled stream stood: past 6 x 32 good images and the bad
+  # ones among them.
+  with TrainCheckpoints(tmp_path / "crashed" / "teacher" / "checkpoints") as saved:
+    labeled = saved.input_position(6)["hosts"][0]["labeled"]
+  assert labeled["num_skipped"] > 0 and labeled["next_record"] == 6 * 32 + labeled["num_skipped"]
+  result = train_teacher(config, tmp_path / "crashed")
+  assert export_sha256(tmp_path / "crashed") == export_sha256(tmp_path / "straight")
+  # 12 x 32 = 384 good images = 10 epochs of 36 and 24 more: 40 bad ones, and up to 4 more.
+  assert 40 <= result["num_skipped_labeled"] <= 44
+
+
+# --- End to end: summary.json counts every skipped image ----------------------------------------
+
+def good_examples_stream_skips(data_dir, seed, steps=12, batch=32):
+  """Undecodable records a fresh labeled stream drops while yielding `steps` batches."""
+  src = input_pipeline.Source("nsjax_test_corrupt_unlabeled", "train", data_dir)
+  iterator = input_pipeline.train_batches(src, global_batch_size=batch, seed=seed,
+                                          host_input="global")
+  for _ in range(steps):
+    next(iterator)
+  return iterator.num_skipped
+
+
+def test_smoke_schedule_on_corrupt_data_reports_exact_skipped_counts(corrupt_data_dirs, tmp_path):
+  good, truncated, intact = corrupt_data_dirs
+  config = corrupt_labeled_config(good)  # labeled and test data: 40 images, 4 undecodable
+  # Unlabeled: the copy whose record file lost its tail, so read errors count too.
+  config.data.unlabeled = config_lib.data_source("nsjax_test_corrupt_unlabeled", "train", truncated)
+  config.label.batch_size = 16
+  config.label.shard_batches = 1
+  config.balance.num_image_per_class = 4
+  config.eval.max_corruption_examples = 16
+  state = pipeline.run(config, str(tmp_path))
+  assert "summary" in state["completed"]
+  summary = json.load(open(tmp_path / "summary.json"))
+  bad_in_intact = sum(1 for i in BAD_UNLABELED if i < intact)
+  assert summary["skipped_unlabeled_images"] == {
+      "label-1": NUM_UNLABELED - intact + bad_in_intact}
+  # Labeled: 12 steps x 32 good images = 10 epochs of 36 (40 bad) and 24 images of an 11th.
+  expected = {"teacher": good_examples_stream_skips(good, seed=0),
+              "student-1": good_examples_stream_skips(good, seed=1)}  # seeds: seed * 1000 + offset
+  assert all(40 <= n <= 44 for n in expected.values())
+  assert summary["skipped_labeled_images"] == expected
+  assert summary["skipped_files"] == {}

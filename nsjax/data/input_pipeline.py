@@ -189,6 +189,12 @@ def _decode_fn(image_key: str, channels: int, shape: list[int | None], keep_enco
   return decode
 
 
+def image_decoder(builder, image_key: str):
+  """(index, features with encoded image) -> decoded; raises on bad bytes (use ignore_errors)."""
+  channels, shape = _image_spec(builder, image_key)
+  return _decode_fn(image_key, channels, shape, keep_encoded=False)
+
+
 def _preprocess_with_seed(preprocess_fn: PreprocessFn, example_seed: tf.Tensor,
                           keep_encoded: bool, mask: bool | None):
 
@@ -279,15 +285,17 @@ def train_batches(source: Source, *, global_batch_size: int,
                   preprocess_fn: PreprocessFn = identity_preprocess, seed: int = 0,
                   start_step: int = 0, shuffle_block: int = 16_384, mesh=None,
                   process_index: int | None = None, process_count: int | None = None,
-                  host_input: str = "split") -> BatchIterator:
+                  host_input: str = "split", position: dict[str, int] | None = None
+                  ) -> BatchIterator:
   """Infinite, shuffled, repeated batches of labeled (or pseudo-labeled) training data.
 
   Epochs are passes over this process's slice (host_input="split") or over the whole split
   ("global"); batches run across epoch boundaries. Batch k depends only on (source, seed, global
   batch size, processes, k) -- with "global", not on the processes -- so `start_step=k` resumes
-  there exactly (exactly in records read: with undecodable records, see
-  `BatchIterator.next_record`; with "global", an undecodable record also shortens its host's batch
-  slot, so keep such data on "split").
+  there exactly, as long as every record decodes. Undecodable records are dropped, so batch k then
+  starts LATER than record k * batch: resume from `position`, this process's
+  `BatchIterator.position()` saved after step k (with "global", an undecodable record also
+  shortens its host's batch slot, so hosts drift apart, each exactly resumable from its position).
   """
   check_host_input(host_input)
   whole = host_input == "global"
@@ -299,7 +307,10 @@ def train_batches(source: Source, *, global_batch_size: int,
   if epoch_size == 0:
     raise ValueError(f"Process {opened.process_index} of {opened.process_count} got no examples of "
                      f"{source.name} split {source.split!r}; use fewer processes or a larger split.")
-  first_record = int(start_step) * stream_batch
+  first_record, skipped_before = _resume_point(position, int(start_step) * stream_batch)
+  # Global batches are cut from the stream in chunks aligned at record 0, so a resumed stream
+  # starts at its chunk's first record and drops this host's rows before `first_record`.
+  chunk_start = first_record - first_record % stream_batch
   shuffle_seed = _seed_pair(seed, stream_process, _SHUFFLE_STREAM)
   records = _readable(opened.records)
 
@@ -307,15 +318,48 @@ def train_batches(source: Source, *, global_batch_size: int,
     shuffled = block_shuffle(records, _fold(shuffle_seed, index), min(shuffle_block, epoch_size))
     return shuffled.enumerate().map(lambda i, features: (i + index * epoch_size, features))
 
-  stream = tf.data.Dataset.range(first_record // epoch_size, np.iinfo(np.int64).max).flat_map(epoch)
-  stream = stream.skip(first_record % epoch_size)
+  stream = tf.data.Dataset.range(chunk_start // epoch_size, np.iinfo(np.int64).max).flat_map(epoch)
+  stream = stream.skip(chunk_start % epoch_size)
   if whole:
     stream = slice_global_batches(stream, global_batch_size, opened.process_index,
                                   opened.process_count)
+  stream = stream.filter(lambda record, features: record >= first_record)  # before decoding
   examples = _decoded_examples(stream, opened.builder, source, preprocess_fn,
                                _seed_pair(seed, stream_process, _EXAMPLE_STREAM))
   batches = examples.batch(opened.local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return BatchIterator(batches, mesh=mesh, first_record=first_record, first_step=int(start_step))
+  own_rows = _own_rows_fn(stream_batch, opened.local_batch_size, opened.process_index if whole
+                          else 0)
+  return BatchIterator(batches, mesh=mesh, first_record=first_record, first_step=int(start_step),
+                       num_skipped_before=skipped_before, own_rows=own_rows)
+
+
+def _resume_point(position: dict[str, int] | None, step_record: int) -> tuple[int, int]:
+  """(first record, records skipped before it) from a saved `BatchIterator.position()`."""
+  if position is None:
+    return step_record, 0
+  try:
+    record, skipped = int(position["next_record"]), int(position["num_skipped"])
+  except (KeyError, TypeError, ValueError) as error:
+    raise ValueError(f"Invalid input position {position!r}: expected {{'next_record': int, "
+                     "'num_skipped': int}} as saved by BatchIterator.position().") from error
+  if record < 0 or skipped < 0 or skipped > record:
+    raise ValueError(f"Invalid input position {position!r}: counts must satisfy 0 <= num_skipped "
+                     "<= next_record; the checkpoint's input_position file is damaged.")
+  return record, skipped
+
+
+def _own_rows_fn(stream_batch: int, local_batch: int, host: int) -> Callable[[int, int], int]:
+  """(a, b) -> how many stream positions in [a, b) belong to this host: all of them, unless the
+  host keeps rows [host * local, (host + 1) * local) of each chunk of `stream_batch` ("global")."""
+  if stream_batch == local_batch:
+    return lambda a, b: b - a
+  begin, end = host * local_batch, (host + 1) * local_batch
+
+  def below(n):  # own positions in [0, n)
+    whole, rest = divmod(n, stream_batch)
+    return whole * local_batch + min(max(rest - begin, 0), end - begin)
+
+  return lambda a, b: below(b) - below(a)
 
 
 def _padding(element_spec: dict[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
@@ -390,13 +434,15 @@ class BatchIterator(Iterator[dict[str, Any]]):
 
   Counters (this process): `step` (next step), `num_examples` (real examples yielded), `next_record`
   (stream position after the last yielded example) and `num_skipped` (records dropped because their
-  image did not decode). Single-pass iterators also know `num_batches` and count trailing bad records
-  once the last batch is out.
+  image did not decode, including `num_skipped_before` from before a resume). Single-pass iterators
+  also know `num_batches` and count trailing bad records once the last batch is out. `position()`
+  is what a resumed `train_batches(position=...)` continues from.
   """
 
   def __init__(self, dataset: tf.data.Dataset, *, mesh=None, first_record: int = 0,
                first_step: int = 0, num_records: int | None = None,
-               num_batches: int | None = None):
+               num_batches: int | None = None, num_skipped_before: int = 0,
+               own_rows: Callable[[int, int], int] | None = None):
     self.dataset = dataset
     self.mesh = mesh
     self.num_batches = num_batches
@@ -406,11 +452,19 @@ class BatchIterator(Iterator[dict[str, Any]]):
     self._first_record = first_record
     self._first_step = first_step
     self._end_record = None if num_records is None else first_record + num_records
+    self._skipped_before = num_skipped_before
+    # Stream positions that were this process's to read ("global" hosts read only their rows).
+    self._own_rows = own_rows or (lambda a, b: b - a)
     self._iterator = None
 
   @property
   def num_skipped(self) -> int:
-    return self.next_record - self._first_record - self.num_examples
+    read = self._own_rows(self._first_record, self.next_record)
+    return self._skipped_before + read - self.num_examples
+
+  def position(self) -> dict[str, int]:
+    """This process's place in the stream after the last yielded batch (JSON-able)."""
+    return {"next_record": int(self.next_record), "num_skipped": int(self.num_skipped)}
 
   def __iter__(self) -> BatchIterator:
     return self

@@ -69,10 +69,13 @@ class HostShardWriter:
             f"{path} was written with num_classes={self.manifest['num_classes']}, "
             f"top_k={self.manifest['top_k']}, but this run uses num_classes={num_classes}, "
             f"top_k={top_k}. Use a fresh workdir or delete {directory} to relabel.")
+      if "num_batches_done" not in self.manifest and not self.manifest["complete"]:
+        raise ValueError(f"{path} was written by an older nsjax (no num_batches_done), so its "
+                         f"shards cannot be resumed. Delete {directory} to relabel.")
     else:
       self.manifest = {"host": host, "num_classes": num_classes, "top_k": top_k, "shards": [],
                        "histogram": np.zeros((num_classes, balance.NUM_BINS), int).tolist(),
-                       "num_skipped": 0, "complete": False}
+                       "num_skipped": 0, "num_batches_done": 0, "complete": False}
 
   @property
   def manifest_path(self) -> str:
@@ -83,12 +86,18 @@ class HostShardWriter:
     return sum(s["count"] for s in self.manifest["shards"])
 
   @property
+  def num_batches_done(self) -> int:
+    """Batches of the labeling pass that the recorded shards cover (a rerun starts after them)."""
+    return int(self.manifest.get("num_batches_done", 0))
+
+  @property
   def num_shards_done(self) -> int:
     return len(self.manifest["shards"])
 
   def write_shard(self, images: list[bytes], probs: np.ndarray, ids: list[bytes],
-                  num_skipped: int = 0) -> str:
-    """Writes shard number `num_shards_done` and records it; returns its file name."""
+                  num_skipped: int = 0, num_batches_done: int | None = None) -> str:
+    """Writes shard number `num_shards_done` and records it (and that the pass is done up to batch
+    `num_batches_done`, in the same manifest write); returns its file name."""
     name = f"shard-h{self.host:03d}-{self.num_shards_done:05d}.tfrecord"
     top_k = self.manifest["top_k"]
 
@@ -103,6 +112,8 @@ class HostShardWriter:
     self.manifest["histogram"] = (np.asarray(self.manifest["histogram"]) + hist).tolist()
     self.manifest["shards"].append({"file": name, "count": len(images)})
     self.manifest["num_skipped"] += int(num_skipped)
+    if num_batches_done is not None:
+      self.manifest["num_batches_done"] = int(num_batches_done)
     self._save()
     return name
 

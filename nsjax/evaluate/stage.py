@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
 
 from nsjax import checkpoint, parallel
 from nsjax.data import input_pipeline, preprocess
@@ -43,17 +45,27 @@ def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_
 
 def load_local_arrays(src: input_pipeline.Source, max_examples: int = 0):
   """(uint8 images [n,H,W,C], int labels [n], first row) of this process's contiguous share of the
-  split's first `max_examples` (0: all) examples: the same examples, whatever the process count."""
+  split's first `max_examples` (0: all) examples: the same examples, whatever the process count.
+
+  Images that do not decode are dropped (logged), as in every other pipeline: one bad test image
+  must not stop the corruption suite. The kept rows are then numbered from `first row` on.
+  """
   builder = input_pipeline.load_builder(src.name, src.data_dir)
   total = int(builder.info.splits[src.split].num_examples)
   if max_examples:
     total = min(total, int(max_examples))
   start, end = parallel.local_share(total, jax.process_index(), jax.process_count())
-  ds = builder.as_dataset(split=src.split, shuffle_files=False).skip(start).take(end - start)
+  ds = builder.as_dataset(split=src.split, shuffle_files=False,
+                          decoders={src.image_key: tfds.decode.SkipDecoding()})
+  decode = input_pipeline.image_decoder(builder, src.image_key)
+  ds = ds.skip(start).take(end - start).enumerate().map(decode).ignore_errors()
   images, labels = [], []
-  for ex in ds.as_numpy_iterator():
+  for _, ex in ds.as_numpy_iterator():
     images.append(ex[src.image_key])
     labels.append(ex["label"])
+  if len(images) < end - start:
+    logging.warning("Corruption suite: %d of rows [%d, %d) of %s %s do not decode; skipped.",
+                    end - start - len(images), start, end, src.name, src.split)
   if not images:
     shape = tuple(d or 1 for d in builder.info.features[src.image_key].shape)
     return np.zeros((0,) + shape, np.uint8), np.zeros(0, np.int32), start

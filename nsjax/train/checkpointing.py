@@ -7,6 +7,11 @@ through a target built from the abstract state and its shardings, so every leaf 
 host arrays). Saves are asynchronous: the arrays are copied off the devices before `save`
 returns, so the next (donating) step may run while files are written.
 
+Each checkpoint may carry a second item, `input_position` (JSON, written by process 0): every
+host's place in its input streams after that step (see `BatchIterator.position`), saved in the
+same atomic Orbax commit as the state, so a restored step never meets a stale or missing position.
+The state stays the `default` item, so checkpoints from before positions existed still restore.
+
 Replica-parallel writing (each replica of a replicated array writes a slice) pays off when several
 hosts share the work, but its first save compiles a slicing kernel per array shape (seconds on
 CPU); it is on only for multi-process runs.
@@ -22,6 +27,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from nsjax.train.state import TrainState, with_shardings
+
+STATE = "default"  # the name a single-item manager used, so older checkpoints restore
+INPUT_POSITION = "input_position"
 
 
 class TrainCheckpoints:
@@ -39,14 +47,29 @@ class TrainCheckpoints:
                                            create=True, cleanup_tmp_directories=True)
     handler = ocp.PyTreeCheckpointHandler(
         type_handler_registry=_type_handlers(replica_parallel=jax.process_count() > 1))
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handler)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: handler, INPUT_POSITION: ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: TrainState, force: bool = False) -> bool:
-    """Starts an async save (the caller checks finiteness first: see `train`)."""
-    return self.manager.save(step, args=ocp.args.PyTreeSave(state), force=force)
+  def save(self, step: int, state: TrainState, force: bool = False,
+           input_position: Any = None) -> bool:
+    """Starts an async save (the caller checks finiteness first: see `train`). `input_position`
+    (JSON-able, the same on every process) is committed together with the state."""
+    items = {STATE: ocp.args.PyTreeSave(state)}
+    if input_position is not None:
+      items[INPUT_POSITION] = ocp.args.JsonSave(input_position)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def input_position(self, step: int) -> Any:
+    """The input position saved with checkpoint `step`, or None (saved without one)."""
+    if not (self.directory / str(step) / INPUT_POSITION).exists():
+      return None
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(**{INPUT_POSITION: ocp.args.JsonRestore()}))
+    return restored[INPUT_POSITION]
 
   def restore(self, abstract_state: TrainState, shardings: Any,
               step: int | None = None) -> TrainState:
@@ -56,7 +79,7 @@ class TrainCheckpoints:
     target = with_shardings(abstract_state, shardings)
     args = ocp.args.PyTreeRestore(item=target,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    return self.manager.restore(step, args=args)
+    return self.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
 
   def path(self, step: int | None) -> str:
     return "none" if step is None else str(self.directory / str(step))

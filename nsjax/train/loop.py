@@ -5,6 +5,10 @@ update s is drawn from (seed, s), the learning rate and EMA decay are functions 
 state restored from the latest checkpoint is bitwise what was saved. So a run that is stopped and
 started again ends with exactly the state of one that never stopped -- provided `train_iter`
 replays the same batches from the restored step (pass a callable `start_step -> iterator`).
+Where the step alone does not say where the data stands (records that failed to decode were
+dropped), the iterator can say it: if it has `input_position()` (JSON-able, this process's
+place), every checkpoint saves all processes' positions with the state, and a resume calls
+`train_iter(start_step, input_position=<this process's saved position>)`.
 
 Hyperparameters (an `ml_collections.ConfigDict`, a plain dict, or keyword overrides of
 `default_config()`; unknown keys are an error):
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
@@ -265,6 +270,11 @@ class Preempted(Exception):
 
 
 _SIGTERM_RECEIVED = threading.Event()
+# Sync-point calls made by this process. jax's service stops every host at the call after the
+# fastest host's latest one, comparing the counters the hosts pass, so they must count the same
+# calls: training steps, pseudo-label shards and stage starts alike, whichever stage is running
+# (a step number would restart at every stage and could never meet a sync point set earlier).
+_SYNC_CALLS = itertools.count(1)
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -321,9 +331,11 @@ class PreemptionWatch:
     return _SIGTERM_RECEIVED.is_set()
 
   def should_stop(self, step: int) -> bool:
-    """Call once per step on every host (the sync point needs every step)."""
+    """Call at every step (or shard, or stage) boundary, on every host alike: with the service,
+    hosts agree by counting these calls (see _SYNC_CALLS); `step` only names the boundary."""
+    del step
     if self.synced:
-      return multihost_utils.reached_preemption_sync_point(step)
+      return multihost_utils.reached_preemption_sync_point(next(_SYNC_CALLS))
     return _SIGTERM_RECEIVED.is_set()
 
   @staticmethod
@@ -338,6 +350,51 @@ class TrainResult:
   metrics: dict[str, float]  # the last logged train window and the final evaluation
   step: int
   export_dir: str | None
+  # {"process_count", "hosts": [each process's input_position()]} at the end, if the iterator
+  # reports positions (e.g. pipeline stages: skipped-record counts per stream).
+  input_position: dict[str, Any] | None = None
+
+  def num_skipped(self) -> dict[str, int]:
+    """{stream: undecodable records dropped over the whole run, all processes} (from positions)."""
+    hosts = (self.input_position or {}).get("hosts", [])
+    streams = sorted({name for host in hosts for name in host})
+    return {name: sum(host[name]["num_skipped"] for host in hosts) for name in streams}
+
+
+def _gather_positions(batches: Any) -> dict[str, Any] | None:
+  """Every process's `batches.input_position()` ({stream: {counter: int}}), on every process.
+
+  A collective: all processes call it at the same steps (they save at the same steps)."""
+  get = getattr(batches, "input_position", None)
+  if get is None:
+    return None
+  own = get()
+  keys = [(stream, counter) for stream in sorted(own) for counter in sorted(own[stream])]
+  values = np.asarray([own[s][c] for s, c in keys], np.int64)
+  if jax.process_count() > 1:
+    values = np.asarray(multihost_utils.process_allgather(values)).reshape(jax.process_count(), -1)
+  else:
+    values = values[None]
+  hosts = [{} for _ in range(len(values))]
+  for host, row in zip(hosts, values):
+    for (stream, counter), value in zip(keys, row):
+      host.setdefault(stream, {})[counter] = int(value)
+  return {"process_count": len(hosts), "hosts": hosts}
+
+
+def _own_position(saved: dict[str, Any] | None, step: int) -> dict[str, Any] | None:
+  """This process's saved position; None when the step alone places the data exactly."""
+  if saved is None:
+    return None
+  if saved["process_count"] == jax.process_count():
+    return saved["hosts"][jax.process_index()]
+  if any(c.get("num_skipped", 0) for host in saved["hosts"] for c in host.values()):
+    raise ValueError(
+        f"Checkpoint step {step} was written by {saved['process_count']} processes whose input "
+        f"streams had skipped undecodable records; with {jax.process_count()} processes their "
+        f"positions cannot be mapped. Resume with {saved['process_count']} processes, or delete "
+        "the stage's checkpoints to restart it.")
+  return None  # no record was ever dropped: positions follow from the step on any topology
 
 
 def _check_first_batch(batch: Any, cfg: ml_collections.ConfigDict, teacher: Teacher | None) -> None:
@@ -413,12 +470,15 @@ class _Reporter:
 
 
 def _start(train_iter: Any, start_step: int, total_steps: int, cfg: ml_collections.ConfigDict,
-           teacher: Teacher | None) -> tuple[Iterator, Any]:
+           teacher: Teacher | None, position: dict[str, Any] | None = None
+           ) -> tuple[Iterator, Any]:
   """(batch iterator positioned after the first batch, first batch or None when done)."""
   if start_step >= total_steps:
     return iter(()), None
   if callable(train_iter) and not hasattr(train_iter, "__next__"):
-    batches = iter(train_iter(start_step))
+    # Only iterators that report positions get one back (the saved one came from them).
+    batches = iter(train_iter(start_step) if position is None
+                   else train_iter(start_step, input_position=position))
   else:
     batches = iter(train_iter)
   first = next(batches, None)
@@ -436,11 +496,11 @@ def _image_shape(first: Any, model: nn.Module) -> tuple[int, ...]:
 
 
 def _save_and_stop(step: int, state: state_lib.TrainState, reporter: _Reporter,
-                   checkpoints: TrainCheckpoints) -> None:
+                   checkpoints: TrainCheckpoints, batches: Any) -> None:
   reporter.flush_pending()  # a non-finite step is reported, never saved
   checkpoints.wait()
   if checkpoints.latest_step() != step:  # not already saved as a periodic checkpoint
-    checkpoints.save(step, state, force=True)
+    checkpoints.save(step, state, force=True, input_position=_gather_positions(batches))
     checkpoints.wait()
   reporter.writer.flush()
   PreemptionWatch.acknowledge()
@@ -497,7 +557,9 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
   try:
     latest = checkpoints.latest_step()
     step = latest or 0
-    batches, batch = _start(train_iter, step, total_steps, cfg, teacher)
+    saved_position = checkpoints.input_position(latest) if latest is not None else None
+    batches, batch = _start(train_iter, step, total_steps, cfg, teacher,
+                            _own_position(saved_position, step))
     fns = _run_functions(train_model, mesh, _hashable_config(cfg), _image_shape(batch, model),
                          int(getattr(model, "frozen_blocks", -1)))
     if latest is not None:
@@ -538,13 +600,15 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
       if log_now:
         reporter.write_window(step)
       if save_now:
-        checkpoints.save(step, state, force=step == total_steps)
+        position = _gather_positions(batches)
+        checkpoints.save(step, state, force=step == total_steps, input_position=position)
+        saved_position = position
         reporter.last_good = step
       if eval_now:
         writer.write_scalars(step, {f"eval/{k}": v
                                     for k, v in eval_fn(state.ema_variables).items()})
       if step < total_steps and preemption.should_stop(step):
-        _save_and_stop(step, state, reporter, checkpoints)
+        _save_and_stop(step, state, reporter, checkpoints, batches)
       if step < total_steps:
         batch = next(batches, None)
         if batch is None:
@@ -568,4 +632,5 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
     preemption.stop()
     writer.close()
     checkpoints.close()
-  return TrainResult(state=state, metrics=metrics, step=step, export_dir=export_dir)
+  return TrainResult(state=state, metrics=metrics, step=step, export_dir=export_dir,
+                     input_position=saved_position)
