@@ -94,6 +94,24 @@ def agreed_start(own_done: int) -> int:
   return int(np.min(multihost_utils.process_allgather(np.int64(own_done))))
 
 
+def _predicted(batches, predict, variables, start: int):
+  """(step, batch, inference output or None before `start`, records skipped up to this batch).
+
+  One step late: batch k+1's inference is dispatched before batch k is handed over, so the host's
+  work on batch k (copying probabilities, encoding and writing shards) overlaps the next inference
+  instead of leaving the devices idle. The skip count is read when its batch arrives, before the
+  next one is fetched, so it covers exactly the batches handed over so far.
+  """
+  pending = None
+  for step, batch in enumerate(batches):
+    out = predict(variables, batch["image"]) if step >= start else None
+    if pending is not None:
+      yield pending
+    pending = (step, batch, out, batches.num_skipped)
+  if pending is not None:
+    yield pending
+
+
 def _label_host(batches, writer, predict, variables, shard_batches, host, log_every_seconds,
                 preemption, start, own_done):
   """Labels batches [start, num_batches); writes this host's shards from batch `own_done` on."""
@@ -101,15 +119,13 @@ def _label_host(batches, writer, predict, variables, shard_batches, host, log_ev
   images, probs, ids = [], [], []
   skipped_before, began, last_log = 0, time.time(), time.time()
   seen = labeled_now = 0
-  for step, batch in enumerate(batches):
+  for step, batch, out, num_skipped in _predicted(batches, predict, variables, start):
     mask = parallel.process_local_rows(batch["mask"]).astype(bool)
     if step < own_done:  # in this host's shards already (predicted too, if others need it)
-      if step >= start:
-        predict(variables, batch["image"])
       seen += int(mask.sum())
-      skipped_before = batches.num_skipped
+      skipped_before = num_skipped
     else:
-      local_probs = parallel.process_local_rows(predict(variables, batch["image"])["probs"])
+      local_probs = parallel.process_local_rows(out["probs"])
       images += list(np.asarray(batch[input_pipeline.ENCODED_IMAGE_KEY])[mask])
       probs.append(local_probs[mask])
       ids += [i for i, m in zip(_ids(batch, seen, host), mask) if m]
@@ -118,9 +134,9 @@ def _label_host(batches, writer, predict, variables, shard_batches, host, log_ev
     end_of_data = step + 1 == total
     if step >= own_done and ((step + 1) % shard_batches == 0 or end_of_data) and images:
       writer.write_shard(images, np.concatenate(probs), ids,
-                         num_skipped=batches.num_skipped - skipped_before,
+                         num_skipped=num_skipped - skipped_before,
                          num_batches_done=step + 1)
-      skipped_before = batches.num_skipped
+      skipped_before = num_skipped
       images, probs, ids = [], [], []
     # Every host calls this at the same shard boundaries (from the agreed start on).
     if step >= start and (step + 1) % shard_batches == 0 and not end_of_data and \
