@@ -132,7 +132,7 @@ class CorruptedSets:
 
   def get(self, key: tuple | None, images: np.ndarray, name: str, severity: int, seed: int,
           first_index: int) -> np.ndarray:
-    full_key = None if key is None else (key, name, severity, seed, first_index)
+    full_key = None if key is None else (key, images.shape, name, severity, seed, first_index)
     if full_key in self._sets:
       return self._sets[full_key]
     corrupted = corruption_lib.corrupt_batch(images, name, severity, seed=seed,
