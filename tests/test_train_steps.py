@@ -143,10 +143,12 @@ def test_eval_step_is_compiled_once_per_model_and_mesh(mesh4):
   assert steps.make_eval_step(TinyNet(), mesh4) is eval_step  # equal modules share it
   variables = jax.jit(lambda: TinyNet().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
                                              train=False))()
-  for seed in (1, 2):
+  sizes = []
+  for seed in (1, 2):  # other tests may have compiled other shapes already: count the growth
     batch = steps.to_global_batch(make_batch(seed, unlabeled=0)["labeled"], mesh4)
     steps.make_eval_step(TinyNet(), mesh4)(variables, batch)
-  assert eval_step._cache_size() == 1
+    sizes.append(eval_step._cache_size())
+  assert sizes[1] == sizes[0] >= 1  # the second call (a new make_eval_step) compiled nothing
 
 
 @pytest.mark.slow
