@@ -31,7 +31,7 @@ import ml_collections
 import tensorflow as tf
 
 from nsjax import checkpoint, models
-from nsjax.data import input_pipeline, preprocess
+from nsjax.data import input_pipeline, preprocess, student_input
 from nsjax.train import loop
 
 LR_MODES = ("final", "continue", "constant")
@@ -133,11 +133,10 @@ def labeled_batches(src: input_pipeline.Source, model: models.EfficientNet, batc
     return {"image": image, "label": tf.cast(features["label"], tf.int32)}
 
   def batches(start_step: int, input_position: dict | None = None) -> Iterator[dict]:
-    from nsjax.pipeline import StageBatches  # reports its position, for exact resumes
     labeled = input_pipeline.train_batches(
         src, global_batch_size=batch_size, preprocess_fn=view, seed=seed, start_step=start_step,
         position=(input_position or {}).get("labeled"))
-    return StageBatches(labeled, None, mesh)
+    return student_input.StageBatches(labeled, None, mesh)  # reports positions
   return batches
 
 
@@ -169,4 +168,4 @@ def finetune(student_export: str, labeled: input_pipeline.Source, workdir: str, 
   return {"step": int(result.step), "export_dir": out, "final_metrics": final_metrics,
           "learning_rate": float(loop.make_schedule(cfg)(0)),
           "num_train_steps": loop.num_train_steps(cfg),
-          **{f"num_skipped_{name}": n for name, n in result.num_skipped().items()}}
+          **result.skipped_fields()}

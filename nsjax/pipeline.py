@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -238,7 +238,7 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
           labels_dir, plan, local_batch_size=_local(unlabeled_batch), view_fn=view,
           seed=cfg.seed, start_step=start, host_input=host_input(config))
 
-  def batches(start_step: int, input_position: dict | None = None) -> StageBatches:
+  def batches(start_step: int, input_position: dict | None = None) -> student_input.StageBatches:
     position = input_position or {}
     labeled = input_pipeline.train_batches(
         labeled_src, global_batch_size=cfg.batch_size, preprocess_fn=labeled_fn, seed=cfg.seed,
@@ -246,36 +246,9 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
     pseudo = None
     if unlabeled is not None:
       pseudo = unlabeled(start_step, position.get("unlabeled"))
-    return StageBatches(labeled, pseudo, mesh)
+    return student_input.StageBatches(labeled, pseudo, mesh)
 
   return batches, teacher
-
-
-class StageBatches:
-  """Global batches {"labeled"[, "unlabeled"]} of a model stage, and where its streams stand.
-
-  `input_position()` is what `loop.train` saves with each checkpoint and hands back on resume:
-  a stream that drops undecodable records cannot be placed by the step alone."""
-
-  def __init__(self, labeled: input_pipeline.BatchIterator, unlabeled: Iterator | None, mesh):
-    self.labeled, self.unlabeled, self.mesh = labeled, unlabeled, mesh
-
-  def __iter__(self) -> StageBatches:
-    return self
-
-  def __next__(self) -> dict:
-    lb = next(self.labeled)
-    batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
-    if self.unlabeled is not None:
-      batch["unlabeled"] = next(self.unlabeled)
-    return steps.to_global_batch(batch, self.mesh)
-
-  def input_position(self) -> dict[str, dict[str, int]]:
-    position = {"labeled": self.labeled.position()}
-    # Offline pseudo labels are all decodable (the label stage wrote them): placed by the step.
-    if isinstance(self.unlabeled, input_pipeline.BatchIterator):
-      position["unlabeled"] = self.unlabeled.position()
-    return position
 
 
 def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, mesh) -> dict:
@@ -295,12 +268,7 @@ def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, 
   return {"step": int(result.step), "export_dir": result.export_dir,
           "final_metrics": {k: float(v) for k, v in result.metrics.items()
                             if np.isscalar(v) or np.ndim(v) == 0},
-          **skipped_while_training(result)}
-
-
-def skipped_while_training(result: loop.TrainResult) -> dict[str, int]:
-  """{"num_skipped_<stream>": records dropped as undecodable, all hosts} for a stage result."""
-  return {f"num_skipped_{name}": n for name, n in result.num_skipped().items()}
+          **result.skipped_fields()}
 
 
 def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batch, seed):

@@ -9,6 +9,7 @@ the concatenated shards are the same record sequence however many hosts labeled 
 epoch, the shard order and the shuffle buffer's seed are derived from (seed, epoch), and each
 example's augmentation seed from its stream position, so `start_step` resumes exactly. An epoch
 (one balanced pass over this host's shards) has a fixed size, counted once up front.
+`StageBatches` joins it with the labeled stream into a training stage's global batches.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from nsjax.data import balance, input_pipeline, preprocess, pseudo_labels
+from nsjax.train import steps
 
 _FILES_STREAM, _SHUFFLE_STREAM, _EXAMPLE_STREAM = 11, 12, 13
 
@@ -95,3 +97,30 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
             .batch(local_batch_size, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE))
   return stream.as_numpy_iterator()
+
+
+class StageBatches:
+  """Global batches {"labeled"[, "unlabeled"]} of a model stage, and where its streams stand.
+
+  `input_position()` is what `loop.train` saves with each checkpoint and hands back on resume:
+  a stream that drops undecodable records cannot be placed by the step alone."""
+
+  def __init__(self, labeled: input_pipeline.BatchIterator, unlabeled: Iterator | None, mesh):
+    self.labeled, self.unlabeled, self.mesh = labeled, unlabeled, mesh
+
+  def __iter__(self) -> StageBatches:
+    return self
+
+  def __next__(self) -> dict:
+    lb = next(self.labeled)
+    batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
+    if self.unlabeled is not None:
+      batch["unlabeled"] = next(self.unlabeled)
+    return steps.to_global_batch(batch, self.mesh)
+
+  def input_position(self) -> dict[str, dict[str, int]]:
+    position = {"labeled": self.labeled.position()}
+    # Offline pseudo labels are all decodable (the label stage wrote them): placed by the step.
+    if isinstance(self.unlabeled, input_pipeline.BatchIterator):
+      position["unlabeled"] = self.unlabeled.position()
+    return position

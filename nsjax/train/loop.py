@@ -360,6 +360,10 @@ class TrainResult:
     streams = sorted({name for host in hosts for name in host})
     return {name: sum(host[name]["num_skipped"] for host in hosts) for name in streams}
 
+  def skipped_fields(self) -> dict[str, int]:
+    """{"num_skipped_<stream>": n}: how stage results (state.json, summary.json) record them."""
+    return {f"num_skipped_{name}": n for name, n in self.num_skipped().items()}
+
 
 def _gather_positions(batches: Any) -> dict[str, Any] | None:
   """Every process's `batches.input_position()` ({stream: {counter: int}}), on every process.
