@@ -30,6 +30,7 @@ import tensorflow as tf
 from nsjax import checkpoint, parallel
 from nsjax.data import input_pipeline, preprocess
 from nsjax.evaluate import adversarial, metrics, robustness
+from nsjax.evaluate import stage as eval_stage
 from nsjax.files import atomic_write_json
 from nsjax.train import steps
 
@@ -277,9 +278,7 @@ def frame_classifier(model, variables, batch_size: int) -> Callable[[np.ndarray]
   variables = jax.device_put(jax.device_get(variables), parallel.replicated(mesh))
   classify = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1),
                      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)))
-  view = tf.function(lambda frames: tf.map_fn(
-      lambda im: preprocess.eval_view(im, model.test_resolution, small_image=model.small_image),
-      frames, fn_output_signature=tf.float32), reduce_retracing=True)
+  view = eval_stage.batch_view(model.test_resolution, model.small_image)
 
   def predict(frames: np.ndarray) -> np.ndarray:
     classes = []

@@ -79,7 +79,7 @@ def accuracy_on_arrays(model, variables, images: np.ndarray, labels: np.ndarray,
   # Every host runs the same number of steps: the largest slice decides (and every host must join
   # the all-gather, even one without images).
   num_batches = int(math.ceil(np.max(_all_process_sizes(len(images))) / local))
-  view = _batch_view(model.test_resolution, small_image)
+  view = batch_view(model.test_resolution, small_image)
   eval_step = steps.make_eval_step(model, mesh)
   totals = None
   for b in range(num_batches):
@@ -103,7 +103,7 @@ def accuracy_on_arrays(model, variables, images: np.ndarray, labels: np.ndarray,
 
 
 @functools.lru_cache(maxsize=8)
-def _batch_view(resolution: int, small_image: bool):
+def batch_view(resolution: int, small_image: bool):
   """uint8 [n,H,W,C] -> eval views, one traced function per (resolution, small_image): a new
   tf.function per call retraced it for every corruption setting (seconds each on a small CPU)."""
   return tf.function(lambda x: tf.map_fn(
