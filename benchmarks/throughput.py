@@ -53,6 +53,9 @@ import tempfile
 import time
 from typing import Any, Callable
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nsjax import host_memory  # noqa: E402  (imports no JAX: runs before any thread pool starts)
+
 REQUIRED_KEYS = ("nsjax_train_img_s", "keras_train_img_s", "nsjax_infer_img_s", "keras_infer_img_s",
                  "label_e2e_img_s", "nsjax_infer_only_img_s")
 
@@ -74,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="CPUs both frameworks may use (default: all this process may use)")
   p.add_argument("--skip_keras", action="store_true", help="no Keras (and no timm) measurement")
   p.add_argument("--skip_label", action="store_true", help="no end-to-end labeling measurement")
+  p.add_argument("--peers_retain_freed_memory", action="store_true",
+                 help="give Keras/timm nsjax's allocator settings (nsjax.host_memory) too; by "
+                      "default they run with glibc's defaults, as their users run them")
   p.add_argument("--keras_jit_compile", action="store_true",
                  help="compile the Keras model with XLA (default: TF graph mode)")
   p.add_argument("--compilation_cache_dir", default="",
@@ -435,6 +441,7 @@ def _in_worker(args, which: str, argv: list[str]) -> dict[str, Any]:
   with tempfile.TemporaryDirectory(prefix="nsjax-bench-") as tmp:
     path = os.path.join(tmp, "out.json")
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    env[host_memory.ENV_SWITCH] = "1" if args.peers_retain_freed_memory else "0"
     cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--_worker={which}",
            f"--_worker_output={path}"]
     proc = subprocess.run(cmd, env=env)
@@ -482,6 +489,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
   cpus = _pin_threads(args.threads)  # before JAX / TF start their thread pools
+  # The module's nsjax import has set the allocator up (nsjax.host_memory) before any thread pool
+  # started; the peers' worker only with --peers_retain_freed_memory (the switch is in its env).
   if args._worker:
     _run_worker(args)
     return {}
@@ -503,6 +512,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "cpu": _cpu_name(), "threads": len(cpus), "jax_version": jax.__version__,
       "jax_backend": jax.default_backend(), "python": platform.python_version(),
       "flags": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+      "nsjax_retains_freed_memory": host_memory.retain_freed_memory(),
   }
   start = time.perf_counter()
   phases = results["phase_s"] = {}
@@ -538,5 +548,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   main()
