@@ -22,8 +22,9 @@ def atomic_write_text(path: str, text: str) -> None:
   atomic_write(path, write)
 
 
-def atomic_write_json(path: str, data: Any) -> None:
-  atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, default=float))
+def atomic_write_json(path: str, data: Any, indent: int | None = 1) -> None:
+  """indent=None writes one line, with json's C encoder: ~10x faster for large files."""
+  atomic_write_text(path, json.dumps(data, indent=indent, sort_keys=True, default=float))
 
 
 def read_json(path: str) -> Any:

@@ -11,11 +11,17 @@ Three settings keep freed memory in the process: one arena for all threads (M_AR
 mmap for large blocks (M_MMAP_MAX = 0) and no returning the heap's top to the system
 (M_TRIM_THRESHOLD = SIZE_MAX). The cost: the resident memory does not shrink after its peak.
 
-They only take effect for threads that have not allocated yet, so `nsjax/__init__.py` applies them
-on import, before JAX starts its thread pools: import nsjax before running any JAX computation.
-Skipped off glibc Linux, when JAX is meant for an accelerator (`JAX_PLATFORMS`, or an accelerator
-plugin installed: there the host's allocations are small and one arena could slow many input
-threads), and when NSJAX_RETAIN_FREED_MEMORY=0.
+The price: compiling gets slower (one arena for XLA's compiler threads too: B0's train step
+compiles in ~11.5 s instead of ~8.3 s), which small runs -- the demo, the tests -- pay without
+gaining anything, since their buffers are small. So the settings are applied only
+- by `python -m nsjax.main` when a step of the config processes at least LARGE_STEP_PIXELS
+  pixels (batch x resolution^2, see `worth_retaining`), and by benchmarks/throughput.py likewise;
+- on `import nsjax` when NSJAX_RETAIN_FREED_MEMORY=1 (notebooks, scripts). NSJAX_RETAIN_FREED_MEMORY=0
+  turns them off everywhere.
+They only reach threads that have not allocated yet, so they must come before JAX's first
+computation starts its thread pools. Skipped off glibc Linux, and when JAX is meant for an
+accelerator (`JAX_PLATFORMS`, or an accelerator plugin installed: there the host's allocations
+are small and one arena could slow many input threads).
 """
 from __future__ import annotations
 
@@ -34,7 +40,21 @@ _SIZE_MAX = -1  # mallopt takes an int; glibc stores the trim threshold as size_
 
 _ACCELERATOR_MODULES = ("libtpu", "jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin")
 
+# Per step, in images x height x width: B0 at batch 32 and 224 px is 1.6M (its train step then
+# runs ~1.4x faster); the demo's 96 x 32 x 32 is 0.1M.
+LARGE_STEP_PIXELS = 2 ** 20
+
 _applied = False
+
+
+def applied() -> bool:
+  """Whether this process runs with the settings."""
+  return _applied
+
+
+def worth_retaining(pixels_per_step: int) -> bool:
+  """Whether steps this large gain more from reused memory than their compiles lose."""
+  return pixels_per_step >= LARGE_STEP_PIXELS
 
 
 def jax_expects_cpu(environ=os.environ) -> bool:

@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from nsjax import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, labels and results go.")
@@ -50,6 +52,10 @@ def main(argv):
                          "python -m nsjax.main --config=configs/demo.py --workdir=/tmp/nsjax-demo")
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
+  # Before JAX's first computation starts its thread pools (see nsjax.host_memory).
+  if host_memory.worth_retaining(pixels_per_step(_CONFIG.value)) and \
+      host_memory.retain_freed_memory():
+    logging.info("Large steps on the CPU: freed host memory is kept for reuse (nsjax.host_memory).")
   import jax
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -70,6 +76,25 @@ def main(argv):
     _exit(EXIT_BAD_CONFIG, f"Config error: {error}")
   except loop.NonFiniteError as error:
     _exit(EXIT_NON_FINITE, f"Stage {getattr(error, 'stage', '?')} stopped: {error}")
+
+
+def pixels_per_step(config) -> int:
+  """The most images x height x width one train or labeling step of `config` processes; 0 for a
+  config too malformed to tell (validation reports it later)."""
+  try:
+    stages = [(s, False) for s in (config.teacher, config.baseline) if s]
+    stages += [(s, True) for s in config.students]
+    most = 0
+    for stage, is_student in stages:
+      train = stage.get("train", {})
+      images = train.get("batch_size", 0)
+      if is_student:  # labeled and pseudo-labeled images in one step
+        images *= 1 + float(train.get("unlabeled_ratio", 1.0))
+      most = max(most, images * stage.resolution ** 2,
+                 config.label.batch_size * stage.get("test_resolution", stage.resolution) ** 2)
+    return int(most)
+  except (AttributeError, KeyError, TypeError, ValueError):
+    return 0
 
 
 def _exit(code: int, message: str) -> None:

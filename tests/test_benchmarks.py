@@ -40,5 +40,5 @@ def test_flags_default_to_the_b0_224_benchmark():
   args = throughput.parse_args([])
   assert (args.model, args.resolution, args.batch_size, args.num_classes) == (
       "efficientnet-b0", 224, 32, 1000)
-  assert (args.steps, args.warmup, args.label_images) == (5, 2, 256)
+  assert (args.steps, args.warmup, args.label_images) == (5, 2, 4096)
   assert not args.skip_keras and not args.fast_compile

@@ -97,3 +97,14 @@ def test_svhn_learning_rate_reaches_the_published_final_value():
   assert loop.num_train_steps(cfg) == 109_474
   assert float(schedule(10_000)) == pytest.approx(0.008 * 0.97 ** 11, rel=1e-5)
   assert float(schedule(109_473)) == pytest.approx(2e-4, rel=0.03)  # one staircase step
+
+
+def test_cli_keeps_freed_memory_for_large_steps_only():
+  """`python -m nsjax.main` applies nsjax.host_memory by the config's largest step."""
+  from nsjax import host_memory, main
+  pixels = {name: main.pixels_per_step(load_config(name)[1]) for name in CONFIGS}
+  worth = {name: host_memory.worth_retaining(p) for name, p in pixels.items()}
+  assert not worth["demo"] and not worth["smoke"]  # compile-bound: small buffers
+  assert worth["imagenet_10pct"] and worth["imagenet_b7_l2"]
+  assert pixels["imagenet_10pct"] >= 2048 * 224 * 224
+  assert main.pixels_per_step(object()) == 0  # malformed: validation reports it later

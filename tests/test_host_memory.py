@@ -24,7 +24,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
   step(x).block_until_ready()
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
-print(json.dumps({"faults_per_call": faults, "applied": nsjax.host_memory._applied}))
+print(json.dumps({"faults_per_call": faults, "applied": nsjax.host_memory.applied()}))
 """
 _PAGES = 6144 * 4096 * 4 // 4096
 
@@ -56,6 +56,11 @@ def test_freed_buffers_are_reused_not_refaulted():
 ])
 def test_jax_platforms_decides_whether_jax_runs_on_cpu(environ, expected):
   assert host_memory.jax_expects_cpu(environ) is expected
+
+
+def test_only_large_steps_are_worth_it():
+  assert host_memory.worth_retaining(32 * 224 * 224)  # B0's benchmark step
+  assert not host_memory.worth_retaining(96 * 32 * 32)  # the demo's student step
 
 
 def test_switch_off_leaves_the_allocator_alone(monkeypatch):

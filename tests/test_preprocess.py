@@ -57,6 +57,20 @@ def test_grayscale_becomes_three_equal_channels():
   np.testing.assert_array_equal(pp.to_rgb_uint8(rgba).numpy(), rgba[:, :, :3])
 
 
+def test_channel_count_known_only_at_run_time():
+  """The static fast paths and the run-time gather agree (decode_image without `channels`)."""
+  dynamic = tf.function(pp.to_rgb_uint8,
+                        input_signature=[tf.TensorSpec([None, None, None], tf.uint8)])
+  rgb = _image(5, 6)
+  grey = rgb[:, :, :1]
+  rgba = np.concatenate([rgb, np.full((5, 6, 1), 7, np.uint8)], axis=2)
+  for image, expected in ((rgb, rgb), (rgba, rgb), (grey, np.repeat(grey, 3, axis=2))):
+    np.testing.assert_array_equal(dynamic(image).numpy(), expected)
+    np.testing.assert_array_equal(pp.to_rgb_uint8(image).numpy(), expected)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="at most 4 channels"):
+    dynamic(np.zeros((2, 2, 5), np.uint8))
+
+
 def test_bad_arguments_raise_clear_errors():
   with pytest.raises(TypeError, match="integer image"):
     pp.eval_view(np.zeros((8, 8, 3), np.float32), 8)

@@ -122,7 +122,8 @@ class HostShardWriter:
     self._save()
 
   def _save(self):
-    atomic_write_json(host_manifest_path(self.directory, self.host), self.manifest)
+    # One line: written after every shard, and the [classes, bins] histogram makes it large.
+    atomic_write_json(host_manifest_path(self.directory, self.host), self.manifest, indent=None)
 
 
 def merge_manifests(directory: str, num_hosts: int) -> dict[str, Any]:
@@ -137,7 +138,7 @@ def merge_manifests(directory: str, num_hosts: int) -> dict[str, Any]:
             "histogram": np.sum([h["histogram"] for h in hosts], axis=0).tolist(),
             "num_skipped": sum(h["num_skipped"] for h in hosts)}
   merged["num_examples"] = sum(s["count"] for s in merged["shards"])
-  atomic_write_json(os.path.join(directory, MANIFEST), merged)
+  atomic_write_json(os.path.join(directory, MANIFEST), merged, indent=None)
   return merged
 
 
