@@ -9,11 +9,12 @@ page fault per 4 KiB. EfficientNet-B0's train step at batch 32 took about a mill
 
 Three settings keep freed memory in the process: one arena for all threads (M_ARENA_MAX = 1), no
 mmap for large blocks (M_MMAP_MAX = 0) and no returning the heap's top to the system
-(M_TRIM_THRESHOLD = SIZE_MAX). The cost: the resident memory does not shrink after its peak.
+(M_TRIM_THRESHOLD = SIZE_MAX). B0's train step then runs ~1.45x faster, inference ~1.2x.
 
-The price: compiling gets slower (one arena for XLA's compiler threads too: B0's train step
-compiles in ~11.5 s instead of ~8.3 s), which small runs -- the demo, the tests -- pay without
-gaining anything, since their buffers are small. So the settings are applied only
+Two costs: the resident memory does not shrink after its peak, and compiling gets slower (one
+arena for XLA's compiler threads too: B0's train step compiles in ~11.5 s instead of ~8.3 s),
+which small runs -- the demo (+100 s), the tests -- pay without gaining anything, since their
+buffers are small. So the settings are applied only
 - by `python -m nsjax.main` when a step of the config processes at least LARGE_STEP_PIXELS
   pixels (batch x resolution^2, see `worth_retaining`), and by benchmarks/throughput.py likewise;
 - on `import nsjax` when NSJAX_RETAIN_FREED_MEMORY=1 (notebooks, scripts). NSJAX_RETAIN_FREED_MEMORY=0

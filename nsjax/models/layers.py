@@ -6,7 +6,8 @@ Depthwise convolution has two numerically equal formulations, picked by backend:
   compiles grouped convolutions ~20x slower than oneDNN (REFERENCE.md section 5); elementwise
   multiply-adds it vectorises well. Its gradients are written by hand (`custom_vjp`): autodiff of
   the k*k strided slices is ~10x slower than the forward pass.
-1x1 convolutions are dots (`PointwiseConv`) so that their CPU gradients are dots too.
+1x1 convolutions are dots (`PointwiseConv`) so that their CPU gradients are dots too, with a
+`custom_vjp` that keeps XLA:CPU from fusing BatchNorm's backward pass into a transpose.
 """
 from __future__ import annotations
 
