@@ -13,8 +13,8 @@ mmap for large blocks (M_MMAP_MAX = 0) and no returning the heap's top to the sy
 
 Two costs: the resident memory does not shrink after its peak, and compiling gets slower (one
 arena for XLA's compiler threads too: B0's train step compiles in ~11.5 s instead of ~8.3 s),
-which small runs -- the demo (+100 s), the tests -- pay without gaining anything, since their
-buffers are small. So the settings are applied only
+which small runs -- the demo (628 s instead of 545 s), the tests -- pay without gaining anything,
+since their buffers are small. So the settings are applied only
 - by `python -m nsjax.main` when a step of the config processes at least LARGE_STEP_PIXELS
   pixels (batch x resolution^2, see `worth_retaining`), and by benchmarks/throughput.py likewise;
 - on `import nsjax` when NSJAX_RETAIN_FREED_MEMORY=1 (notebooks, scripts). NSJAX_RETAIN_FREED_MEMORY=0
