@@ -116,6 +116,23 @@ def test_normalize_uses_imagenet_mean_and_std():
                              (image - mean) / std, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(5, 7, 3), (2, 5, 7, 3), (1, 1, 3), (4, 3)])
+def test_normalize_rows_equal_the_channel_broadcast_bit_for_bit(shape):
+  """The fast row form gives exactly the per-channel broadcast's values, static or dynamic shape."""
+  pixels = np.random.default_rng(1).integers(0, 256, shape).astype(np.uint8)
+  broadcast = (pixels.astype(np.float32) - np.float32(pp.MEAN_RGB)) / np.float32(pp.STDDEV_RGB)
+  np.testing.assert_array_equal(pp.normalize(pixels).numpy(), broadcast)
+  dynamic = tf.function(pp.normalize, input_signature=[
+      tf.TensorSpec([None] * (len(shape) - 1) + [3], tf.uint8)])
+  np.testing.assert_array_equal(dynamic(pixels).numpy(), broadcast)
+  assert pp.normalize(pixels).shape == shape
+
+
+def test_normalize_refuses_other_channel_counts():
+  with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
+    pp.normalize(np.zeros((4, 4, 2), np.uint8))
+
+
 # --- train view -------------------------------------------------------------------------------------
 
 
