@@ -29,6 +29,11 @@ def test_tiny_run_reports_every_required_number(tmp_path, capsys):
     value = results.get(key)
     assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
   assert results["label_e2e_images"] == 8 and results["label_reused_compiled_step"] is True
+  # The ratio's denominator: 2 batches of 4 timed as one pass, next to the labeling pass.
+  assert math.isclose(results["nsjax_infer_only_img_s"], 8 / results["nsjax_infer_only_pass_s"])
+  assert results["nsjax_infer_only_median_img_s"] > 0
+  assert math.isclose(results["label_e2e_vs_infer_only"],
+                      results["label_e2e_img_s"] / results["nsjax_infer_only_img_s"])
   assert results["flags"]["resolution"] == 32 and results["flags"]["batch_size"] == 4
   assert results["jax_version"] and results["device"] and results["threads"] >= 1
   assert returned["nsjax_train_img_s"] == results["nsjax_train_img_s"]
