@@ -82,6 +82,21 @@ def test_shift_depthwise_equals_xla_conv(stride, kernel, size):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's fusion of the shift form")
+@pytest.mark.parametrize("stride, size", [(1, 8), (2, 8), (2, 9)])
+def test_shift_depthwise_reads_its_activation_once(stride, size):
+  """silu -> depthwise compiles to two passes: activation + padding, then the taps. Windows that
+  XLA could see as slices of the unpadded input used to pull the raw input and the sigmoid into
+  the taps' pass as well (a third pass and two more tensors read)."""
+  f = lambda x, k: layers.depthwise_conv(jax.nn.silu(x), k, stride, "shift")
+  x, k = jnp.ones((2, size, size, 4)), jnp.ones((3, 3, 1, 4))
+  hlo = jax.jit(f).lower(x, k).compile().as_text()
+  fusions = [line for line in hlo.splitlines() if " fusion(" in line and "ENTRY" not in line]
+  assert len(fusions) == 2, fusions
+  taps = next(line for line in fusions if "ROOT" in line)
+  assert "%x" not in taps.split("fusion(")[1].split(")")[0], taps  # only the padded activation
+
+
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_pointwise_conv_equals_flax_1x1_conv(use_bias):
   """The dot-based 1x1 conv has nn.Conv's parameters and computes the same values and grads."""
