@@ -35,8 +35,14 @@ after each phase (it only grows, so a phase's value is the peak up to the end of
 Threads: the benchmark process pins itself to `--threads` CPUs (default: all it may use) before
 JAX or TensorFlow start, and the Keras/timm worker process inherits that affinity; XLA:CPU and TF
 size their pools from the CPUs they may use, TF's intra-op pool is also set to `--threads`
-explicitly, and torch gets `torch.set_num_threads(--threads)`. The Keras part runs after the JAX
-part, in its own process, so the two never compete for the CPUs or share thread pools.
+explicitly, and torch gets `torch.set_num_threads(--threads)`. The Keras part runs in its own
+process, never alongside the JAX part, so the two never compete for the CPUs or share thread pools.
+
+Rounds: a shared machine's speed drifts by 10-20% over minutes, more than the differences being
+measured. So the step timings alternate, `--rounds` times (default 2): nsjax (compile, time),
+labeling, Keras worker (compile, time), nsjax again (the compiled steps), Keras worker again, ...
+Each img/s is the median over the timed steps of all rounds (`*_img_s_per_round` keeps each
+round's); compile times are the first round's.
 
   python benchmarks/throughput.py --output=benchmarks/results/cpu_b0_224.json
   python benchmarks/throughput.py --width=0.1 --depth=0.1 --resolution=32 --batch_size=4 \
@@ -72,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--num_classes", type=int, default=1000)
   p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation (>= 1)")
+  p.add_argument("--rounds", type=int, default=2,
+                 help="alternate the nsjax and the peers' step timings this many times (nsjax, "
+                      "Keras, nsjax, Keras, ...) and pool each one's steps: a shared machine's "
+                      "speed drifts over minutes, and this spreads the drift over both sides")
   p.add_argument("--width", type=float, default=None, help="width multiplier override (tiny runs)")
   p.add_argument("--depth", type=float, default=None, help="depth multiplier override (tiny runs)")
   p.add_argument("--optimizer", default="rmsprop", help="nsjax optimizer (the recipe: rmsprop)")
@@ -98,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--_worker", default="", help=argparse.SUPPRESS)
   p.add_argument("--_worker_output", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  if args.warmup < 1 or args.steps < 1:
+  if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
     p.error("--warmup and --steps must be >= 1")
   if args.label_images is None:
     args.label_images = 128 * args.batch_size
@@ -145,7 +155,22 @@ def _time_calls(fn: Callable[[], Any], warmup: int, steps: int) -> list[float]:
 def _summary(prefix: str, times: list[float], batch: int) -> dict[str, float]:
   median = statistics.median(times)
   return {f"{prefix}_img_s": batch / median, f"{prefix}_step_s": median,
-          f"{prefix}_step_s_min": min(times), f"{prefix}_step_s_max": max(times)}
+          f"{prefix}_step_s_min": min(times), f"{prefix}_step_s_max": max(times),
+          f"{prefix}_step_times": list(times)}
+
+
+def _pool_rounds(results: dict[str, Any], rounds: list[dict[str, Any]], batch: int) -> None:
+  """Each timed step's summary over the steps of all rounds, and each round's own img/s."""
+  for prefix in ("nsjax_train", "nsjax_infer", "keras_train", "keras_infer", "timm_train",
+                 "timm_infer"):
+    per_round = [r[f"{prefix}_step_times"] for r in rounds if f"{prefix}_step_times" in r]
+    if not per_round:
+      continue
+    results.update(_summary(prefix, [t for times in per_round for t in times], batch))
+    results[f"{prefix}_img_s_per_round"] = [batch / statistics.median(t) for t in per_round]
+    flops = results.get(f"{prefix}_flops_per_step")
+    if flops:
+      results[f"{prefix}_flop_s"] = flops / results[f"{prefix}_step_s"]
 
 
 def _compiler_options(args) -> dict[str, Any] | None:
@@ -253,15 +278,16 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   out["nsjax_train_peak_rss_mb"] = _rss_mb()
 
   # Inference: the pseudo-labeling stage's jitted predict step, EMA variables (eval mode).
-  variables = state.ema_variables
+  # A copy: the train step donates the state, so its own buffers die with the next round's steps.
+  variables = jax.block_until_ready(jax.tree.map(lambda a: a.copy(), state.ema_variables))
   predict = steps.make_predict_step(model, mesh)
   device_images = steps.to_global_batch(images, mesh)
   t = time.perf_counter()
   infer = predict.lower(variables, device_images).compile(compiler_options=_compiler_options(args))
   out["nsjax_infer_compile_s"] = time.perf_counter() - t
   flops = _flops(infer)
-  times = _time_calls(lambda: jax.block_until_ready(infer(variables, device_images)),
-                      args.warmup, args.steps)
+  infer_once = lambda: jax.block_until_ready(infer(variables, device_images))
+  times = _time_calls(infer_once, args.warmup, args.steps)
   out.update(_summary("nsjax_infer", times, batch_size))
   out["nsjax_infer_flops_per_step"] = flops
   out["nsjax_infer_flop_s"] = flops / out["nsjax_infer_step_s"] if flops else None
@@ -277,8 +303,13 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   out.update(_summary("nsjax_infer_only", times, batch_size))
   out["nsjax_infer_only_median_img_s"] = out["nsjax_infer_only_img_s"]
   out["nsjax_infer_peak_rss_mb"] = _rss_mb()
+
+  def another_round() -> dict[str, list[float]]:  # the same compiled steps, one warm-up call each
+    return {"nsjax_train_step_times": _time_calls(train_once, 1, args.steps),
+            "nsjax_infer_step_times": _time_calls(infer_once, 1, args.steps)}
+
   return out, dict(model=model, variables=variables, predict=infer, mesh=mesh,
-                   infer_only=infer_only)
+                   infer_only=infer_only, another_round=another_round)
 
 
 def _write_jpegs(folder: str, count: int, resolution: int) -> None:
@@ -536,6 +567,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   start = time.perf_counter()
   phases = results["phase_s"] = {}
   nsjax_results, reuse = bench_nsjax(args)
+  another_round = reuse.pop("another_round")
   results.update(nsjax_results)
   phases["nsjax"] = time.perf_counter() - start
   if not args.skip_label:
@@ -546,14 +578,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                           / results["nsjax_infer_only_img_s"])
     phases["label"] = time.perf_counter() - t
   del reuse
+  rounds = [nsjax_results]
   if not args.skip_keras:
-    t = time.perf_counter()
-    results.update(_in_worker(args, "keras", argv))
-    phases["keras_worker"] = time.perf_counter() - t
-    if importlib.util.find_spec("timm") is not None:
+    peers = ["keras"] + (["timm"] if importlib.util.find_spec("timm") is not None else [])
+    for r in range(args.rounds):
       t = time.perf_counter()
-      results.update(_in_worker(args, "timm", argv))
-      phases["timm_worker"] = time.perf_counter() - t
+      if r:
+        rounds.append(another_round())
+      for which in peers:  # a fresh worker each round: compiles are timed in the first one
+        peer = _in_worker(args, which, argv)
+        rounds.append(peer)
+        results.update({k: v for k, v in peer.items() if r == 0 or "compile" not in k})
+      phases[f"round_{r + 1}"] = time.perf_counter() - t
+    _pool_rounds(results, rounds, args.batch_size)
+  results["rounds"] = args.rounds if not args.skip_keras else 1
   for key in REQUIRED_KEYS:
     results.setdefault(key, None)
   results["total_s"] = time.perf_counter() - start

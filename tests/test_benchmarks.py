@@ -4,6 +4,7 @@ Speed is never asserted; only that each measurement ran and produced a positive,
 """
 import json
 import math
+import statistics
 import os
 import sys
 
@@ -29,6 +30,13 @@ def test_tiny_run_reports_every_required_number(tmp_path, capsys):
     value = results.get(key)
     assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
   assert results["label_e2e_images"] == 8 and results["label_reused_compiled_step"] is True
+  # Two rounds (nsjax, Keras, nsjax, Keras), each one's steps pooled: 1 timed step per round.
+  assert results["rounds"] == 2
+  for prefix in ("nsjax_train", "nsjax_infer", "keras_train", "keras_infer"):
+    assert len(results[f"{prefix}_img_s_per_round"]) == 2, prefix
+    assert len(results[f"{prefix}_step_times"]) == 2, prefix
+    assert math.isclose(results[f"{prefix}_img_s"],
+                        4 / statistics.median(results[f"{prefix}_step_times"])), prefix
   # The ratio's denominator: 2 batches of 4 timed as one pass, next to the labeling pass.
   assert math.isclose(results["nsjax_infer_only_img_s"], 8 / results["nsjax_infer_only_pass_s"])
   assert results["nsjax_infer_only_median_img_s"] > 0
@@ -45,5 +53,5 @@ def test_flags_default_to_the_b0_224_benchmark():
   args = throughput.parse_args([])
   assert (args.model, args.resolution, args.batch_size, args.num_classes) == (
       "efficientnet-b0", 224, 32, 1000)
-  assert (args.steps, args.warmup, args.label_images) == (5, 2, 4096)
+  assert (args.steps, args.warmup, args.label_images, args.rounds) == (5, 2, 4096, 2)
   assert not args.skip_keras and not args.fast_compile
