@@ -372,6 +372,7 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
       infer_only()
     out["nsjax_infer_only_pass_s"] = time.perf_counter() - t
     out["nsjax_infer_only_img_s"] = num_batches * args.batch_size / out["nsjax_infer_only_pass_s"]
+    out["nsjax_infer_only_step_s"] = out["nsjax_infer_only_pass_s"] / num_batches
     t = time.perf_counter()
     manifest = label.label_unlabeled(teacher, source, os.path.join(workdir, "labels"), **kwargs)
     seconds = time.perf_counter() - t
