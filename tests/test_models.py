@@ -98,12 +98,11 @@ def test_shift_depthwise_reads_its_activation_once(stride, size):
 
 
 @pytest.mark.parametrize("use_bias", [False, True])
-@pytest.mark.parametrize("features", [4, 9])  # fewer / more channels out than in: either gradient form
-def test_pointwise_conv_equals_flax_1x1_conv(use_bias, features):
+def test_pointwise_conv_equals_flax_1x1_conv(use_bias):
   """The dot-based 1x1 conv has nn.Conv's parameters and computes the same values and grads."""
   x = jax.random.normal(jax.random.key(0), (2, 5, 6, 7))
-  dot = layers.PointwiseConv(features, use_bias)
-  conv = nn.Conv(features, (1, 1), use_bias=use_bias)
+  dot = layers.PointwiseConv(4, use_bias)
+  conv = nn.Conv(4, (1, 1), use_bias=use_bias)
   params = dot.init(jax.random.key(1), x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, conv.init(jax.random.key(1), x))
   if use_bias:
