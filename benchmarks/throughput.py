@@ -109,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--_worker_output", default="", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
-    p.error("--warmup and --steps must be >= 1")
+    p.error(f"--warmup, --steps and --rounds must be >= 1, got {args.warmup}, {args.steps} and "
+            f"{args.rounds}")
   if args.label_images is None:
     args.label_images = 128 * args.batch_size
   if args.threads is None:

@@ -4,9 +4,11 @@ Speed is never asserted; only that each measurement ran and produced a positive,
 """
 import json
 import math
-import statistics
 import os
+import statistics
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -55,3 +57,10 @@ def test_flags_default_to_the_b0_224_benchmark():
       "efficientnet-b0", 224, 32, 1000)
   assert (args.steps, args.warmup, args.label_images, args.rounds) == (5, 2, 4096, 2)
   assert not args.skip_keras and not args.fast_compile
+
+
+@pytest.mark.parametrize("flag", ["--warmup=0", "--steps=0", "--rounds=0"])
+def test_counts_below_one_are_refused_by_name(flag, capsys):
+  with pytest.raises(SystemExit):
+    throughput.parse_args([flag])
+  assert "--warmup, --steps and --rounds must be >= 1" in capsys.readouterr().err
