@@ -39,8 +39,14 @@ def test_tiny_run_reports_every_required_number(tmp_path, capsys):
     assert len(results[f"{prefix}_step_times"]) == 2, prefix
     assert math.isclose(results[f"{prefix}_img_s"],
                         4 / statistics.median(results[f"{prefix}_step_times"])), prefix
-  # The ratio's denominator: 2 batches of 4 timed as one pass, next to the labeling pass.
+  # The ratio's parts: 2 batches of 4 timed as one pass, a pass per round each, alternating; the
+  # rates are those of the mean pass.
+  for key in ("nsjax_infer_only", "label_e2e"):
+    per_round = results[f"{key}_img_s_per_round"]
+    assert len(per_round) == 2 and all(r > 0 for r in per_round), key
+    assert math.isclose(results[f"{key}_img_s"], 8 / statistics.mean(8 / r for r in per_round))
   assert math.isclose(results["nsjax_infer_only_img_s"], 8 / results["nsjax_infer_only_pass_s"])
+  assert math.isclose(results["label_e2e_img_s"], 8 / results["label_e2e_s"])
   assert results["nsjax_infer_only_median_img_s"] > 0
   assert math.isclose(results["label_e2e_vs_infer_only"],
                       results["label_e2e_img_s"] / results["nsjax_infer_only_img_s"])
