@@ -97,6 +97,44 @@ def test_shift_depthwise_reads_its_activation_once(stride, size):
   assert "%x" not in taps.split("fusion(")[1].split(")")[0], taps  # only the padded activation
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("size", [7, 8])
+def test_taps_conv_equals_xla_conv(stride, kernel, size):
+  x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 3))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 5))
+  out = {impl: layers.conv(x, w, stride, impl) for impl in ("xla", "taps")}
+  np.testing.assert_allclose(out["taps"], out["xla"], rtol=1e-5, atol=1e-5)
+  assert out["xla"].shape == (2, -(-size // stride), -(-(size + 1) // stride), 5)
+  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(layers.conv(x, w, stride, impl)))
+  g_xla = jax.grad(loss("xla"), (0, 1))(x, w)
+  g_taps = jax.grad(loss("taps"), (0, 1))(x, w)
+  for a, b in zip(g_taps, g_xla):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impl_auto_picks_taps_only_for_few_channels_on_cpu():
+  cpu = jax.default_backend() == "cpu"
+  assert layers.resolve_conv_impl("auto", 3) == ("taps" if cpu else "xla")
+  assert layers.resolve_conv_impl("auto", layers.TAPS_MAX_INPUT_CHANNELS + 1) == "xla"
+  assert layers.resolve_conv_impl("xla", 3) == "xla"
+  with pytest.raises(ValueError, match="conv impl must be one of"):
+    layers.resolve_conv_impl("im2col", 3)
+
+
+def test_stem_impls_share_parameters_and_agree():
+  """The stem's formulation is not in the checkpoint: variables of one apply to the other."""
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  nets = {impl: models.create_model("efficientnet-b0", 10, width=0.25, depth=0.25,
+                                    stem_impl=impl) for impl in ("xla", "taps")}
+  variables = nets["xla"].init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+      jnp.shape, nets["taps"].init(jax.random.key(1), x))
+  assert variables["params"]["stem"]["conv2d"]["kernel"].shape == (3, 3, 3, 8)
+  np.testing.assert_allclose(nets["taps"].apply(variables, x), nets["xla"].apply(variables, x),
+                             rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_pointwise_conv_equals_flax_1x1_conv(use_bias):
   """The dot-based 1x1 conv has nn.Conv's parameters and computes the same values and grads."""

@@ -20,12 +20,8 @@ import jax.numpy as jnp
 from nsjax.models import layers, specs
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str,
-          use_bias=False) -> nn.Module:
-  if kernel == 1 and stride == 1:
-    return layers.PointwiseConv(features, use_bias, dtype, name=name)
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding="SAME", use_bias=use_bias,
-                 kernel_init=layers.conv_kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)
+def _pointwise(features: int, dtype: Any, name: str, use_bias=False) -> nn.Module:
+  return layers.PointwiseConv(features, use_bias, dtype, name=name)
 
 
 class SqueezeExcite(nn.Module):
@@ -36,8 +32,8 @@ class SqueezeExcite(nn.Module):
   @nn.compact
   def __call__(self, x):
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.swish(_conv(self.reduced_filters, 1, 1, self.dtype, "conv2d", use_bias=True)(s))
-    s = _conv(x.shape[-1], 1, 1, self.dtype, "conv2d_1", use_bias=True)(s)
+    s = nn.swish(_pointwise(self.reduced_filters, self.dtype, "conv2d", use_bias=True)(s))
+    s = _pointwise(x.shape[-1], self.dtype, "conv2d_1", use_bias=True)(s)
     return x * nn.sigmoid(s)
 
 
@@ -57,7 +53,7 @@ class MBConvBlock(nn.Module):
     conv_names = iter(["conv2d", "conv2d_1"])
     x = inputs
     if b.expand_ratio != 1:
-      x = _conv(b.input_filters * b.expand_ratio, 1, 1, self.dtype, next(conv_names))(x)
+      x = _pointwise(b.input_filters * b.expand_ratio, self.dtype, next(conv_names))(x)
       x = nn.swish(bn(next(bn_names))(x))
     x = layers.DepthwiseConv(b.kernel_size, b.stride, self.depthwise_impl, self.dtype,
                              name="depthwise_conv2d")(x)
@@ -65,7 +61,7 @@ class MBConvBlock(nn.Module):
     if b.se_ratio:
       reduced = max(1, int(b.input_filters * b.se_ratio))
       x = SqueezeExcite(reduced, self.dtype, name="se")(x)
-    x = _conv(b.output_filters, 1, 1, self.dtype, next(conv_names))(x)
+    x = _pointwise(b.output_filters, self.dtype, next(conv_names))(x)
     x = bn(next(bn_names))(x)
     if b.stride == 1 and b.input_filters == b.output_filters:
       if train and self.drop_connect_rate > 0:
@@ -77,11 +73,12 @@ class MBConvBlock(nn.Module):
 class Stem(nn.Module):
   """3x3 stride-2 conv (no bias) -> BN -> swish."""
   filters: int
+  impl: str = "auto"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = _conv(self.filters, 3, 2, self.dtype, "conv2d")(x)
+    x = layers.Conv(self.filters, 3, 2, self.impl, self.dtype, name="conv2d")(x)
     bn = layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
                           name="tpu_batch_normalization")
     return nn.swish(bn(x))
@@ -96,7 +93,7 @@ class Head(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = _conv(self.filters, 1, 1, self.dtype, "conv2d")(x)
+    x = _pointwise(self.filters, self.dtype, "conv2d")(x)
     bn = layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
                           name="tpu_batch_normalization")
     x = jnp.mean(nn.swish(bn(x)), axis=(1, 2))
@@ -117,6 +114,8 @@ class EfficientNet(nn.Module):
     small_image: stages 2 and 3 keep stride 1 (32 px data).
     dtype: compute dtype name ("float32" or "bfloat16"); parameters are always float32.
     depthwise_impl: "auto" (shift on CPU, XLA conv elsewhere), "xla" or "shift".
+    stem_impl: the stem's 3x3 convolution: "auto" (taps on CPU, XLA conv elsewhere), "xla" or
+      "taps" (see nsjax.models.layers.conv).
     frozen_blocks: -1 for none; k >= 0 freezes the stem and blocks 0..k-1 (BatchNorm in inference
       mode, no gradient through them), for test-resolution fine-tuning.
     model_name, train_resolution, test_resolution: what the model is (informational: the network
@@ -130,6 +129,7 @@ class EfficientNet(nn.Module):
   small_image: bool = False
   dtype: str = "float32"
   depthwise_impl: str = "auto"
+  stem_impl: str = "auto"
   frozen_blocks: int = -1
   model_name: str = "efficientnet-b0"
   train_resolution: int = 224
@@ -144,7 +144,8 @@ class EfficientNet(nn.Module):
     """Logits (float32) for NHWC images already normalised with the ImageNet mean and std."""
     dtype = jnp.dtype(self.dtype)
     blocks = self.blocks
-    x = Stem(specs.round_filters(specs.STEM_FILTERS, self.width), dtype, name="stem")(
+    x = Stem(specs.round_filters(specs.STEM_FILTERS, self.width), self.stem_impl, dtype,
+             name="stem")(
         jnp.asarray(x, dtype), train and self.frozen_blocks < 0)
     if self.frozen_blocks == 0:
       x = jax.lax.stop_gradient(x)
