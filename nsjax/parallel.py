@@ -5,6 +5,8 @@ Batches are sharded along their leading axis over `data`. Parameters are replica
 """
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 import jax
@@ -106,6 +108,38 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+CPU_VECTOR_WIDTH_OPTION = "xla_cpu_prefer_vector_width"
+
+
+def cpu_has_avx512(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+  """Whether this host's CPU has AVX-512 (Linux /proc/cpuinfo; False where it cannot tell)."""
+  try:
+    with open(cpuinfo_path) as f:
+      return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+  except OSError:
+    return False
+
+
+def nsjax_compiler_options() -> dict[str, Any] | None:
+  """XLA options for nsjax's jitted steps: on a CPU backend with AVX-512, 512-bit vectors.
+
+  XLA:CPU generates its loops (elementwise passes, the depthwise and stem taps) for 256-bit
+  vectors by default, a guard against the clock throttling of early AVX-512 Intel parts. Twice the
+  width: B0's inference step at batch 32 on this 2-core AMD EPYC, median 0.329 -> 0.284 s (both
+  compiled in one process, steps alternated); its train step, mostly matrix products, ~2 %. A
+  width set in XLA_FLAGS stands: then nothing is added. Accelerators: None.
+  """
+  if jax.default_backend() != "cpu" or CPU_VECTOR_WIDTH_OPTION in os.environ.get("XLA_FLAGS", ""):
+    return None
+  return {CPU_VECTOR_WIDTH_OPTION: 512} if cpu_has_avx512() else None
+
+
+def jit(fn, compiler_options: dict[str, Any] | None = None, **kwargs):
+  """`jax.jit` plus `nsjax_compiler_options()` (options passed here win); every nsjax step."""
+  options = {**(nsjax_compiler_options() or {}), **(compiler_options or {})}
+  return jax.jit(fn, compiler_options=options or None, **kwargs)
+
+
 def enable_compilation_cache(directory: str | None = None) -> str | None:
   """Persists XLA compilations across processes (reruns, stages run as jobs, test sessions).
 
@@ -113,7 +147,6 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
   var set to "" disables it. On a 2-core CPU a tiny EfficientNet's init compiles in ~30 s cold
   and loads in a few seconds from the cache.
   """
-  import os
   if directory is None:
     directory = os.environ.get("NSJAX_COMPILATION_CACHE",
                                os.path.join(os.path.expanduser("~"), ".cache", "nsjax", "jax_cache"))

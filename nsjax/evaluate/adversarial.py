@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nsjax import parallel
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_EPSILONS = tuple(e / 255.0 for e in (0, 1, 2, 4, 8, 16))
@@ -87,32 +89,33 @@ def pgd(apply_fn: ApplyFn, variables: Any, images01: jax.Array, labels: jax.Arra
 
 
 def make_attack(apply_fn: ApplyFn, method: str = "pgd", steps: int = 10, step_ratio: float = 0.25,
-                random_start: bool = False) -> Callable[..., jax.Array]:
+                random_start: bool = False, jit: bool = True) -> Callable[..., jax.Array]:
   """A jitted attack(variables, images01, labels, epsilon[, key]) -> adversarial images01.
 
   epsilon is a traced argument, so a sweep compiles once per input shape, not once per epsilon.
+  `jit=False`: the plain function, for use inside another jitted function (`parallel.jit`'s
+  compiler options are allowed on the outermost jit only).
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   if method == "pgd" and (steps < 1 or step_ratio <= 0):
     raise ValueError(f"PGD needs steps >= 1 and step_ratio > 0, got {steps} and {step_ratio}.")
 
-  @jax.jit
   def attack(variables, images01, labels, epsilon, key=None):
     if method == "fgsm":
       return fgsm(apply_fn, variables, images01, labels, epsilon)
     return pgd(apply_fn, variables, images01, labels, epsilon, steps, step_ratio,
                key if random_start else None)
-  return attack
+  return parallel.jit(attack) if jit else attack
 
 
 def make_correct_counter(apply_fn: ApplyFn, attack: Callable[..., jax.Array]
                          ) -> Callable[..., jax.Array]:
   """A jitted count(variables, images01, labels, mask, epsilon, key) -> [correct, examples].
 
-  Both counts come out of the compiled function, so sharded (multi-host) batches work too.
+  `attack`: an un-jitted attack (`make_attack(..., jit=False)`). Both counts come out of the compiled function, so sharded (multi-host) batches work too.
   """
-  @jax.jit
+  @parallel.jit
   def count(variables, images01, labels, mask, epsilon, key):
     adversarial = attack(variables, images01, labels, epsilon, key)
     predictions = jnp.argmax(apply_fn(variables, adversarial), axis=-1)
@@ -133,7 +136,7 @@ def epsilon_sweep(apply_fn: ApplyFn, variables: Any, batches: Iterable[Any],
   epsilons = [float(e) for e in epsilons]
   if not epsilons or any(e < 0 for e in epsilons):
     raise ValueError(f"Need one or more epsilons >= 0 (pixel units, e.g. 8/255), got {epsilons}.")
-  attack = make_attack(apply_fn, method, steps, step_ratio, random_start)
+  attack = make_attack(apply_fn, method, steps, step_ratio, random_start, jit=False)
   count = make_correct_counter(apply_fn, attack)
   correct = np.zeros(len(epsilons))
   total = 0.0

@@ -116,7 +116,7 @@ def make_subset_eval_step(model, mesh, indices: np.ndarray):
     return {"top1_correct": counts["top1"], "top5_correct": counts["top5"],
             "count": counts["count"], "labels_outside_subset": outside}
 
-  return jax.jit(eval_step, in_shardings=(None, parallel.data_sharding(mesh)),
+  return parallel.jit(eval_step, in_shardings=(None, parallel.data_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))
 
 
@@ -276,7 +276,7 @@ def frame_classifier(model, variables, batch_size: int) -> Callable[[np.ndarray]
     raise ValueError(f"batch_size {batch_size} gives {local} frames per process, not a multiple "
                      f"of its {mesh.size} devices; choose a multiple of {jax.device_count()}.")
   variables = jax.device_put(jax.device_get(variables), parallel.replicated(mesh))
-  classify = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1),
+  classify = parallel.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1),
                      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)))
   view = eval_stage.batch_view(model.test_resolution, model.small_image)
 

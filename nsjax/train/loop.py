@@ -245,7 +245,7 @@ def _state_from_variables(fns: RunFunctions, variables: Any) -> state_lib.TrainS
     return state_lib.TrainState(step=jnp.zeros([], jnp.int32), params=v["params"],
                                 batch_stats=v["batch_stats"], opt_state=fns.tx.init(v["params"]),
                                 ema_params=v["params"], ema_batch_stats=v["batch_stats"])
-  return jax.jit(build, out_shardings=fns.shardings)(variables)
+  return parallel.jit(build, out_shardings=fns.shardings)(variables)
 
 
 def _num_classes(model: nn.Module) -> int:

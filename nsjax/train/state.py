@@ -85,9 +85,9 @@ def _init_compiler_options() -> dict[str, Any] | None:
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                  image_shape: tuple[int, int, int], shardings: Any):
   """`init(key) -> TrainState`, jitted to write each leaf straight into its sharding."""
-  return jax.jit(lambda k: init_train_state(model, tx, k, image_shape),
-                 in_shardings=parallel.replicated(mesh), out_shardings=shardings,
-                 compiler_options=_init_compiler_options())
+  return parallel.jit(lambda k: init_train_state(model, tx, k, image_shape),
+                      in_shardings=parallel.replicated(mesh), out_shardings=shardings,
+                      compiler_options=_init_compiler_options())
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,

@@ -212,7 +212,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     fn = lambda state, batch, tvars: train_step(state, batch, teacher_model=teacher_model,
                                                 teacher_variables=tvars, **kwargs)
     in_shardings = (state_shardings, data, teacher_shardings)  # None: as the arrays are placed
-  return jax.jit(fn, in_shardings=in_shardings, out_shardings=(state_shardings, rep),
+  return parallel.jit(fn, in_shardings=in_shardings, out_shardings=(state_shardings, rep),
                  donate_argnums=(0,))
 
 
@@ -239,7 +239,7 @@ def make_predict_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int | No
     return out
 
   # variables_shardings=None: take the variables as they are placed (replicated, FSDP, ...).
-  return jax.jit(predict, in_shardings=(variables_shardings, data), out_shardings=data)
+  return parallel.jit(predict, in_shardings=(variables_shardings, data), out_shardings=data)
 
 
 def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh,
@@ -273,7 +273,7 @@ def _jit_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, variables_sharding
     return {"top1_correct": jnp.sum(top1 * mask), "top5_correct": jnp.sum(top5 * mask),
             "count": jnp.sum(mask)}
 
-  return jax.jit(eval_step, in_shardings=(variables_shardings, parallel.data_sharding(mesh)),
+  return parallel.jit(eval_step, in_shardings=(variables_shardings, parallel.data_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))
 
 

@@ -1,0 +1,69 @@
+"""nsjax's steps compile through `parallel.jit`, which asks XLA:CPU for 512-bit vectors on AVX-512."""
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from nsjax import parallel
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu vme avx2 avx512f avx512dq avx512bw", True),
+    ("fpu vme avx2 fma", False),
+    ("fpu avx512_bf16", False),  # another AVX-512 extension's name is not the foundation
+])
+def test_avx512_is_read_from_cpuinfo_flags(tmp_path, flags, expected):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n")
+  assert parallel.cpu_has_avx512(str(cpuinfo)) is expected
+
+
+def test_avx512_unknown_without_cpuinfo(tmp_path):
+  assert parallel.cpu_has_avx512(str(tmp_path / "missing")) is False
+
+
+def test_wide_vectors_asked_for_only_on_an_avx512_cpu_backend(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setattr(parallel, "cpu_has_avx512", lambda: True)
+  on_cpu = jax.default_backend() == "cpu"
+  assert parallel.nsjax_compiler_options() == ({"xla_cpu_prefer_vector_width": 512} if on_cpu else None)
+  monkeypatch.setattr(parallel, "cpu_has_avx512", lambda: False)
+  assert parallel.nsjax_compiler_options() is None
+
+
+def test_a_width_in_xla_flags_stands(monkeypatch):
+  monkeypatch.setattr(parallel, "cpu_has_avx512", lambda: True)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_prefer_vector_width=256")
+  assert parallel.nsjax_compiler_options() is None
+
+
+def test_parallel_jit_compiles_with_the_options(monkeypatch):
+  seen = {}
+  real_jit = jax.jit
+
+  def recording_jit(fn, **kwargs):
+    seen.update(kwargs)
+    return real_jit(fn, **kwargs)
+
+  monkeypatch.setattr(parallel, "nsjax_compiler_options", lambda: {"xla_cpu_prefer_vector_width": 512}
+                      if jax.default_backend() == "cpu" else None)
+  monkeypatch.setattr(jax, "jit", recording_jit)
+  double = parallel.jit(lambda x: 2 * x, donate_argnums=())
+  assert float(double(jnp.float32(3))) == 6.0
+  assert seen["compiler_options"] == parallel.nsjax_compiler_options()
+  assert seen["donate_argnums"] == ()
+  # Options passed by the caller are added, and win where both name one.
+  parallel.jit(lambda x: x, compiler_options={"xla_backend_optimization_level": 0,
+                                              "xla_cpu_prefer_vector_width": 128})
+  assert seen["compiler_options"] == {"xla_backend_optimization_level": 0,
+                                      "xla_cpu_prefer_vector_width": 128}
+
+
+def test_every_jit_in_the_library_goes_through_parallel_jit():
+  offenders = [f"{path.relative_to(ROOT)}:{n}" for path in sorted((ROOT / "nsjax").rglob("*.py"))
+               if path.name != "parallel.py"
+               for n, line in enumerate(path.read_text().splitlines(), 1) if "jax.jit" in line]
+  assert not offenders, f"use nsjax.parallel.jit instead of jax.jit: {offenders}"
