@@ -69,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
                                           host_input="global"))
   c.label = ml_collections.ConfigDict(dict(batch_size=256, shard_batches=16, top_k=0))
   # Official offline filtering: per-class threshold keeping ~num_image_per_class (0 = unlabeled
-  # images / num_classes), never below min_threshold; then copies num_image / kept.
+  # images / num_classes), never below min_threshold; then copies num_image / kept. -1: neither
+  # filtering nor balancing, every pseudo-labeled image once.
   c.balance = ml_collections.ConfigDict(dict(num_image_per_class=0, min_threshold=0.3))
   c.eval = ml_collections.ConfigDict(dict(batch_size=256, corruptions=[], severities=[1, 2, 3, 4, 5],
                                           max_corruption_examples=0))

@@ -126,6 +126,10 @@ def validate_config(config, workdir: str) -> None:
       previous = (where, model)
   _check_range("balance", "min_threshold", float(config.balance.min_threshold), 0.0, 1.0,
                high_open=True)
+  if int(config.balance.num_image_per_class) < -1:
+    raise ConfigError(f"balance.num_image_per_class = {config.balance.num_image_per_class}: use a "
+                      "count >= 1, 0 (unlabeled images / classes) or -1 (every image once, "
+                      "unbalanced).")
   if config.label.batch_size % num_devices:
     raise ConfigError(f"label.batch_size = {config.label.batch_size} is not divisible by the "
                       f"{num_devices} devices.")

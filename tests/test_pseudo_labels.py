@@ -91,6 +91,18 @@ def test_read_time_balancing_matches_plan(tmp_path):
   assert all(r["confidence"] >= 0.3 for r in records)
 
 
+def test_keep_all_plan_reads_every_image_once(tmp_path):
+  probs = random_probs(50, 4, seed=3)
+  write_host(tmp_path, 0, probs, shard_size=20)
+  merged = pseudo_labels.merge_manifests(str(tmp_path), 1)
+  assert (probs.max(-1) < 0.5).any()
+  plan = balance.plan_balance(np.asarray(merged["histogram"]), num_image=balance.KEEP_ALL,
+                              min_threshold=0.5, seed=5)
+  assert plan.kept == np.bincount(probs.argmax(-1), minlength=4).tolist()
+  ids = [r["id"] for r in pseudo_labels.balanced_dataset(str(tmp_path), plan).as_numpy_iterator()]
+  assert ids == [f"h0-{i}".encode() for i in range(50)]  # low confidence too, in shard order
+
+
 def test_missing_manifest_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="run the label stage"):
     pseudo_labels.read_dataset(str(tmp_path))

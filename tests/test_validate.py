@@ -123,6 +123,12 @@ def test_threshold_out_of_range(tmp_path):
   fails(config, tmp_path, "balance.min_threshold = 1.5 is out of range [0.0, 1.0)")
 
 
+def test_images_per_class_below_minus_one_is_refused(tmp_path):
+  config = smoke_config()
+  config.balance.num_image_per_class = -2
+  fails(config, tmp_path, "balance.num_image_per_class = -2: use a count >= 1, 0")
+
+
 def test_training_settings_of_every_stage_are_checked_up_front(tmp_path):
   config = smoke_config()
   config.students[0].train.learning_rate = 0.1

@@ -35,7 +35,8 @@ def class_histograms(pred_class: np.ndarray, confidence: np.ndarray, num_classes
 def class_thresholds(hist: np.ndarray, num_image: int, min_threshold: float = 0.3) -> np.ndarray:
   """Per-class confidence threshold keeping about `num_image` images (never below min_threshold)."""
   if num_image < 1:
-    raise ValueError(f"num_image (images per class after balancing) must be >= 1, got {num_image}.")
+    raise ValueError(f"num_image (images per class after balancing) must be >= 1, got {num_image}; "
+                     f"{KEEP_ALL} keeps every image once, unbalanced.")
   if not 0.0 <= min_threshold < 1.0:
     raise ValueError(f"min_threshold must be in [0, 1), got {min_threshold}.")
   min_bin = int(round(min_threshold * NUM_BINS))
@@ -113,9 +114,21 @@ class BalancePlan:
     return cls(**data)
 
 
+KEEP_ALL = -1  # num_image: no filtering, no balancing
+
+
 def plan_balance(hist: np.ndarray, num_image: int, min_threshold: float = 0.3,
                  seed: int = 0) -> BalancePlan:
-  """From merged histograms to thresholds, kept counts and copy factors."""
+  """From merged histograms to thresholds, kept counts and copy factors.
+
+  num_image == KEEP_ALL: every pseudo-labeled image once, whatever its class and confidence (a
+  student on the teacher's soft labels alone; the official recipe filters and balances).
+  """
+  if num_image == KEEP_ALL:
+    kept = hist.sum(axis=1)
+    return BalancePlan(num_image=KEEP_ALL, min_threshold=0.0, seed=int(seed),
+                       thresholds=[0.0] * hist.shape[0], histogram=hist.tolist(),
+                       kept=[int(k) for k in kept], factors=[1.0] * hist.shape[0])
   thresholds = class_thresholds(hist, num_image, min_threshold)
   kept = kept_counts(hist, thresholds)
   return BalancePlan(num_image=int(num_image), min_threshold=float(min_threshold), seed=int(seed),
