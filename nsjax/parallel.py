@@ -5,8 +5,8 @@ Batches are sharded along their leading axis over `data`. Parameters are replica
 """
 from __future__ import annotations
 
+import functools
 import os
-
 from typing import Any
 
 import jax
@@ -111,6 +111,7 @@ def sync(name: str) -> None:
 CPU_VECTOR_WIDTH_OPTION = "xla_cpu_prefer_vector_width"
 
 
+@functools.lru_cache
 def cpu_has_avx512(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
   """Whether this host's CPU has AVX-512 (Linux /proc/cpuinfo; False where it cannot tell)."""
   try:
