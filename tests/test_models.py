@@ -66,20 +66,25 @@ def test_small_image_variant_keeps_resolution_longer():
   assert head_input_size(big) == 1 and head_input_size(small) == 4
 
 
+def assert_impls_agree(op, x, w, impl):
+  """op(x, w, impl) equals op(x, w, "xla"): values, and gradients for both inputs. Returns XLA's."""
+  expected = op(x, w, "xla")
+  np.testing.assert_allclose(op(x, w, impl), expected, rtol=1e-5, atol=1e-5)
+  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(op(x, w, impl)))
+  for a, b in zip(jax.grad(loss(impl), (0, 1))(x, w), jax.grad(loss("xla"), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  return expected
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("kernel", [3, 5])
 @pytest.mark.parametrize("size", [7, 8])
 def test_shift_depthwise_equals_xla_conv(stride, kernel, size):
   x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 6))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6))
-  out = {impl: layers.depthwise_conv(x, w, stride, impl) for impl in ("xla", "shift")}
-  np.testing.assert_allclose(out["shift"], out["xla"], rtol=1e-5, atol=1e-5)
-  assert out["xla"].shape[1] == -(-size // stride)
-  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(layers.depthwise_conv(x, w, stride, impl)))
-  g_xla = jax.grad(loss("xla"), (0, 1))(x, w)
-  g_shift = jax.grad(loss("shift"), (0, 1))(x, w)
-  for a, b in zip(g_shift, g_xla):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  out = assert_impls_agree(lambda x, w, impl: layers.depthwise_conv(x, w, stride, impl), x, w,
+                           "shift")
+  assert out.shape[1] == -(-size // stride)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks XLA:CPU's fusion of the shift form")
@@ -103,14 +108,8 @@ def test_shift_depthwise_reads_its_activation_once(stride, size):
 def test_taps_conv_equals_xla_conv(stride, kernel, size):
   x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 3))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 5))
-  out = {impl: layers.conv(x, w, stride, impl) for impl in ("xla", "taps")}
-  np.testing.assert_allclose(out["taps"], out["xla"], rtol=1e-5, atol=1e-5)
-  assert out["xla"].shape == (2, -(-size // stride), -(-(size + 1) // stride), 5)
-  loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(layers.conv(x, w, stride, impl)))
-  g_xla = jax.grad(loss("xla"), (0, 1))(x, w)
-  g_taps = jax.grad(loss("taps"), (0, 1))(x, w)
-  for a, b in zip(g_taps, g_xla):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  out = assert_impls_agree(lambda x, w, impl: layers.conv(x, w, stride, impl), x, w, "taps")
+  assert out.shape == (2, -(-size // stride), -(-(size + 1) // stride), 5)
 
 
 def test_conv_impl_auto_picks_taps_only_for_few_channels_on_cpu():

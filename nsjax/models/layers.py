@@ -48,9 +48,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "au
   """Depthwise 'SAME' convolution of NHWC `x` with a [k, k, 1, C] kernel."""
   impl = resolve_depthwise_impl(impl)
   if impl == "xla":
-    return lax.conv_general_dilated(
-        x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=x.shape[-1])
+    return _xla_conv(x, kernel, stride, groups=x.shape[-1])
   return _depthwise_conv_shift(x, kernel, stride)
 
 
@@ -169,9 +167,11 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, impl: str = "auto") -> ja
   return _conv_taps(x, kernel, stride)
 
 
-def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, groups: int = 1) -> jax.Array:
+  """XLA's 'SAME' convolution, NHWC x HWIO (groups = channels: depthwise)."""
   return lax.conv_general_dilated(x, kernel, (stride, stride), "SAME",
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  feature_group_count=groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
