@@ -117,7 +117,7 @@ def make_subset_eval_step(model, mesh, indices: np.ndarray):
             "count": counts["count"], "labels_outside_subset": outside}
 
   return parallel.jit(eval_step, in_shardings=(None, parallel.data_sharding(mesh)),
-                 out_shardings=parallel.replicated(mesh))
+                      out_shardings=parallel.replicated(mesh))
 
 
 def subset_accuracy(model, variables, src: input_pipeline.Source, subset: str, *, mesh,
@@ -277,7 +277,7 @@ def frame_classifier(model, variables, batch_size: int) -> Callable[[np.ndarray]
                      f"of its {mesh.size} devices; choose a multiple of {jax.device_count()}.")
   variables = jax.device_put(jax.device_get(variables), parallel.replicated(mesh))
   classify = parallel.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1),
-                     in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)))
+                          in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)))
   view = eval_stage.batch_view(model.test_resolution, model.small_image)
 
   def predict(frames: np.ndarray) -> np.ndarray:

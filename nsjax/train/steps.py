@@ -213,7 +213,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                                                 teacher_variables=tvars, **kwargs)
     in_shardings = (state_shardings, data, teacher_shardings)  # None: as the arrays are placed
   return parallel.jit(fn, in_shardings=in_shardings, out_shardings=(state_shardings, rep),
-                 donate_argnums=(0,))
+                      donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,8 +273,9 @@ def _jit_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, variables_sharding
     return {"top1_correct": jnp.sum(top1 * mask), "top5_correct": jnp.sum(top5 * mask),
             "count": jnp.sum(mask)}
 
-  return parallel.jit(eval_step, in_shardings=(variables_shardings, parallel.data_sharding(mesh)),
-                 out_shardings=parallel.replicated(mesh))
+  return parallel.jit(eval_step,
+                      in_shardings=(variables_shardings, parallel.data_sharding(mesh)),
+                      out_shardings=parallel.replicated(mesh))
 
 
 def to_global_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
