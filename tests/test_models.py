@@ -237,6 +237,11 @@ def test_bad_names_and_overrides_fail_clearly():
     models.create_model("efficientnet-b0", 10, widht=2.0)
   with pytest.raises(ValueError, match="dtype"):
     models.create_model("efficientnet-b0", 10, dtype="float16")
+  # Formulation names are checked when the model is made, not at its first call.
+  with pytest.raises(ValueError, match="stem_impl must be one of .*'taps'.*, got 'im2col'"):
+    models.create_model("efficientnet-b0", 10, stem_impl="im2col")
+  with pytest.raises(ValueError, match="depthwise_impl must be one of .*'shift'.*, got 'grouped'"):
+    models.create_model("efficientnet-b0", 10, depthwise_impl="grouped")
 
 
 def test_config_round_trip():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from nsjax.models import layers
 from nsjax.models.efficientnet import EfficientNet
 from nsjax.models.specs import MODEL_SPECS, ModelSpec, get_spec
 
@@ -35,6 +36,9 @@ def model_config(name: str, num_classes: int, **overrides: Any) -> dict[str, Any
   config.update(overrides)
   if config["dtype"] not in DTYPES:
     raise ValueError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}.")
+  for key, valid in (("depthwise_impl", layers.DEPTHWISE_IMPLS), ("stem_impl", layers.CONV_IMPLS)):
+    if config[key] not in valid:
+      raise ValueError(f"{key} must be one of {valid}, got {config[key]!r}.")
   for key in ("dropout_rate", "stochastic_depth_rate"):
     if not 0.0 <= config[key] < 1.0:
       raise ValueError(f"{key} must be in [0, 1), got {config[key]}.")
