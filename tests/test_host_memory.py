@@ -1,6 +1,7 @@
 """nsjax.host_memory: on the CPU, a step's freed buffers are reused instead of refaulted."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from nsjax import host_memory
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A jitted function whose 96 MiB output is freed after every call (the shape of one activation
-# buffer of B0's train step); the process reports minor page faults per call after warm-up.
+# buffer of B0's train step); the process reports the minor page faults of each call after warm-up.
 _FAULTS_PER_CALL = r"""
 import json, resource, sys
 import nsjax
@@ -20,11 +21,12 @@ step = jax.jit(lambda x: jnp.broadcast_to(x, (6144, 4096)) * 2.0)
 x = jnp.ones((4096,), jnp.float32)
 for _ in range(10):  # the heap grows to its working size (a few buffers are in flight at once)
   step(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(30):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   step(x).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
-print(json.dumps({"faults_per_call": faults, "applied": nsjax.host_memory.applied()}))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"faults": faults, "applied": nsjax.host_memory.applied()}))
 """
 _PAGES = 6144 * 4096 * 4 // 4096
 
@@ -34,7 +36,9 @@ def _faults_per_call(switch: str) -> dict:
   env[host_memory.ENV_SWITCH] = switch
   out = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=env, check=True,
                        capture_output=True, text=True).stdout
-  return json.loads(out.strip().splitlines()[-1])
+  report = json.loads(out.strip().splitlines()[-1])
+  report["median"] = statistics.median(report["faults"])
+  return report
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
@@ -42,10 +46,12 @@ def test_freed_buffers_are_reused_not_refaulted():
   kept = _faults_per_call("1")
   default = _faults_per_call("0")
   assert kept["applied"] and not default["applied"]
-  # glibc's default maps and unmaps the buffer each call: every page faults again.
-  assert default["faults_per_call"] > 0.9 * _PAGES, default
-  # Kept: the heap can still grow by a buffer now and then (fragmentation), not every call.
-  assert kept["faults_per_call"] < 0.25 * _PAGES, kept
+  # glibc's default maps and unmaps the buffer each call: every page of it faults again.
+  assert default["median"] > 0.9 * _PAGES, default
+  # Kept: the typical call reuses freed pages. The heap can still grow by a buffer now and then
+  # (fragmentation, or a free that lags behind the next call on a loaded machine), so the test
+  # asks about the median call, not the mean.
+  assert kept["median"] < 0.25 * _PAGES, kept
 
 
 @pytest.mark.parametrize("environ, expected", [
