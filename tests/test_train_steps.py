@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from nsjax import models, parallel
+from nsjax.models import inputs as model_inputs
 from nsjax.train import optimizer as opt
 from nsjax.train import state as state_lib
 from nsjax.train import steps
@@ -348,6 +349,12 @@ def test_predict_top_k_and_masked_eval(mesh4):
   np.testing.assert_allclose(out["probs"], probs, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(out["top_k_indices"], np.argsort(-probs, -1)[:, :3])
   np.testing.assert_allclose(out["top_k_probs"], np.sort(probs, -1)[:, ::-1][:, :3], rtol=1e-5)
+
+  # Pixel inputs normalised inside the step give the model's output on the normalised images.
+  pixels = np.asarray(images * model_inputs.STDDEV_RGB + model_inputs.MEAN_RGB, np.float32)
+  on_device = steps.make_predict_step(model, mesh4, normalize_inputs=True)
+  from_pixels = jax.device_get(on_device(variables, steps.to_global_batch(pixels, mesh4)))
+  np.testing.assert_allclose(from_pixels["probs"], probs, rtol=1e-4, atol=1e-6)
 
   # Labels: first 3 examples right at top-1; the next 3 right only within top-5; last 2 padded
   # and deliberately "right", so counting them would change both numbers.

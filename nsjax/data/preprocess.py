@@ -20,9 +20,7 @@ import numbers
 import tensorflow as tf
 
 from nsjax.data import randaugment as ra
-
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from nsjax.models.inputs import MEAN_RGB, STDDEV_RGB  # noqa: F401  (re-exported)
 CROP_PADDING = 32
 SMALL_IMAGE_PAD = 4
 PLACEHOLDER_SHAPE = (1, 1, 3)

@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from nsjax import parallel
+from nsjax.models import inputs as model_inputs
 from nsjax.train import optimizer as opt
 from nsjax.train.state import TrainState
 
@@ -220,17 +221,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 # Inference and evaluation.
 
 def make_predict_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int | None = None,
-                      variables_shardings: Any = None,
-                      full_probs: bool = True) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
+                      variables_shardings: Any = None, full_probs: bool = True,
+                      normalize_inputs: bool = False
+                      ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
   """`predict(variables, images) -> {"probs"[, "top_k_probs", "top_k_indices"]}`.
 
   Eval mode (no dropout, no stochastic depth, BatchNorm moving statistics): pass the EMA
   variables (`state.ema_variables` or an exported model's). Outputs stay sharded like the images.
   `variables_shardings=None` accepts the variables however they are placed (replicated or FSDP).
+  `normalize_inputs`: the images are pixels in 0..255 units (`preprocess.eval_view(...,
+  normalized=False)`) and the step normalises them (`models.inputs.normalize`) on the device.
   """
   data = parallel.data_sharding(mesh)
 
   def predict(variables, images):
+    if normalize_inputs:
+      images = model_inputs.normalize(images)
     logits = model.apply(variables, images, train=False)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     out = {"probs": probs} if full_probs else {}
