@@ -35,7 +35,7 @@ def teacher_view_fn(resolution: int, small_image: bool, image_key: str = "image"
   """features -> {"image": eval view at the teacher's resolution[, "id"]}: no noise at all.
 
   The view stays in pixel units: the predict step normalises it on the device (fused into the
-  stem), which spares the input pipeline ~0.2 ms of host CPU per 224 px image -- ~3% of labeling
+  stem), which spares the input pipeline ~0.2 ms of host CPU per 224 px image -- ~2.5% of labeling
   throughput on a 2-core CPU, where the input threads and the inference share the cores.
   """
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from nsjax.data import randaugment as ra
 from nsjax.models.inputs import MEAN_RGB, STDDEV_RGB  # noqa: F401  (re-exported)
+
 CROP_PADDING = 32
 SMALL_IMAGE_PAD = 4
 PLACEHOLDER_SHAPE = (1, 1, 3)
