@@ -88,7 +88,7 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
       preemption.stop()
   parallel.sync("pseudo-labels-written")
   if host == 0:
-    merged = pseudo_labels.merge_manifests(out_dir, jax.process_count())
+    pseudo_labels.merge_manifests(out_dir, jax.process_count())
   parallel.sync("pseudo-labels-merged")
   return pseudo_labels.read_manifest(out_dir)
 

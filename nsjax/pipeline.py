@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import time
 from typing import Any
@@ -41,7 +40,7 @@ from nsjax import checkpoint, label, models, parallel, report
 from nsjax.data import folder, input_pipeline, mnist5k, preprocess, student_input
 from nsjax.data import randaugment as ra
 from nsjax.evaluate import stage as eval_stage_lib
-from nsjax.files import atomic_write_json, read_json
+from nsjax.files import atomic_write_json
 from nsjax.run_state import RunState
 from nsjax.train import loop, steps
 
@@ -428,10 +427,9 @@ def skipped_images(state: RunState) -> dict[str, dict[str, int]]:
 def summary_stage(config, workdir: str, state: RunState, started: float) -> dict:
   rows = summary_rows(config, workdir, state)
   wall = time.time() - state.data.get("started_at", started)
-  summary = None
   if jax.process_index() == 0:
     extra = {**skipped_images(state), "skipped_files": folder.skipped_files(workdir)}
-    summary = report.write_summary(workdir, rows, wall, extra)
+    report.write_summary(workdir, rows, wall, extra)
     report.plot_accuracy(rows, os.path.join(workdir, "summary.png"))
     report.plot_corruptions(rows, os.path.join(workdir, "corruptions.png"))
     print(report.format_table(rows), flush=True)

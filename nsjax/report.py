@@ -55,7 +55,7 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: str) -> None:
                 textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
   for r in rows:
     if r["role"] == "baseline":
-      ax.axhline(100 * r["test_top1"], ls="--", color="gray", label=f"supervised baseline")
+      ax.axhline(100 * r["test_top1"], ls="--", color="gray", label="supervised baseline")
   ax.set_xlabel("iteration")
   ax.set_ylabel("test top-1 (%)")
   ax.set_xticks([r["iteration"] for r in chain])

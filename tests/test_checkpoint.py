@@ -41,4 +41,3 @@ def test_load_places_the_variables_with_the_callers_shardings(tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(variables)  # dicts, not lists
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
     assert got.shape == want.shape and got.dtype == want.dtype and got.sharding == replicated
-

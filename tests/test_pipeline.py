@@ -10,7 +10,6 @@ import pytest
 
 from nsjax import checkpoint, label, pipeline
 from nsjax.data import preprocess, pseudo_labels
-from nsjax.run_state import RunState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +63,7 @@ def test_pseudo_labels_cover_the_unlabeled_split(smoke):
 def test_pseudo_labels_are_the_teachers_softmax_on_the_normalised_eval_view(smoke):
   """The stage ships pixels and normalises on the device; the labels must be what the exported
   teacher gives on the host-normalised eval view (the input every other stage feeds it)."""
-  config, workdir, _ = smoke
+  _, workdir, _ = smoke
   model, variables, _ = checkpoint.load_exported(os.path.join(workdir, "teacher", "export"))
   records = list(pseudo_labels.read_dataset(os.path.join(workdir, "label-1")).take(64)
                  .as_numpy_iterator())

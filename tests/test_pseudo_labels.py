@@ -1,10 +1,8 @@
 """Pseudo-label shards: round trip, top-k, resumable manifests, read-time balancing."""
 import json
-import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from nsjax.data import balance, pseudo_labels
 
