@@ -21,6 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from nsjax import checkpoint, models
+from nsjax.data import balance
 
 
 class ConfigError(ValueError):
@@ -126,7 +127,7 @@ def validate_config(config, workdir: str) -> None:
       previous = (where, model)
   _check_range("balance", "min_threshold", float(config.balance.min_threshold), 0.0, 1.0,
                high_open=True)
-  if int(config.balance.num_image_per_class) < -1:
+  if int(config.balance.num_image_per_class) < balance.KEEP_ALL:
     raise ConfigError(f"balance.num_image_per_class = {config.balance.num_image_per_class}: use a "
                       "count >= 1, 0 (unlabeled images / classes) or -1 (every image once, "
                       "unbalanced).")

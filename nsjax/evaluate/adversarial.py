@@ -22,9 +22,10 @@ import numpy as np
 import optax
 
 from nsjax import parallel
+from nsjax.models import inputs as model_inputs
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN = model_inputs.MEAN  # [0, 1] units: the attacks perturb [0, 1] images
+IMAGENET_STD = model_inputs.STDDEV
 DEFAULT_EPSILONS = tuple(e / 255.0 for e in (0, 1, 2, 4, 8, 16))
 METHODS = ("fgsm", "pgd")
 

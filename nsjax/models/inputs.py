@@ -10,9 +10,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Per RGB channel, in pixel units (0..255).
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# ImageNet statistics per RGB channel, for pixels in [0, 1] and in pixel units (0..255).
+MEAN = (0.485, 0.456, 0.406)
+STDDEV = (0.229, 0.224, 0.225)
+MEAN_RGB = tuple(m * 255 for m in MEAN)
+STDDEV_RGB = tuple(s * 255 for s in STDDEV)
 
 
 def normalize(pixels: jax.Array) -> jax.Array:
