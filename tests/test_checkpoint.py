@@ -1,4 +1,6 @@
 """Exported models restore with nothing but their directory."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,3 +43,72 @@ def test_load_places_the_variables_with_the_callers_shardings(tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(variables)  # dicts, not lists
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
     assert got.shape == want.shape and got.dtype == want.dtype and got.sharding == replicated
+
+
+def _tiny_export(tmp_path):
+  model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, small_image=True,
+                              resolution=16)
+  variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
+  checkpoint.export_model(tmp_path / "m", model, variables)
+  return model, variables, tmp_path / "m"
+
+
+def _no_tracing(*args, **kwargs):
+  raise AssertionError("load_exported traced the model although model.json records the shapes")
+
+
+def test_load_restores_from_the_recorded_shapes_without_tracing(tmp_path, monkeypatch):
+  model, variables, export = _tiny_export(tmp_path)
+  description = checkpoint.read_description(export)
+  assert description["variables"] == checkpoint.variables_spec(variables)
+  monkeypatch.setattr(checkpoint, "abstract_variables", _no_tracing)
+  overrides = {"dtype": "bfloat16", "dropout_rate": 0.5, "stochastic_depth_rate": 0.0,
+               "frozen_blocks": 2, "train_resolution": 24, "test_resolution": 24}
+  assert set(overrides) == checkpoint.SHAPE_PRESERVING_OVERRIDES
+  for loaded_with in ({}, overrides):
+    _, restored, _ = checkpoint.load_exported(export, **loaded_with)
+    assert jax.tree.structure(restored) == jax.tree.structure(variables)  # dicts, not lists
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
+      np.testing.assert_array_equal(got, want)
+      assert got.dtype == want.dtype
+
+
+def test_shape_preserving_overrides_really_keep_every_shape(tmp_path):
+  """The claim that lets load_exported skip tracing: each listed override traces the same tree."""
+  model, variables, export = _tiny_export(tmp_path)
+  recorded = checkpoint.read_description(export)["variables"]
+  overrides = {"dtype": "bfloat16", "dropout_rate": 0.5, "stochastic_depth_rate": 0.0,
+               "frozen_blocks": 2, "train_resolution": 24, "test_resolution": 24}
+  for key, value in overrides.items():
+    config = dict(models.describe(model), **{key: value})
+    traced = checkpoint.abstract_variables(models.model_from_config(config))
+    assert checkpoint.variables_spec(traced) == recorded, key
+  wider = models.model_from_config(dict(models.describe(model), width=0.2))
+  assert checkpoint.variables_spec(checkpoint.abstract_variables(wider)) != recorded
+
+
+def test_older_exports_and_shape_changing_overrides_trace_the_model(tmp_path, monkeypatch):
+  model, variables, export = _tiny_export(tmp_path)
+  description = checkpoint.read_description(export)
+  traced = []
+  original = checkpoint.abstract_variables
+  monkeypatch.setattr(checkpoint, "abstract_variables",
+                      lambda m, *a, **k: traced.append(m) or original(m, *a, **k))
+  del description["variables"]  # as written before the shapes were recorded
+  (export / checkpoint.MODEL_JSON).write_text(json.dumps(description))
+  _, restored, _ = checkpoint.load_exported(export)
+  assert len(traced) == 1
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(got, want)
+  checkpoint.export_model(export, model, variables)  # shapes recorded again
+
+  class Traced(Exception):
+    pass
+
+  def stop_after_tracing(m, *a, **k):
+    traced.append(m)
+    raise Traced  # (restoring width 0.2 from a width 0.1 export would fail inside Orbax)
+  monkeypatch.setattr(checkpoint, "abstract_variables", stop_after_tracing)
+  with pytest.raises(Traced):  # width changes the shapes, so the recorded ones cannot serve
+    checkpoint.load_exported(export, width=0.2)
+  assert len(traced) == 2 and traced[1].width == 0.2
