@@ -45,6 +45,11 @@ def test_load_places_the_variables_with_the_callers_shardings(tmp_path):
     assert got.shape == want.shape and got.dtype == want.dtype and got.sharding == replicated
 
 
+# One value for each override that load_exported trusts not to change any variable's shape.
+_SHAPE_PRESERVING = {"dtype": "bfloat16", "dropout_rate": 0.5, "stochastic_depth_rate": 0.0,
+                     "frozen_blocks": 2, "train_resolution": 24, "test_resolution": 24}
+
+
 def _tiny_export(tmp_path):
   model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, small_image=True,
                               resolution=16)
@@ -62,10 +67,8 @@ def test_load_restores_from_the_recorded_shapes_without_tracing(tmp_path, monkey
   description = checkpoint.read_description(export)
   assert description["variables"] == checkpoint.variables_spec(variables)
   monkeypatch.setattr(checkpoint, "abstract_variables", _no_tracing)
-  overrides = {"dtype": "bfloat16", "dropout_rate": 0.5, "stochastic_depth_rate": 0.0,
-               "frozen_blocks": 2, "train_resolution": 24, "test_resolution": 24}
-  assert set(overrides) == checkpoint.SHAPE_PRESERVING_OVERRIDES
-  for loaded_with in ({}, overrides):
+  assert set(_SHAPE_PRESERVING) == checkpoint.SHAPE_PRESERVING_OVERRIDES
+  for loaded_with in ({}, _SHAPE_PRESERVING):
     _, restored, _ = checkpoint.load_exported(export, **loaded_with)
     assert jax.tree.structure(restored) == jax.tree.structure(variables)  # dicts, not lists
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
@@ -77,9 +80,7 @@ def test_shape_preserving_overrides_really_keep_every_shape(tmp_path):
   """The claim that lets load_exported skip tracing: each listed override traces the same tree."""
   model, variables, export = _tiny_export(tmp_path)
   recorded = checkpoint.read_description(export)["variables"]
-  overrides = {"dtype": "bfloat16", "dropout_rate": 0.5, "stochastic_depth_rate": 0.0,
-               "frozen_blocks": 2, "train_resolution": 24, "test_resolution": 24}
-  for key, value in overrides.items():
+  for key, value in _SHAPE_PRESERVING.items():
     config = dict(models.describe(model), **{key: value})
     traced = checkpoint.abstract_variables(models.model_from_config(config))
     assert checkpoint.variables_spec(traced) == recorded, key
