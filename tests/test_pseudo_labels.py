@@ -38,7 +38,7 @@ def test_round_trip_full_probs_and_stats(tmp_path):
   np.testing.assert_array_equal(hist, balance.class_histograms(probs.argmax(-1), probs.max(-1), 5))
 
 
-def test_shards_store_the_float16_bits_of_each_row(tmp_path):
+def test_shards_store_each_row_rounded_to_float16(tmp_path):
   probs = random_probs(9, 1000, seed=2).astype(np.float32)
   write_host(tmp_path, 0, probs, shard_size=4)
   pseudo_labels.merge_manifests(str(tmp_path), 1)
