@@ -8,10 +8,12 @@ Measures, for one model / resolution / batch size (default EfficientNet-B0, 224 
                           the non-finite guard; state donated as in the loop) on a device-resident
                           labeled batch. Median over the timed steps, after warm-up.
   nsjax_infer_img_s       the jitted inference step the pseudo-labeling stage uses
-                          (`steps.make_predict_step`) on a device-resident batch.
+                          (`steps.make_pseudo_label_step`: eval-mode softmax plus the record
+                          fields, label, confidence and float16 probabilities) on a
+                          device-resident batch.
   nsjax_infer_only_img_s  the labeling loop's per-batch work without the input pipeline: a host
-                          (numpy) batch already in memory -> `steps.to_global_batch` -> predict ->
-                          probabilities back on the host (`parallel.process_local_rows`). Timed
+                          (numpy) batch already in memory -> `steps.to_global_batch` -> that step
+                          -> its outputs back on the host (`parallel.process_local_rows`). Timed
                           like the labeling pass it is compared with: as many batches, back to
                           back, wall time over all of them, just before that pass (a per-step
                           median would leave out the hiccups a long pass pays; it is kept as
@@ -283,7 +285,7 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   variables = jax.block_until_ready(jax.tree.map(lambda a: a.copy(), state.ema_variables))
   # As the labeling stage runs it: eval views in pixel units, normalised inside the step.
   pixels = rng.uniform(0.0, 255.0, images.shape).astype(np.float32)
-  predict = steps.make_predict_step(model, mesh, normalize_inputs=True)
+  predict = steps.make_pseudo_label_step(model, mesh)
   device_images = steps.to_global_batch(pixels, mesh)
   t = time.perf_counter()
   infer = predict.lower(variables, device_images).compile(compiler_options=_compiler_options(args))
@@ -299,8 +301,8 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   # `infer` is the predict step compiled for exactly the shapes and shardings the loop feeds it,
   # so it stands in for the jitted `predict` here and in the labeling stage (one compilation).
   def infer_only():
-    probs = infer(variables, steps.to_global_batch(pixels, mesh))["probs"]
-    parallel.process_local_rows(probs)
+    for field in infer(variables, steps.to_global_batch(pixels, mesh)).values():
+      parallel.process_local_rows(field)
 
   times = _time_calls(infer_only, args.warmup, args.steps)
   out.update(_summary("nsjax_infer_only", times, batch_size))
@@ -351,15 +353,15 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
   # compiled above (same model, mesh, shapes and shardings: a mismatch would raise), so the
   # passes measure labeling, not compilation. A first pass over two batches pays the process's
   # one-time costs (tf.data, Orbax start-up); the passes over all images after it are reported.
-  original = steps.make_predict_step
+  original = steps.make_pseudo_label_step
   fresh = []
 
-  def shared_predict_step(m, mesh_, *a, **kw):
-    if (m.num_classes, m.test_resolution, mesh_, a, kw) == (
-        model.num_classes, model.test_resolution, mesh, (), {"normalize_inputs": True}):
+  def shared_predict_step(m, mesh_, top_k=0):
+    if (m.num_classes, m.test_resolution, mesh_, top_k) == (
+        model.num_classes, model.test_resolution, mesh, 0):
       return predict
     fresh.append(1)  # the stage asked for something else: it compiles its own (and is timed)
-    return original(m, mesh_, *a, **kw)
+    return original(m, mesh_, top_k)
 
   kwargs = dict(global_batch_size=args.batch_size, mesh=mesh, small_image=False)
   num_batches = -(-args.label_images // args.batch_size)
@@ -381,7 +383,7 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
   # The passes alternate A B B A ... (inference alone, labeling, labeling, inference alone, ...):
   # the machine's drift over the minutes they take falls on both sides of the ratio.
   infer_s, label_s = [], []
-  steps.make_predict_step = shared_predict_step
+  steps.make_pseudo_label_step = shared_predict_step
   try:
     t = time.perf_counter()
     warmup = input_pipeline.Source(built["name"], f"{folder.SPLIT}[:{2 * args.batch_size}]",
@@ -396,7 +398,7 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
         label_s.append(label_pass(f"labels_{r}"))
         infer_s.append(infer_pass())
   finally:
-    steps.make_predict_step = original
+    steps.make_pseudo_label_step = original
   images = num_batches * args.batch_size
   out["nsjax_infer_only_pass_s"] = sum(infer_s) / len(infer_s)
   out["nsjax_infer_only_img_s"] = images / out["nsjax_infer_only_pass_s"]

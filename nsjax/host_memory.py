@@ -11,6 +11,11 @@ Three settings keep freed memory in the process: one arena for all threads (M_AR
 mmap for large blocks (M_MMAP_MAX = 0) and no returning the heap's top to the system
 (M_TRIM_THRESHOLD = SIZE_MAX). B0's train step then runs ~1.45x faster, inference ~1.2x.
 
+An explicit `malloc_trim(0)` undoes this: it hands every free page of the arena back to the
+system, and the next steps fault them in again. protobuf's Python runtime (upb) calls it once per
+10,000 freed message arenas, so hot loops must not build Python protobuf messages: the
+pseudo-label writer serialises its records itself (`nsjax.data.example_proto`).
+
 Two costs: the resident memory does not shrink after its peak, and compiling gets slower (one
 arena for XLA's compiler threads too: B0's train step compiles in ~11.5 s instead of ~8.3 s),
 which small runs -- the demo (628 s instead of 545 s), the tests -- pay without gaining anything,

@@ -69,7 +69,7 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
   model, variables, _ = checkpoint.load_exported(teacher_dir)
   num_classes = model.num_classes
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  predict = steps.make_predict_step(model, mesh, normalize_inputs=True)
+  predict = steps.make_pseudo_label_step(model, mesh, top_k)
   batches = input_pipeline.unlabeled_batches(
       source, global_batch_size=global_batch_size, keep_encoded_image=True, mesh=mesh,
       preprocess_fn=teacher_view_fn(model.test_resolution, small_image, source.image_key))
@@ -122,7 +122,7 @@ def _label_host(batches, writer, predict, variables, shard_batches, host, log_ev
                 preemption, start, own_done):
   """Labels batches [start, num_batches); writes this host's shards from batch `own_done` on."""
   total = batches.num_batches
-  images, probs, ids = [], [], []
+  images, fields, ids = [], [], []
   skipped_before, began, last_log = 0, time.time(), time.time()
   seen = labeled_now = 0
   for step, batch, out, num_skipped in _predicted(batches, predict, variables, start):
@@ -131,19 +131,17 @@ def _label_host(batches, writer, predict, variables, shard_batches, host, log_ev
       seen += int(mask.sum())
       skipped_before = num_skipped
     else:
-      local_probs = parallel.process_local_rows(out["probs"])
+      fields.append({k: parallel.process_local_rows(v)[mask] for k, v in out.items()})
       images += list(np.asarray(batch[input_pipeline.ENCODED_IMAGE_KEY])[mask])
-      probs.append(local_probs[mask])
       ids += [i for i, m in zip(_ids(batch, seen, host), mask) if m]
       seen += int(mask.sum())
       labeled_now += int(mask.sum())
     end_of_data = step + 1 == total
     if step >= own_done and ((step + 1) % shard_batches == 0 or end_of_data) and images:
-      writer.write_shard(images, np.concatenate(probs), ids,
-                         num_skipped=num_skipped - skipped_before,
-                         num_batches_done=step + 1)
+      writer.write_shard(images, {k: np.concatenate([f[k] for f in fields]) for k in fields[0]},
+                         ids, num_skipped=num_skipped - skipped_before, num_batches_done=step + 1)
       skipped_before = num_skipped
-      images, probs, ids = [], [], []
+      images, fields, ids = [], [], []
     # Every host calls this at the same shard boundaries (from the agreed start on).
     if step >= start and (step + 1) % shard_batches == 0 and not end_of_data and \
         preemption.should_stop(step + 1):

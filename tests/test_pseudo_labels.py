@@ -1,10 +1,12 @@
 """Pseudo-label shards: round trip, top-k, resumable manifests, read-time balancing."""
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from nsjax.data import balance, pseudo_labels
+from nsjax.train import steps
 
 
 def random_probs(n, num_classes, seed=0):
@@ -13,12 +15,18 @@ def random_probs(n, num_classes, seed=0):
   return p / p.sum(-1, keepdims=True)
 
 
+def fields(probs, top_k=0):
+  """What the labeling step hands the writer for these probabilities."""
+  return jax.device_get(steps.pseudo_label_fields(np.asarray(probs, np.float32), top_k))
+
+
 def write_host(directory, host, probs, shard_size, top_k=0, num_classes=None):
   writer = pseudo_labels.HostShardWriter(str(directory), host, num_classes or probs.shape[1], top_k)
   for start in range(writer.num_examples_done, len(probs), shard_size):
     chunk = probs[start:start + shard_size]
     ids = [f"h{host}-{start + i}".encode() for i in range(len(chunk))]
-    writer.write_shard([b"img%d" % (start + i) for i in range(len(chunk))], chunk, ids)
+    writer.write_shard([b"img%d" % (start + i) for i in range(len(chunk))], fields(chunk, top_k),
+                       ids)
   writer.finish()
   return writer
 
@@ -62,7 +70,7 @@ def test_top_k_storage_renormalises(tmp_path):
 def test_rerun_resumes_after_last_recorded_shard(tmp_path):
   probs = random_probs(9, 3)
   writer = pseudo_labels.HostShardWriter(str(tmp_path), 0, 3)
-  writer.write_shard([b"a"] * 4, probs[:4], [b"%d" % i for i in range(4)])
+  writer.write_shard([b"a"] * 4, fields(probs[:4]), [b"%d" % i for i in range(4)])
   # A crash here: a half-written temporary file of the next shard is left behind.
   (tmp_path / "shard-h000-00001.tfrecord.tmp-999").write_bytes(b"garbage")
   again = pseudo_labels.HostShardWriter(str(tmp_path), 0, 3)
@@ -74,7 +82,8 @@ def test_rerun_resumes_after_last_recorded_shard(tmp_path):
 def test_merge_refuses_incomplete_hosts_and_sums_complete_ones(tmp_path):
   probs = random_probs(8, 4)
   write_host(tmp_path, 0, probs[:5], 2)
-  pseudo_labels.HostShardWriter(str(tmp_path), 1, 4).write_shard([b"x"], probs[5:6], [b"h1-0"])
+  pseudo_labels.HostShardWriter(str(tmp_path), 1, 4).write_shard([b"x"], fields(probs[5:6]),
+                                                                 [b"h1-0"])
   with pytest.raises(RuntimeError, match="incomplete on hosts \\[1\\]"):
     pseudo_labels.merge_manifests(str(tmp_path), 2)
   write_host(tmp_path, 1, probs[5:], 2)
@@ -114,3 +123,20 @@ def test_keep_all_plan_reads_every_image_once(tmp_path):
 def test_missing_manifest_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="run the label stage"):
     pseudo_labels.read_dataset(str(tmp_path))
+
+
+def test_writer_refuses_fields_that_do_not_match_the_storage(tmp_path):
+  probs = random_probs(3, 5)
+  writer = pseudo_labels.HostShardWriter(str(tmp_path), 0, 5, top_k=2)
+  ids = [b"0", b"1", b"2"]
+  with pytest.raises(ValueError, match=r"exactly \['classes', 'confidence', 'label', 'probs'\]"):
+    writer.write_shard([b"x"] * 3, fields(probs), ids)  # all-class fields for top-2 storage
+  wide = fields(probs, top_k=3)
+  with pytest.raises(ValueError, match=r"'probs' has shape \(3, 3\), expected \(3, 2\)"):
+    writer.write_shard([b"x"] * 3, wide, ids)
+  as_float32 = dict(fields(probs, top_k=2), probs=fields(probs, top_k=2)["probs"].astype(np.float32))
+  with pytest.raises(ValueError, match="must be float16"):
+    writer.write_shard([b"x"] * 3, as_float32, ids)
+  with pytest.raises(ValueError, match="3 images but 2 ids"):
+    writer.write_shard([b"x"] * 3, fields(probs, top_k=2), ids[:2])
+  assert writer.num_shards_done == 0 and not list(tmp_path.glob("shard-*"))

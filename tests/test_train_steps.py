@@ -5,6 +5,7 @@ does not care which model it runs, and this one compiles in a second instead of 
 dense kernel (2048 x 10) is big enough for FSDP to shard it. EfficientNet itself goes through
 the step in tests/test_train_loop.py.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -366,3 +367,43 @@ def test_predict_top_k_and_masked_eval(mesh4):
   result = steps.evaluate(eval_step, variables, batches(), mesh4)
   assert result == {"top1": 0.5, "top5": 1.0, "num_examples": 6}
   assert steps.make_eval_fn(model, mesh4, batches)(variables)["top1"] == 0.5
+
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_pseudo_label_fields_on_the_mesh_match_numpy(mesh4, top_k):
+  rng = np.random.default_rng(7)
+  probs = rng.dirichlet(np.full(6, 0.3), 8).astype(np.float32)
+  probs[0] = [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]   # ties: the lower class wins, as numpy's argmax
+  probs[1, :] = [1e-7, 3e-8, 2e-8, 0.5, 0.25, 0.25]  # float16 subnormals and underflow to 0
+  fields_fn = jax.jit(functools.partial(steps.pseudo_label_fields, top_k=top_k),
+                      out_shardings=parallel.data_sharding(mesh4))
+  got = jax.device_get(fields_fn(steps.to_global_batch(probs, mesh4)))
+  np.testing.assert_array_equal(got["label"], probs.argmax(-1))
+  assert got["label"].dtype == np.int32
+  np.testing.assert_array_equal(got["confidence"], probs.max(-1))  # exact: the float32 maximum
+  if top_k:
+    order = np.argsort(-probs, -1, kind="stable")[:, :top_k]
+    np.testing.assert_array_equal(got["classes"], order)
+    expected = np.take_along_axis(probs, order, -1).astype(np.float16)
+  else:
+    assert "classes" not in got
+    expected = probs.astype(np.float16)
+  assert got["probs"].dtype == np.float16
+  np.testing.assert_array_equal(got["probs"].view(np.uint16), expected.view(np.uint16))
+
+
+def test_pseudo_label_step_is_the_predict_step_then_its_fields(mesh4):
+  model = TinyNet()
+  variables = model.init(jax.random.key(3), jnp.zeros((1,) + IMAGE_SHAPE))
+  pixels = np.random.default_rng(1).uniform(0, 255, (8,) + IMAGE_SHAPE).astype(np.float32)
+  batch = steps.to_global_batch(pixels, mesh4)
+  probs = steps.make_predict_step(model, mesh4, normalize_inputs=True)(variables, batch)["probs"]
+  expected = jax.device_get(steps.pseudo_label_fields(probs, 2))
+  got = steps.make_pseudo_label_step(model, mesh4, top_k=2)(variables, batch)
+  assert all(v.sharding.is_equivalent_to(parallel.data_sharding(mesh4), v.ndim)
+             for v in got.values())
+  got = jax.device_get(got)
+  assert set(got) == set(expected)
+  for key in expected:
+    np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, err_msg=key)

@@ -5,6 +5,8 @@ A record (tf.train.Example) holds
   probs       -- the teacher's probabilities as float16 bytes: all classes, or the top-k values;
   classes     -- the top-k class indices (absent when all classes are stored);
   label       -- argmax class;  confidence -- top-1 probability;  id -- the source id.
+The labeling step computes these fields on the device (`nsjax.train.steps.pseudo_label_fields`);
+the writer only packs them.
 Each host writes its own shards `shard-h<host>-<index>.tfrecord` (temporary name, then rename) and,
 after each, rewrites its `manifest-h<host>.json` (also atomically) with the shard list and the
 running per-class confidence histogram. A rerun reads the manifest and resumes after the last
@@ -19,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from nsjax.data import balance
+from nsjax.data.example_proto import Feature, serialize_example
 from nsjax.files import atomic_write, atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
@@ -28,31 +31,37 @@ def host_manifest_path(directory: str, host: int) -> str:
   return os.path.join(directory, f"manifest-h{host:03d}.json")
 
 
-def _bytes(values):
-  return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+FIELDS = ("label", "confidence", "probs")  # + "classes" with top-k storage
 
 
-def _ints(values):
-  return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+def encode_record(image: bytes, source_id: bytes, label: int, confidence: float,
+                  probs: np.ndarray, classes: np.ndarray | None = None) -> bytes:
+  """One serialised example: `probs` float16 (all classes, or the top-k values of `classes`)."""
+  feature = {"image": Feature.bytes_list([image]), "id": Feature.bytes_list([source_id]),
+             "label": Feature.int64_list([label]), "confidence": Feature.float_list([confidence]),
+             "probs": Feature.bytes_list([np.asarray(probs, np.float16).tobytes()])}
+  if classes is not None:
+    feature["classes"] = Feature.int64_list(classes)
+  return serialize_example(feature)  # not tf.train.Example: see nsjax.data.example_proto
 
 
-def _floats(values):
-  return tf.train.Feature(float_list=tf.train.FloatList(value=values))
-
-
-def encode_record(image: bytes, probs: np.ndarray, source_id: bytes, top_k: int = 0) -> bytes:
-  """One serialised example. `probs` is the full [num_classes] distribution (float)."""
-  probs = np.asarray(probs, np.float32)
-  label = int(np.argmax(probs))
-  feature = {"image": _bytes([image]), "id": _bytes([source_id]), "label": _ints([label]),
-             "confidence": _floats([float(probs[label])])}
+def check_fields(fields: dict[str, np.ndarray], count: int, num_classes: int, top_k: int) -> None:
+  """Raises ValueError unless `fields` holds `count` records' fields for this storage format."""
+  expected = set(FIELDS) | ({"classes"} if top_k else set())
+  if set(fields) != expected:
+    raise ValueError(f"Pseudo-label fields must be exactly {sorted(expected)} (top_k={top_k}), got "
+                     f"{sorted(fields)}; compute them with nsjax.train.steps.pseudo_label_fields.")
+  width = top_k or num_classes
+  shapes = {"label": (count,), "confidence": (count,), "probs": (count, width)}
   if top_k:
-    classes = np.argsort(-probs, kind="stable")[:top_k]
-    feature["classes"] = _ints(classes.tolist())
-    feature["probs"] = _bytes([probs[classes].astype(np.float16).tobytes()])
-  else:
-    feature["probs"] = _bytes([probs.astype(np.float16).tobytes()])
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    shapes["classes"] = (count, top_k)
+  for key, shape in shapes.items():
+    if np.shape(fields[key]) != shape:
+      raise ValueError(f"Pseudo-label field {key!r} has shape {np.shape(fields[key])}, expected "
+                       f"{shape} for {count} images, num_classes={num_classes}, top_k={top_k}.")
+  if np.asarray(fields["probs"]).dtype != np.float16:
+    raise ValueError(f"Pseudo-label probs must be float16 (as stored), got "
+                     f"{np.asarray(fields['probs']).dtype}; use steps.pseudo_label_fields.")
 
 
 class HostShardWriter:
@@ -76,6 +85,8 @@ class HostShardWriter:
       self.manifest = {"host": host, "num_classes": num_classes, "top_k": top_k, "shards": [],
                        "histogram": np.zeros((num_classes, balance.NUM_BINS), int).tolist(),
                        "num_skipped": 0, "num_batches_done": 0, "complete": False}
+    # Summed as numpy, listed for JSON only when the manifest is saved.
+    self._histogram = np.asarray(self.manifest["histogram"], np.int64)
 
   @property
   def manifest_path(self) -> str:
@@ -94,22 +105,27 @@ class HostShardWriter:
   def num_shards_done(self) -> int:
     return len(self.manifest["shards"])
 
-  def write_shard(self, images: list[bytes], probs: np.ndarray, ids: list[bytes],
+  def write_shard(self, images: list[bytes], fields: dict[str, np.ndarray], ids: list[bytes],
                   num_skipped: int = 0, num_batches_done: int | None = None) -> str:
     """Writes shard number `num_shards_done` and records it (and that the pass is done up to batch
-    `num_batches_done`, in the same manifest write); returns its file name."""
+    `num_batches_done`, in the same manifest write); returns its file name.
+
+    `fields`: the records' `steps.pseudo_label_fields` as numpy arrays, one row per image.
+    """
+    num_classes, top_k = self.manifest["num_classes"], self.manifest["top_k"]
+    if len(ids) != len(images):
+      raise ValueError(f"{len(images)} images but {len(ids)} ids; each image needs one id.")
+    check_fields(fields, len(images), num_classes, top_k)
     name = f"shard-h{self.host:03d}-{self.num_shards_done:05d}.tfrecord"
-    top_k = self.manifest["top_k"]
+    columns = [fields[k] for k in FIELDS] + ([fields["classes"]] if top_k else [])
 
     def write(tmp):
       with tf.io.TFRecordWriter(tmp) as w:
-        for image, p, i in zip(images, probs, ids):
-          w.write(encode_record(image, p, i, top_k))
+        for image, i, *row in zip(images, ids, *columns):
+          w.write(encode_record(image, i, *row))
 
     atomic_write(os.path.join(self.directory, name), write)
-    probs = np.asarray(probs, np.float32)
-    hist = balance.class_histograms(probs.argmax(-1), probs.max(-1), self.manifest["num_classes"])
-    self.manifest["histogram"] = (np.asarray(self.manifest["histogram"]) + hist).tolist()
+    self._histogram += balance.class_histograms(fields["label"], fields["confidence"], num_classes)
     self.manifest["shards"].append({"file": name, "count": len(images)})
     self.manifest["num_skipped"] += int(num_skipped)
     if num_batches_done is not None:
@@ -123,6 +139,7 @@ class HostShardWriter:
 
   def _save(self):
     # One line: written after every shard, and the [classes, bins] histogram makes it large.
+    self.manifest["histogram"] = self._histogram.tolist()
     atomic_write_json(host_manifest_path(self.directory, self.host), self.manifest, indent=None)
 
 

@@ -220,6 +220,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 # ---------------------------------------------------------------------------------------------
 # Inference and evaluation.
 
+def _eval_probabilities(model: nn.Module, variables, images: jax.Array,
+                        normalize_inputs: bool) -> jax.Array:
+  """float32 softmax of the model in eval mode (pixel inputs normalised first if asked)."""
+  if normalize_inputs:
+    images = model_inputs.normalize(images)
+  logits = model.apply(variables, images, train=False)
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
 def make_predict_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int | None = None,
                       variables_shardings: Any = None, full_probs: bool = True,
                       normalize_inputs: bool = False
@@ -235,10 +244,7 @@ def make_predict_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int | No
   data = parallel.data_sharding(mesh)
 
   def predict(variables, images):
-    if normalize_inputs:
-      images = model_inputs.normalize(images)
-    logits = model.apply(variables, images, train=False)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    probs = _eval_probabilities(model, variables, images, normalize_inputs)
     out = {"probs": probs} if full_probs else {}
     if top_k:
       out["top_k_probs"], out["top_k_indices"] = jax.lax.top_k(probs, top_k)
@@ -246,6 +252,41 @@ def make_predict_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int | No
 
   # variables_shardings=None: take the variables as they are placed (replicated, FSDP, ...).
   return parallel.jit(predict, in_shardings=(variables_shardings, data), out_shardings=data)
+
+
+def pseudo_label_fields(probs: jax.Array, top_k: int = 0) -> dict[str, jax.Array]:
+  """A pseudo-label record's fields from float32 probabilities [B, C] (jnp or np arrays).
+
+  {"label": int32 argmax (first on ties), "confidence": float32 top-1 probability, "probs":
+  float16 (all classes, or the top-k values, largest first), ["classes": int32 top-k indices,
+  lower index first on ties]}. Inside the jitted labeling step the rounding to float16 and the
+  top-k run on the device, fused with the softmax, so the host only copies bytes into records.
+  """
+  probs = jnp.asarray(probs, jnp.float32)
+  label = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+  fields = {"label": label,
+            "confidence": jnp.take_along_axis(probs, label[:, None], axis=-1)[:, 0]}
+  if top_k:
+    values, classes = jax.lax.top_k(probs, top_k)
+    fields.update(probs=values.astype(jnp.float16), classes=classes.astype(jnp.int32))
+  else:
+    fields["probs"] = probs.astype(jnp.float16)
+  return fields
+
+
+def make_pseudo_label_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int = 0
+                           ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
+  """`label_step(variables, pixels) -> pseudo_label_fields(softmax(model(pixels)), top_k)`.
+
+  The teacher in eval mode on pixel-unit eval views (normalised on the device), as the labeling
+  stage runs it; outputs stay sharded like the images.
+  """
+  data = parallel.data_sharding(mesh)
+
+  def label_step(variables, pixels):
+    return pseudo_label_fields(_eval_probabilities(model, variables, pixels, True), top_k)
+
+  return parallel.jit(label_step, in_shardings=(None, data), out_shardings=data)
 
 
 def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh,
