@@ -104,9 +104,9 @@ def _predicted(batches, predict, variables, start: int):
   """(step, batch, inference output or None before `start`, records skipped up to this batch).
 
   One step late: batch k+1's inference is dispatched before batch k is handed over, so the host's
-  work on batch k (copying probabilities, encoding and writing shards) overlaps the next inference
-  instead of leaving the devices idle. The skip count is read when its batch arrives, before the
-  next one is fetched, so it covers exactly the batches handed over so far.
+  work on batch k (copying the record fields, packing and writing shards) overlaps the next
+  inference instead of leaving the devices idle. The skip count is read when its batch arrives,
+  before the next one is fetched, so it covers exactly the batches handed over so far.
   """
   pending = None
   for step, batch in enumerate(batches):

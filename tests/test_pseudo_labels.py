@@ -140,3 +140,22 @@ def test_writer_refuses_fields_that_do_not_match_the_storage(tmp_path):
   with pytest.raises(ValueError, match="3 images but 2 ids"):
     writer.write_shard([b"x"] * 3, fields(probs, top_k=2), ids[:2])
   assert writer.num_shards_done == 0 and not list(tmp_path.glob("shard-*"))
+
+
+def test_writer_builds_no_python_protobuf_messages(tmp_path, monkeypatch):
+  # protobuf's Python runtime calls malloc_trim(0) every 10,000 freed arenas, which hands the
+  # inference step's retained memory back to the system (nsjax.data.example_proto): the writer
+  # must serialise records itself.
+  import tensorflow as tf
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("the shard writer built a Python protobuf message")
+
+  for name in ("Example", "Features", "Feature", "BytesList", "FloatList", "Int64List"):
+    monkeypatch.setattr(tf.train, name, refuse)
+  probs = random_probs(5, 4)
+  write_host(tmp_path, 0, probs, shard_size=2, top_k=2)
+  monkeypatch.undo()
+  pseudo_labels.merge_manifests(str(tmp_path), 1)
+  records = list(pseudo_labels.read_dataset(str(tmp_path)).as_numpy_iterator())
+  assert [r["id"] for r in records] == [f"h0-{i}".encode() for i in range(5)]
