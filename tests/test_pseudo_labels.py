@@ -4,6 +4,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from nsjax.data import balance, pseudo_labels
 from nsjax.train import steps
@@ -146,8 +147,6 @@ def test_writer_builds_no_python_protobuf_messages(tmp_path, monkeypatch):
   # protobuf's Python runtime calls malloc_trim(0) every 10,000 freed arenas, which hands the
   # inference step's retained memory back to the system (nsjax.data.example_proto): the writer
   # must serialise records itself.
-  import tensorflow as tf
-
   def refuse(*args, **kwargs):
     raise AssertionError("the shard writer built a Python protobuf message")
 
