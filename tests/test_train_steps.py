@@ -369,7 +369,6 @@ def test_predict_top_k_and_masked_eval(mesh4):
   assert steps.make_eval_fn(model, mesh4, batches)(variables)["top1"] == 0.5
 
 
-
 @pytest.mark.parametrize("top_k", [0, 3])
 def test_pseudo_label_fields_on_the_mesh_match_numpy(mesh4, top_k):
   rng = np.random.default_rng(7)

@@ -263,9 +263,8 @@ def pseudo_label_fields(probs: jax.Array, top_k: int = 0) -> dict[str, jax.Array
   top-k run on the device, fused with the softmax, so the host only copies bytes into records.
   """
   probs = jnp.asarray(probs, jnp.float32)
-  label = jnp.argmax(probs, axis=-1).astype(jnp.int32)
-  fields = {"label": label,
-            "confidence": jnp.take_along_axis(probs, label[:, None], axis=-1)[:, 0]}
+  fields = {"label": jnp.argmax(probs, axis=-1).astype(jnp.int32),
+            "confidence": jnp.max(probs, axis=-1)}
   if top_k:
     values, classes = jax.lax.top_k(probs, top_k)
     fields.update(probs=values.astype(jnp.float16), classes=classes.astype(jnp.int32))
