@@ -62,7 +62,6 @@ def _full(c):
                              noise_cfg=config_lib.noise(randaugment_magnitude=9)),
   ]
   c.label.batch_size = 128
-  c.label.shard_batches = 16
   c.balance.num_image_per_class = 0  # unlabeled images / classes
   c.balance.min_threshold = 0.3
   c.eval.batch_size = 128
@@ -85,7 +84,7 @@ def _tiny(c):
                                        train=dict(train, unlabeled_ratio=1.0), noise_cfg=noise,
                                        seed_offset=1)]
   c.label.batch_size = 32
-  c.label.shard_batches = 2
+  c.label.shard_bytes = 64 * 1024
   c.balance.num_image_per_class = 0
   c.balance.min_threshold = 0.0  # an 8-step teacher is not confident; keep everything
   c.eval.batch_size = 32

@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   # "split" (each host reads only its slice: less I/O per host on large pods).
   c.data = ml_collections.ConfigDict(dict(num_classes=1000, small_image=False, data_dir="",
                                           host_input="global"))
-  c.label = ml_collections.ConfigDict(dict(batch_size=256, shard_batches=16, top_k=0))
+  # shard_bytes: pseudo-label shards are cut at the first batch that brings them to this size.
+  c.label = ml_collections.ConfigDict(dict(batch_size=256, shard_bytes=256 * 2**20, top_k=0))
   # Official offline filtering: per-class threshold keeping ~num_image_per_class (0 = unlabeled
   # images / num_classes), never below min_threshold; then copies num_image / kept. -1: neither
   # filtering nor balancing, every pseudo-labeled image once.

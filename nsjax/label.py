@@ -2,15 +2,17 @@
 
 The teacher runs as exported (eval mode, EMA weights, no augmentation, the eval center crop at its
 own test resolution) through the jitted inference step, data-parallel over every device and host.
-Each host writes the shards of its own slice of the split (nsjax.data.pseudo_labels); its manifest
-records how many batches of the pass its shards cover. Every host runs every batch's inference step
+Each host writes the shards of its own slice of the split (nsjax.data.pseudo_labels), cut at the
+batch where a shard reaches `shard_bytes`; each shard's sidecar records how many batches of the
+pass the host's shards cover. Every host runs every batch's inference step
 (a jitted step over global arrays needs them all), so a rerun starts at the batch the LEAST
 advanced host reached, and hosts further on predict without writing until their own shards end:
 hosts killed at different shards resume with exactly the shards of an uninterrupted run. On a
-SIGTERM, hosts stop after the same shard (`nsjax.train.loop.Preempted`): each shard boundary is a
-step of jax's preemption sync point (a plain flag in a single process). When all hosts are done,
-process 0 merges the manifests, plans the official filtering and balancing, and writes
-`balance.json` and `balance.png`.
+SIGTERM, hosts stop after the same batch (`nsjax.train.loop.Preempted`), each writing the shard it
+had begun: every batch is a step of jax's preemption sync point (a plain flag in a single process).
+When all hosts are done, process 0 merges their summaries into the manifest and plans the official
+filtering and balancing; every process then writes the read tables of its share of the shards, and
+process 0 writes `balance.json` (with each shard's balanced count) and `balance.png`.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def _ids(batch: dict[str, Any], done: int, process: int) -> list[bytes]:
 
 def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: str, *,
                     global_batch_size: int, mesh, small_image: bool = False,
-                    shard_batches: int = 8, top_k: int = 0,
+                    shard_bytes: int = 256 * 2**20, top_k: int = 0,
                     log_every_seconds: float = 30.0) -> dict[str, Any]:
   """Writes pseudo-labeled shards of `source` into `out_dir` and returns the merged manifest."""
   model, variables, _ = checkpoint.load_exported(teacher_dir)
@@ -75,14 +77,14 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
       preprocess_fn=teacher_view_fn(model.test_resolution, small_image, source.image_key))
   host = jax.process_index()
   writer = pseudo_labels.HostShardWriter(out_dir, host, num_classes, top_k)
-  own_done = batches.num_batches if writer.manifest["complete"] else writer.num_batches_done
+  own_done = batches.num_batches if writer.complete else writer.num_batches_done
   start = agreed_start(own_done)
   if start == batches.num_batches:
     logging.info("Pseudo labels of every host already complete in %s.", out_dir)
   else:
     preemption = loop.PreemptionWatch().start()
     try:
-      _label_host(batches, writer, predict, variables, shard_batches, host, log_every_seconds,
+      _label_host(batches, writer, predict, variables, shard_bytes, host, log_every_seconds,
                   preemption, start, own_done)
     finally:
       preemption.stop()
@@ -118,13 +120,20 @@ def _predicted(batches, predict, variables, start: int):
     yield pending
 
 
-def _label_host(batches, writer, predict, variables, shard_batches, host, log_every_seconds,
+def _label_host(batches, writer, predict, variables, shard_bytes, host, log_every_seconds,
                 preemption, start, own_done):
   """Labels batches [start, num_batches); writes this host's shards from batch `own_done` on."""
   total = batches.num_batches
   images, fields, ids = [], [], []
-  skipped_before, began, last_log = 0, time.time(), time.time()
+  pending_bytes = skipped_before = 0
+  began = last_log = time.time()
   seen = labeled_now = 0
+
+  def write(num_skipped, batches_done):
+    writer.write_shard(images, {k: np.concatenate([f[k] for f in fields]) for k in fields[0]},
+                       ids, num_skipped=num_skipped - skipped_before, num_batches_done=batches_done)
+    images.clear(), fields.clear(), ids.clear()
+
   for step, batch, out, num_skipped in _predicted(batches, predict, variables, start):
     mask = parallel.process_local_rows(batch["mask"]).astype(bool)
     if step < own_done:  # in this host's shards already (predicted too, if others need it)
@@ -132,44 +141,53 @@ def _label_host(batches, writer, predict, variables, shard_batches, host, log_ev
       skipped_before = num_skipped
     else:
       fields.append({k: parallel.process_local_rows(v)[mask] for k, v in out.items()})
-      images += list(np.asarray(batch[input_pipeline.ENCODED_IMAGE_KEY])[mask])
+      new_images = list(np.asarray(batch[input_pipeline.ENCODED_IMAGE_KEY])[mask])
+      images.extend(new_images)
       ids += [i for i, m in zip(_ids(batch, seen, host), mask) if m]
+      pending_bytes += sum(map(len, new_images)) + sum(v.nbytes for v in fields[-1].values())
       seen += int(mask.sum())
       labeled_now += int(mask.sum())
     end_of_data = step + 1 == total
-    if step >= own_done and ((step + 1) % shard_batches == 0 or end_of_data) and images:
-      writer.write_shard(images, {k: np.concatenate([f[k] for f in fields]) for k in fields[0]},
-                         ids, num_skipped=num_skipped - skipped_before, num_batches_done=step + 1)
-      skipped_before = num_skipped
-      images, fields, ids = [], [], []
-    # Every host calls this at the same shard boundaries (from the agreed start on).
-    if step >= start and (step + 1) % shard_batches == 0 and not end_of_data and \
-        preemption.should_stop(step + 1):
+    if step >= own_done and images and (pending_bytes >= shard_bytes or end_of_data):
+      write(num_skipped, step + 1)
+      skipped_before, pending_bytes = num_skipped, 0
+    # Every host calls this at every batch (from the agreed start on), so all stop at one batch.
+    if step >= start and not end_of_data and preemption.should_stop(step + 1):
       preemption.acknowledge()
-      raise loop.Preempted(writer.num_shards_done, f"manifest {writer.manifest_path}",
+      if step >= own_done and images:
+        write(num_skipped, step + 1)
+      raise loop.Preempted(writer.num_shards_done, f"shard sidecars {writer.progress_path}",
                            unit="pseudo-label shard")
     if time.time() - last_log > log_every_seconds or end_of_data:
       rate = labeled_now / max(time.time() - began, 1e-9)
       logging.info("label: batch %d/%d, %d images this run, %.1f img/s, ETA %.0f s", step + 1,
                    total, labeled_now, rate, (total - step - 1) * len(mask) / max(rate, 1e-9))
       last_log = time.time()
-  if not writer.manifest["complete"]:
-    writer.manifest["num_skipped"] += batches.num_skipped - skipped_before
-    writer.finish()
+  if not writer.complete:
+    writer.finish(total, num_skipped=batches.num_skipped - skipped_before)
 
 
 def plan_and_report(out_dir: str, num_image: int, min_threshold: float, seed: int) -> balance.BalancePlan:
-  """Filtering + balancing plan from the merged histograms; writes balance.json and balance.png."""
+  """Filtering + balancing plan from the merged histograms: every process writes the read tables
+  of its share of the shards (the plan's one pass over the records' sidecars), then process 0
+  writes balance.json (with each shard's balanced count) and balance.png."""
   manifest = pseudo_labels.read_manifest(out_dir)
   hist = np.asarray(manifest["histogram"])
   plan = balance.plan_balance(hist, num_image, min_threshold, seed)
+  counts = pseudo_labels.write_read_tables(out_dir, plan, manifest["shards"], jax.process_index(),
+                                           jax.process_count())
+  if jax.process_count() > 1:
+    counts = np.sum(multihost_utils.process_allgather(counts), axis=0)
+  plan.shard_counts = [int(c) for c in counts]
   if jax.process_index() == 0:
     stats = plan.to_json()
     stats["expected_after"] = [k * f for k, f in zip(plan.kept, plan.factors)]
     stats["num_unlabeled"] = int(hist.sum())
     stats["num_skipped"] = manifest["num_skipped"]
+    stats["epoch_size"] = int(counts.sum())
     atomic_write_json(os.path.join(out_dir, BALANCE_FILE), stats)
     report.plot_balance(stats, os.path.join(out_dir, "balance.png"))
+  parallel.sync("balance-plan-written")
   return plan
 
 
@@ -177,4 +195,4 @@ def read_plan(out_dir: str) -> balance.BalancePlan:
   stats = read_json(os.path.join(out_dir, BALANCE_FILE))
   fields = {k: stats[k] for k in ("num_image", "min_threshold", "seed", "thresholds", "histogram",
                                   "kept", "factors")}
-  return balance.BalancePlan(**fields)
+  return balance.BalancePlan(**fields, shard_counts=stats.get("shard_counts"))

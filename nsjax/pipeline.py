@@ -235,7 +235,7 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
       plan = label.read_plan(labels_dir)
       unlabeled = lambda start, position: student_input.pseudo_label_batches(
           labels_dir, plan, local_batch_size=_local(unlabeled_batch), view_fn=view,
-          seed=cfg.seed, start_step=start, host_input=host_input(config))
+          seed=cfg.seed, start_step=start)
 
   def batches(start_step: int, input_position: dict | None = None) -> student_input.StageBatches:
     position = input_position or {}
@@ -361,7 +361,7 @@ def label_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
   manifest = label.label_unlabeled(
       teacher_dir, source(config.data.unlabeled, data_dir), out,
       global_batch_size=int(lcfg.batch_size), mesh=mesh, small_image=config.data.small_image,
-      shard_batches=int(lcfg.shard_batches), top_k=int(lcfg.top_k))
+      shard_bytes=int(lcfg.shard_bytes), top_k=int(lcfg.top_k))
   bcfg = config.balance
   num_image = int(bcfg.num_image_per_class) or max(
       1, manifest["num_examples"] // config.data.num_classes)

@@ -28,7 +28,7 @@ def get_config():
     stage.train.checkpoint_every_steps = 4
     stage.train.log_every_steps = 4
   c.label.batch_size = 64  # 4 batches: 2 shards per host on 2 hosts
-  c.label.shard_batches = 1
+  c.label.shard_bytes = 1  # a shard per batch
   # Every pseudo-labeled image once: this 8-step teacher is near uniform (top-2 probabilities ~2e-4
   # apart), so the float differences between 2 x 2 and 1 x 4 devices flip argmax classes, and
   # per-class balancing would hand the two students different data (observed: 12 vs 21 images of

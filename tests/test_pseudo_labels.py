@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nsjax.data import balance, pseudo_labels
+from nsjax.data import balance, pseudo_labels, student_input
 from nsjax.train import steps
 
 
@@ -93,20 +93,31 @@ def test_merge_refuses_incomplete_hosts_and_sums_complete_ones(tmp_path):
   assert json.loads((tmp_path / "manifest.json").read_text())["num_examples"] == 8
 
 
+def balanced_ids(directory, plan):
+  """Every record id of one stream epoch, read through the random-access student stream."""
+  merged = pseudo_labels.read_manifest(str(directory))
+  plan.shard_counts = pseudo_labels.write_read_tables(str(directory), plan, merged["shards"]).tolist()
+  order, reader, _ = student_input.open_stream(str(directory), plan, seed=0)
+  records = reader.read(*order.locate(np.arange(order.epoch_size)))
+  parse = pseudo_labels.parse_fn(merged["num_classes"], merged["top_k"])
+  return [parse(r) for r in records]
+
+
 def test_read_time_balancing_matches_plan(tmp_path):
   probs = random_probs(400, 4, seed=2)
   write_host(tmp_path, 0, probs, shard_size=100)
   merged = pseudo_labels.merge_manifests(str(tmp_path), 1)
   plan = balance.plan_balance(np.asarray(merged["histogram"]), num_image=60, min_threshold=0.3,
                               seed=5)
-  records = list(pseudo_labels.balanced_dataset(str(tmp_path), plan).as_numpy_iterator())
-  ids = [r["id"] for r in records]
+  records = balanced_ids(tmp_path, plan)
+  ids = [r["id"].numpy() for r in records]
   expected = {f"h0-{i}".encode(): plan.copies(int(p.argmax()), float(p.max()), f"h0-{i}")
               for i, p in enumerate(probs)}
   assert {i: ids.count(i) for i in set(ids)} == {i: c for i, c in expected.items() if c}
-  per_class = np.bincount([r["label"] for r in records], minlength=4)
+  assert sum(plan.shard_counts) == len(ids) == sum(expected.values())
+  per_class = np.bincount([int(r["label"]) for r in records], minlength=4)
   assert np.all(np.abs(per_class - 60) <= 12), per_class  # balanced to about num_image
-  assert all(r["confidence"] >= 0.3 for r in records)
+  assert all(float(r["confidence"]) >= 0.3 for r in records)
 
 
 def test_keep_all_plan_reads_every_image_once(tmp_path):
@@ -117,8 +128,49 @@ def test_keep_all_plan_reads_every_image_once(tmp_path):
   plan = balance.plan_balance(np.asarray(merged["histogram"]), num_image=balance.KEEP_ALL,
                               min_threshold=0.5, seed=5)
   assert plan.kept == np.bincount(probs.argmax(-1), minlength=4).tolist()
-  ids = [r["id"] for r in pseudo_labels.balanced_dataset(str(tmp_path), plan).as_numpy_iterator()]
-  assert ids == [f"h0-{i}".encode() for i in range(50)]  # low confidence too, in shard order
+  ids = sorted(r["id"].numpy() for r in balanced_ids(tmp_path, plan))
+  assert ids == sorted(f"h0-{i}".encode() for i in range(50))  # low confidence too
+
+
+def test_sidecars_grow_linearly_and_nothing_is_rewritten(tmp_path):
+  probs = random_probs(64, 1000, seed=4)
+  writer = pseudo_labels.HostShardWriter(str(tmp_path), 0, 1000)
+  sizes = []
+  for start in range(0, 64, 8):
+    writer.write_shard([b"x" * 100] * 8, fields(probs[start:start + 8]),
+                       [b"%d" % (start + i) for i in range(8)])
+    sizes.append(writer.bytes_written)
+  per_shard = np.diff(sizes)
+  # Each shard adds its own sidecar (a few hundred bytes), not the whole list or a 1000 x 100
+  # histogram (as the earlier manifest did): constant per shard.
+  assert per_shard.max() - per_shard.min() < 64 and per_shard.max() < 3000, per_shard
+  mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.meta.npz")}
+  writer.write_shard([b"x"] * 2, fields(probs[:2]), [b"a", b"b"])
+  assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in tmp_path.glob("*.meta.npz")
+             if p.name in mtimes)
+
+
+def test_old_format_directory_names_the_fix(tmp_path):
+  (tmp_path / "manifest-h000.json").write_text(json.dumps({"shards": [], "complete": False}))
+  with pytest.raises(pseudo_labels.OldFormatError, match="delete .* rerun the label stage"):
+    pseudo_labels.HostShardWriter(str(tmp_path), 0, 3)
+  (tmp_path / "manifest-h000.json").unlink()
+  (tmp_path / "manifest.json").write_text(json.dumps({"shards": [], "num_examples": 0}))
+  with pytest.raises(pseudo_labels.OldFormatError, match="older nsjax"):
+    pseudo_labels.read_manifest(str(tmp_path))
+
+
+def test_a_shard_cut_short_is_reported_not_misread(tmp_path):
+  probs = random_probs(6, 3)
+  write_host(tmp_path, 0, probs, shard_size=6)
+  merged = pseudo_labels.merge_manifests(str(tmp_path), 1)
+  plan = balance.plan_balance(np.asarray(merged["histogram"]), num_image=balance.KEEP_ALL)
+  plan.shard_counts = pseudo_labels.write_read_tables(str(tmp_path), plan, merged["shards"]).tolist()
+  shard = tmp_path / merged["shards"][0]["file"]
+  shard.write_bytes(shard.read_bytes()[:-10])
+  order, reader, _ = student_input.open_stream(str(tmp_path), plan, seed=0)
+  with pytest.raises(IOError, match="shorter than its sidecar.*relabel"):
+    reader.read(*order.locate(np.arange(6)))
 
 
 def test_missing_manifest_names_the_fix(tmp_path):

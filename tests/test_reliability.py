@@ -274,7 +274,7 @@ def label_corrupt(data_dir, workdir):
   config = load_smoke_config()
   config.data.unlabeled = config_lib.data_source("nsjax_test_corrupt_unlabeled", "train", data_dir)
   config.label.batch_size = 16
-  config.label.shard_batches = 1
+  config.label.shard_bytes = 1  # a shard per batch
   config.balance.num_image_per_class = 4
   export_random_teacher(os.path.join(workdir, "teacher", "export"))
   stage = pipeline.Stage("label-1", "label", 1)
@@ -419,7 +419,7 @@ def test_smoke_schedule_on_corrupt_data_reports_exact_skipped_counts(corrupt_dat
   # Unlabeled: the copy whose record file lost its tail, so read errors count too.
   config.data.unlabeled = config_lib.data_source("nsjax_test_corrupt_unlabeled", "train", truncated)
   config.label.batch_size = 16
-  config.label.shard_batches = 1
+  config.label.shard_bytes = 1  # a shard per batch
   config.balance.num_image_per_class = 4
   config.eval.max_corruption_examples = 16
   state = pipeline.run(config, str(tmp_path))

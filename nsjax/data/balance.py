@@ -27,9 +27,13 @@ def confidence_bins(confidence: np.ndarray) -> np.ndarray:
 
 def class_histograms(pred_class: np.ndarray, confidence: np.ndarray, num_classes: int) -> np.ndarray:
   """[num_classes, 100] counts of top-1 confidence per predicted class; add them to merge shards."""
-  hist = np.zeros((num_classes, NUM_BINS), np.int64)
-  np.add.at(hist, (np.asarray(pred_class, np.int64), confidence_bins(confidence)), 1)
-  return hist
+  return bin_histograms(pred_class, confidence_bins(confidence), num_classes)
+
+
+def bin_histograms(pred_class: np.ndarray, bins: np.ndarray, num_classes: int) -> np.ndarray:
+  """`class_histograms` from confidence bins already computed (as pseudo-label sidecars store them)."""
+  flat = np.asarray(pred_class, np.int64) * NUM_BINS + np.asarray(bins, np.int64)
+  return np.bincount(flat, minlength=num_classes * NUM_BINS).reshape(num_classes, NUM_BINS)
 
 
 def class_thresholds(hist: np.ndarray, num_image: int, min_threshold: float = 0.3) -> np.ndarray:
@@ -98,6 +102,9 @@ class BalancePlan:
   histogram: list[list[int]]
   kept: list[int]
   factors: list[float]
+  # Balanced examples per pseudo-label shard (manifest order): the student's epoch, known without
+  # reading the records. None until `nsjax.data.pseudo_labels.write_read_tables` has run.
+  shard_counts: list[int] | None = None
 
   def copies(self, pred_class: int, confidence: float, source_id: str | bytes) -> int:
     """How many times this pseudo-labeled image is read per pass (0 = filtered out)."""
@@ -105,6 +112,18 @@ class BalancePlan:
       return 0
     u = float(uniform_from_id(self.seed, source_id))
     return stochastic_round(self.factors[pred_class], u)
+
+  def copies_of(self, pred_class: np.ndarray, bins: np.ndarray, source_ids) -> np.ndarray:
+    """`copies` of many records at once, from their classes, confidence bins and ids."""
+    pred_class = np.asarray(pred_class, np.int64)
+    first_bin = np.round(np.asarray(self.thresholds) * NUM_BINS).astype(np.int64)
+    keep = np.asarray(bins, np.int64) >= first_bin[pred_class]
+    factors = np.asarray(self.factors, np.float64)[pred_class]
+    whole = np.floor(factors)
+    if len(pred_class) == 0:
+      return np.zeros(0, np.int64)
+    u = uniform_from_id(self.seed, tf.constant(np.asarray(source_ids, dtype=object))).numpy()
+    return np.where(keep, whole.astype(np.int64) + (u < factors - whole), 0).astype(np.int64)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -1,96 +1,150 @@
-"""The student's unlabeled input: balanced pseudo-labeled shards as an infinite, resumable stream.
+"""The student's unlabeled input: balanced pseudo-labeled shards as an infinite, seekable stream.
 
-Pseudo-labeled images come from the label stage's shards, filtered and balanced at read time
-(`pseudo_labels.apply_balance`), then decoded and noised by the student's preprocessing. Each host
-reads every process_count-th shard file (host_input="split"), or every host reads all shards in
-manifest order and keeps its rows of each global batch ("global": the same global batches for any
-number of hosts, because hosts write their contiguous slices of the unlabeled split in order, so
-the concatenated shards are the same record sequence however many hosts labeled them). The stream is a function of (seed, position) only: per
-epoch, the shard order and the shuffle buffer's seed are derived from (seed, epoch), and each
-example's augmentation seed from its stream position, so `start_step` resumes exactly. An epoch
-(one balanced pass over this host's shards) has a fixed size, counted once up front.
-`StageBatches` joins it with the labeled stream into a training stage's global batches.
+The stream is a function of (seed, position) alone (`balanced_order.BalancedOrder`): global batch
+k holds positions [k * G, (k + 1) * G), host h of P holds rows [h * G / P, (h + 1) * G / P) of it,
+and each host reads by byte offset only the records of its own rows. So the global batches are the
+same for any number of hosts, each host reads 1/P of the data, and a stage starts or resumes at any
+step by computing where that step's records are -- nothing is read or counted through the epoch.
+The epoch size and every shard's balanced count come with the balance plan. Each example's noise
+seed is derived from its stream position, as before. `StageBatches` joins the stream with the
+labeled stream into a training stage's global batches.
 """
 from __future__ import annotations
 
+import os
+import threading
 from typing import Iterator
 
 import jax
 import numpy as np
 import tensorflow as tf
 
-from nsjax.data import balance, input_pipeline, preprocess, pseudo_labels
+from nsjax.data import balance, balanced_order, input_pipeline, preprocess, pseudo_labels
 from nsjax.train import steps
 
-_FILES_STREAM, _SHUFFLE_STREAM, _EXAMPLE_STREAM = 11, 12, 13
+_EXAMPLE_STREAM = 13
 
 
-def host_shards(directory: str, process_index: int, process_count: int) -> list[str]:
-  paths = pseudo_labels.shard_paths(directory)[process_index::process_count]
-  if not paths:
-    raise ValueError(f"No pseudo-label shards for process {process_index} of {process_count} in "
-                     f"{directory}: label more unlabeled data or run on fewer hosts.")
-  return paths
+class ShardReader:
+  """Reads records of the pseudo-label shards by byte range: pread on local files, tf.io.gfile
+  (GCS and the other file systems TF knows) elsewhere. Thread-safe; counts the bytes it reads."""
+
+  def __init__(self, directory: str, files: list[str]):
+    self.directory, self.files = directory, files
+    self.bytes_read = 0
+    self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self._handles: dict[int, object] = {}
+    self._lock = threading.Lock()
+    self._local = "://" not in directory
+
+  def table(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, copies) of a shard, cached while its window is read."""
+    with self._lock:
+      if shard not in self._tables:
+        if len(self._tables) > 256:  # bounded: a window holds ~16k examples, a few shards
+          self._tables.clear()
+        path = pseudo_labels.table_path(self.directory, self.files[shard])
+        self.bytes_read += tf.io.gfile.stat(path).length
+        self._tables[shard] = pseudo_labels.read_table(self.directory, self.files[shard])
+      return self._tables[shard]
+
+  def copies(self, shard: int) -> np.ndarray:
+    return self.table(shard)[1]
+
+  def read(self, shards: np.ndarray, records: np.ndarray) -> list[bytes]:
+    """The serialized records (TFRecord payloads), in the order asked."""
+    out = []
+    for shard, record in zip(shards.tolist(), records.tolist()):
+      offsets = self.table(shard)[0]
+      start, end = int(offsets[record]), int(offsets[record + 1])
+      data = self._read_range(shard, start, end - start)
+      out.append(data[pseudo_labels._PAYLOAD_START:len(data) - 4])
+    with self._lock:
+      self.bytes_read += sum(len(d) + pseudo_labels.RECORD_FRAMING for d in out)
+    return out
+
+  def _read_range(self, shard: int, start: int, size: int) -> bytes:
+    path = os.path.join(self.directory, self.files[shard])
+    if self._local:
+      with self._lock:
+        if shard not in self._handles:
+          if len(self._handles) > 64:
+            for fd in self._handles.values():
+              os.close(fd)
+            self._handles.clear()
+          self._handles[shard] = os.open(path, os.O_RDONLY)
+        fd = self._handles[shard]
+      data = os.pread(fd, size, start)
+    else:
+      with tf.io.gfile.GFile(path, "rb") as f:
+        f.seek(start)
+        data = f.read(size)
+    if len(data) != size:
+      raise IOError(f"{path} is shorter than its sidecar says (wanted bytes [{start}, "
+                    f"{start + size})): the shard is damaged; delete the label directory and "
+                    "relabel.")
+    return data
+
+  def close(self) -> None:
+    with self._lock:
+      for fd in self._handles.values():
+        os.close(fd)
+      self._handles.clear()
 
 
-def epoch_size(directory: str, plan: balance.BalancePlan, paths: list[str]) -> int:
-  """Balanced examples per pass over `paths` (copies depend on ids, not on the epoch)."""
-  ds = pseudo_labels.apply_balance(
-      pseudo_labels.parse_records(tf.data.TFRecordDataset(paths), directory), plan)
-  size = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
-  if size == 0:
-    raise ValueError(f"Filtering kept no pseudo-labeled images in {directory}; lower "
-                     "balance.min_threshold or check the teacher.")
-  return size
-
-
-def _epoch(directory, plan, paths, seed, epoch, shuffle_buffer, shuffle_files=True):
-  epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
-  files = tf.constant(paths)
-  if shuffle_files:  # not in "global" mode: the file boundaries depend on the number of hosts
-    order = tf.random.experimental.stateless_shuffle(
-        tf.range(len(paths)), seed=tf.stack([epoch_seed[0] + _FILES_STREAM, epoch_seed[1]]))
-    files = tf.gather(files, order)
-  records = tf.data.TFRecordDataset(files)
-  examples = pseudo_labels.apply_balance(pseudo_labels.parse_records(records, directory), plan)
-  # A stateless block shuffle (not Dataset.shuffle, whose order follows tf.random.set_seed).
-  return input_pipeline.block_shuffle(
-      examples, tf.stack([epoch_seed[0] + _SHUFFLE_STREAM, epoch_seed[1]]), shuffle_buffer)
+def open_stream(directory: str, plan: balance.BalancePlan, seed: int, window: int = 16_384
+                ) -> tuple[balanced_order.BalancedOrder, ShardReader, dict]:
+  """The balanced order of a label stage's shards and a reader for them (nothing per record)."""
+  manifest = pseudo_labels.read_manifest(directory)
+  files = [s["file"] for s in manifest["shards"]]
+  if plan.shard_counts is None or len(plan.shard_counts) != len(files):
+    raise ValueError(f"The balance plan in {directory} has no per-shard counts for its "
+                     f"{len(files)} shards (written by an older nsjax, or interrupted): rerun the "
+                     "label stage, which keeps its shards and rewrites the plan.")
+  reader = ShardReader(directory, files)
+  order = balanced_order.BalancedOrder(plan.shard_counts, reader.copies, seed, window)
+  return order, reader, manifest
 
 
 def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_batch_size: int,
                          view_fn, seed: int = 0, start_step: int = 0, shuffle_buffer: int = 16_384,
                          process_index: int | None = None, process_count: int | None = None,
-                         host_input: str = "split") -> Iterator[dict[str, np.ndarray]]:
+                         reader_out: list | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Infinite host batches {"image": float32 [b,H,W,3], "probs": float32 [b,C]}.
 
   `view_fn(image_uint8, seed[2]) -> image` is the student's (noised) view of a decoded image.
   `local_batch_size` is this host's part of a global batch of local_batch_size * process_count.
+  `shuffle_buffer`: examples per shuffle window (see balanced_order). `reader_out`, if given,
+  receives the ShardReader (for its byte count).
   """
-  input_pipeline.check_host_input(host_input)
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  whole = host_input == "global"
-  paths = pseudo_labels.shard_paths(directory) if whole else host_shards(directory, index, count)
-  size = epoch_size(directory, plan, paths)
-  shuffle_buffer = min(shuffle_buffer, size)
-  stream_batch = local_batch_size * count if whole else local_batch_size
-  start = int(start_step) * stream_batch
-  example_seed = tf.constant([seed + _EXAMPLE_STREAM, 0 if whole else index], tf.int64)
+  index, count = input_pipeline.resolve_process(process_index, process_count)
+  order, reader, manifest = open_stream(directory, plan, seed, shuffle_buffer)
+  if reader_out is not None:
+    reader_out.append(reader)
+  global_batch = local_batch_size * count
+  parse = pseudo_labels.parse_fn(manifest["num_classes"], manifest["top_k"])
+  example_seed = tf.constant([seed + _EXAMPLE_STREAM, 0], tf.int64)
 
-  def decode_and_view(position, ex):
+  def read_step(step):
+    positions = int(step) * global_batch + index * local_batch_size + np.arange(local_batch_size)
+    records = reader.read(*order.locate(positions))
+    return np.array(records, dtype=object), positions.astype(np.int64)
+
+  def fetch(step):
+    records, positions = tf.numpy_function(read_step, [step], (tf.string, tf.int64),
+                                           stateful=False)
+    return (tf.ensure_shape(positions, [local_batch_size]),
+            tf.ensure_shape(records, [local_batch_size]))
+
+  def decode_and_view(position, record):
+    ex = parse(record)
     image, ok = preprocess.decode(ex["image"])
     noise_seed = tf.random.experimental.stateless_fold_in(example_seed, position)
     return {"image": view_fn(image, noise_seed), "probs": ex["probs"], "ok": ok}
 
-  stream = (tf.data.Dataset.range(start // size, np.iinfo(np.int64).max)
-            .flat_map(lambda e: _epoch(directory, plan, paths, seed, e, shuffle_buffer,
-                                       shuffle_files=not whole))
-            .skip(start % size)
-            .enumerate(start=start))
-  if whole:
-    stream = input_pipeline.slice_global_batches(stream, stream_batch, index, count)
-  stream = (stream
+  stream = (tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max)
+            .map(fetch, num_parallel_calls=2, deterministic=True)
+            .unbatch()
             .map(decode_and_view, num_parallel_calls=tf.data.AUTOTUNE)
             .filter(lambda ex: ex["ok"])  # the label stage wrote only decodable images
             .map(lambda ex: {"image": ex["image"], "probs": ex["probs"]})

@@ -1,0 +1,101 @@
+"""The student's pseudo-label stream: the same global batches for any number of hosts, each host
+reading only its rows, exact resume at any step without reading through the epoch."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nsjax.data import balanced_order, pseudo_labels, student_input, synthetic
+
+
+def view(image, seed):
+  del seed
+  return tf.cast(image, tf.float32)  # 28x28x1 PNGs: the decoded pixels themselves
+
+
+@pytest.fixture(scope="module")
+def label_set(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("labels"))
+  plan, _ = synthetic.write_label_set(directory, 1000, num_classes=5, num_hosts=2,
+                                      shard_bytes=40_000, batch=50, num_image=150)
+  return directory, plan
+
+
+def batches(label_set, count, index=0, start=0, n=6, local=8, reader_out=None):
+  directory, plan = label_set
+  it = student_input.pseudo_label_batches(
+      directory, plan, local_batch_size=local, view_fn=view, seed=3, start_step=start,
+      shuffle_buffer=300, process_index=index, process_count=count, reader_out=reader_out)
+  return [next(it) for _ in range(n)]
+
+
+def test_the_set_has_several_shards_and_balanced_copies(label_set):
+  directory, plan = label_set
+  assert len(plan.shard_counts) >= 8  # 1000 records of ~850 bytes in 40 kB shards, 2 hosts
+  assert sum(plan.shard_counts) != 1000  # balancing dropped and duplicated records
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_global_batches_do_not_depend_on_the_number_of_hosts(label_set, count):
+  one = batches(label_set, 1, local=16)
+  hosts = [batches(label_set, count, index=i, local=16 // count) for i in range(count)]
+  for step, whole in enumerate(one):
+    for key in ("image", "probs"):
+      np.testing.assert_array_equal(np.concatenate([h[step][key] for h in hosts]), whole[key])
+
+
+def test_resume_at_any_step_is_exact(label_set):
+  straight = batches(label_set, 1, n=40, local=32)  # 1280 positions: past the first epoch
+  for start in (1, 17, 39):
+    resumed = batches(label_set, 1, start=start, n=1, local=32)[0]
+    for key in ("image", "probs"):
+      np.testing.assert_array_equal(resumed[key], straight[start][key])
+
+
+def test_each_host_reads_its_share_of_the_bytes(label_set):
+  read = {}
+  for count in (1, 4):
+    out = []
+    batches(label_set, count, n=20, local=32 // count, reader_out=out)
+    read[count] = out[0].bytes_read
+  assert read[4] <= 1.2 * read[1] / 4, read
+
+
+def test_an_epoch_is_the_plans_multiset_in_a_new_order(label_set):
+  directory, plan = label_set
+  order, reader, _ = student_input.open_stream(directory, plan, seed=3, window=300)
+  size = order.epoch_size
+  assert size == sum(plan.shard_counts)
+
+  def epoch(e):
+    shards, records = order.locate(np.arange(e * size, (e + 1) * size))
+    return list(zip(shards.tolist(), records.tolist()))
+
+  first, second = epoch(0), epoch(1)
+  expected = sorted((k, r) for k in range(len(plan.shard_counts))
+                    for r, c in enumerate(reader.copies(k)) for _ in range(c))
+  assert sorted(first) == sorted(second) == expected
+  assert first != second  # each epoch has its own order
+  # Consecutive batches mix several shards (a window spans shards in a random order).
+  assert len({k for k, _ in first[:64]}) >= 3
+
+
+def test_order_is_a_pure_function_of_seed_and_position(label_set):
+  directory, plan = label_set
+  a, _, _ = student_input.open_stream(directory, plan, seed=3, window=300)
+  b, _, _ = student_input.open_stream(directory, plan, seed=3, window=300)
+  positions = np.array([5000, 3, 999, 4, 2500])
+  np.testing.assert_array_equal(np.stack(a.locate(positions)), np.stack(b.locate(positions)))
+  c, _, _ = student_input.open_stream(directory, plan, seed=4, window=300)
+  assert not np.array_equal(np.stack(a.locate(np.arange(64))), np.stack(c.locate(np.arange(64))))
+
+
+def test_a_plan_without_shard_counts_names_the_fix(label_set):
+  directory, plan = label_set
+  old = type(plan)(**dict(plan.to_json(), shard_counts=None))
+  with pytest.raises(ValueError, match="rerun the label stage"):
+    student_input.open_stream(directory, old, seed=0)
+
+
+def test_a_plan_that_keeps_nothing_is_refused():
+  with pytest.raises(ValueError, match="keeps no pseudo-labeled images"):
+    balanced_order.BalancedOrder([0, 0], lambda k: np.zeros(3, np.int64), seed=0, window=10)
