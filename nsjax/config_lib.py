@@ -62,11 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Everything but the data sources and the model stages."""
   c = ml_collections.ConfigDict(type_safe=False)
   c.seed = 0
-  # host_input: how several hosts read training data (nsjax.data.input_pipeline): "global" (every
-  # host reads the whole stream, keeps its rows: the same batches on any number of hosts) or
-  # "split" (each host reads only its slice: less I/O per host on large pods).
-  c.data = ml_collections.ConfigDict(dict(num_classes=1000, small_image=False, data_dir="",
-                                          host_input="global"))
+  c.data = ml_collections.ConfigDict(dict(num_classes=1000, small_image=False, data_dir=""))
   # shard_bytes: pseudo-label shards are cut at the first batch that brings them to this size.
   c.label = ml_collections.ConfigDict(dict(batch_size=256, shard_bytes=256 * 2**20, top_k=0))
   # Official offline filtering: per-class threshold keeping ~num_image_per_class (0 = unlabeled

@@ -123,7 +123,8 @@ def finetune_model(student: models.EfficientNet, ft) -> models.EfficientNet:
 
 
 def labeled_batches(src: input_pipeline.Source, model: models.EfficientNet, batch_size: int,
-                    seed: int, flip: bool, mesh) -> Callable[[int], Iterator[dict]]:
+                    seed: int, flip: bool, mesh, index_dir: str | None = None
+                    ) -> Callable[[int], Iterator[dict]]:
   """start_step -> global batches of the eval view (plus optional flips) of labeled images."""
   def view(features, example_seed):
     image = preprocess.eval_view(features[src.image_key], model.test_resolution,
@@ -135,25 +136,28 @@ def labeled_batches(src: input_pipeline.Source, model: models.EfficientNet, batc
   def batches(start_step: int, input_position: dict | None = None) -> Iterator[dict]:
     labeled = input_pipeline.train_batches(
         src, global_batch_size=batch_size, preprocess_fn=view, seed=seed, start_step=start_step,
-        position=(input_position or {}).get("labeled"))
+        position=(input_position or {}).get("labeled"), index_dir=index_dir)
     return student_input.StageBatches(labeled, None, mesh)  # reports positions
   return batches
 
 
 def finetune(student_export: str, labeled: input_pipeline.Source, workdir: str, ft, *, mesh,
              num_labeled: int, seed: int = 0, eval_fn=None, export_dir: str = "",
-             batches: Callable[[int], Iterator[dict]] | None = None) -> dict[str, Any]:
+             batches: Callable[[int], Iterator[dict]] | None = None,
+             index_dir: str | None = None) -> dict[str, Any]:
   """Fine-tunes the export at `student_export`; writes the result to `export_dir` (default
   workdir/export) as an ordinary model (nothing frozen, test resolution = ft.resolution).
 
   `batches` (start_step -> global batches {"labeled": ...}) replaces the TFDS labeled data.
   `eval_fn(model)` -> an eval_fn for the loop (it needs the fine-tuned model's resolution).
+  `index_dir`: where the labeled files' record offsets are cached (input_pipeline.train_batches).
   """
   student, variables, metadata = checkpoint.load_exported(student_export)
   model = finetune_model(student, ft)
   cfg = finetune_train_config(ft, metadata, num_labeled, seed)
   if batches is None:
-    batches = labeled_batches(labeled, model, cfg.batch_size, cfg.seed, bool(ft.flip), mesh)
+    batches = labeled_batches(labeled, model, cfg.batch_size, cfg.seed, bool(ft.flip), mesh,
+                              index_dir)
   result = loop.train(cfg, model, batches, workdir, eval_fn=eval_fn(model) if eval_fn else None,
                       mesh=mesh, initial_variables=variables)
   out = export_dir or f"{workdir.rstrip('/')}/export"

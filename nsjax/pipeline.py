@@ -156,9 +156,9 @@ def student_view_fn(stage_cfg, config):
                                                    small_image=small, cutout=cutout, flip=flip)
 
 
-def host_input(config) -> str:
-  """How hosts read training data ("global" unless the config says "split"; see config_lib)."""
-  return config.data.get("host_input", "global")
+def record_index_dir(workdir: str) -> str:
+  """Where the record offsets of the run's TFDS files are cached (nsjax.data.random_access)."""
+  return os.path.join(workdir, "record_index")
 
 
 def _local(batch_size: int) -> int:
@@ -229,7 +229,7 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
     if stage_cfg.get("online_teacher", False):
       teacher = loop.Teacher.load(teacher_export_of(stage, config, workdir))
       unlabeled = _online_unlabeled(config, data_dir, stage_cfg, teacher.model, unlabeled_batch,
-                                    cfg.seed)
+                                    cfg.seed, record_index_dir(workdir))
     else:
       labels_dir = stage_dir(workdir, f"label-{stage.iteration}")
       plan = label.read_plan(labels_dir)
@@ -241,7 +241,8 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
     position = input_position or {}
     labeled = input_pipeline.train_batches(
         labeled_src, global_batch_size=cfg.batch_size, preprocess_fn=labeled_fn, seed=cfg.seed,
-        start_step=start_step, host_input=host_input(config), position=position.get("labeled"))
+        start_step=start_step, position=position.get("labeled"),
+        index_dir=record_index_dir(workdir))
     pseudo = None
     if unlabeled is not None:
       pseudo = unlabeled(start_step, position.get("unlabeled"))
@@ -270,7 +271,8 @@ def train_model_stage(stage: Stage, config, workdir: str, data_dir: str | None, 
           **result.skipped_fields()}
 
 
-def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batch, seed):
+def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batch, seed,
+                      index_dir):
   """Raw unlabeled images, each as (teacher view, student view), for the in-step teacher."""
   src = source(config.data.unlabeled, data_dir)
   small = config.data.small_image
@@ -288,7 +290,7 @@ def _online_unlabeled(config, data_dir, stage_cfg, teacher_model, unlabeled_batc
     # reports its position, since unlabeled images may fail to decode).
     return input_pipeline.train_batches(src, global_batch_size=unlabeled_batch,
                                         preprocess_fn=views, seed=seed + 1, start_step=start_step,
-                                        host_input=host_input(config), position=position)
+                                        position=position, index_dir=index_dir)
 
   return batches
 
@@ -348,7 +350,8 @@ def finetune_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
       export_dir(workdir, f"student-{stage.iteration}"), labeled, stage_dir(workdir, stage.name),
       config.students[stage.iteration - 1].finetune, mesh=mesh,
       num_labeled=_num_examples(labeled), seed=int(config.seed) * 1000 + 500 + stage.iteration,
-      eval_fn=lambda model: make_eval_fn(model, config, data_dir, mesh))
+      eval_fn=lambda model: make_eval_fn(model, config, data_dir, mesh),
+      index_dir=record_index_dir(workdir))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -61,10 +61,13 @@ def validate_config(config, workdir: str) -> None:
   if not config.students:
     raise ConfigError("config.students is empty: a Noisy Student schedule needs at least one "
                       "student.")
-  host_input = config.data.get("host_input", "global")
-  if host_input not in ("global", "split"):
-    raise ConfigError(f"config.data.host_input = {host_input!r}; use 'global' (the same batches on "
-                      "any number of hosts) or 'split' (each host reads only its slice).")
+  if "host_input" in config.data:
+    raise ConfigError("config.data.host_input is gone: every host now reads only its rows of the "
+                      "one global stream (the same batches on any number of hosts, 1/hosts of "
+                      "the I/O each). Delete the line.")
+  if "shard_batches" in config.label:
+    raise ConfigError("config.label.shard_batches is gone: pseudo-label shards are cut by size. "
+                      "Use config.label.shard_bytes (default 256 MiB).")
   num_devices = jax.device_count()
   num_classes = config.data.num_classes
   previous = None

@@ -1,8 +1,8 @@
 """Multi-host: 2 processes x 2 CPU devices (jax.distributed on 127.0.0.1, gloo collectives) against
 1 process x 4 devices, with the same global batches.
 
-Why the two runs can agree: with `data.host_input = "global"` (the default) every host reads the
-stream a single process reads and keeps its rows of each global batch, so each of the 4 devices sees
+Why the two runs can agree: every host reads, by position, its rows of the one stream a single
+process reads (nsjax.data.balanced_order), so each of the 4 devices sees
 the same examples, augmentations and dropout in both topologies; labeling and evaluation read
 contiguous per-host slices and sum counts globally. What stays different is the order of float
 sums in the cross-device reductions (XLA's in-process all-reduce vs gloo), so parameters agree to a
@@ -35,35 +35,42 @@ def data_dir(tmp_path_factory):
   return path
 
 
-def _batches(data_dir, host_input, index, count, start_step=0, n=4):
+def _batches(data_dir, index, count, start_step=0, n=4, readers=None):
   it = ip.train_batches(ip.Source("mnist5k/labels_10", "train", data_dir), global_batch_size=12,
-                        seed=3, start_step=start_step, host_input=host_input, process_index=index,
-                        process_count=count)
-  return [next(it) for _ in range(n)]
+                        seed=3, start_step=start_step, process_index=index, process_count=count,
+                        index_dir=os.path.join(data_dir, "index"))
+  batches = [next(it) for _ in range(n)]
+  if readers is not None:
+    readers.append(it.reader)
+  return batches
 
 
-def test_global_host_input_gives_every_topology_the_same_global_batches(data_dir):
-  one = _batches(data_dir, "global", 0, 1)
+def test_every_topology_reads_the_same_global_batches(data_dir):
+  one = _batches(data_dir, 0, 1)
   for count in (2, 3):
-    hosts = [_batches(data_dir, "global", i, count) for i in range(count)]
+    hosts = [_batches(data_dir, i, count) for i in range(count)]
     for step, batch in enumerate(one):
       for key in ("id", "label", "image"):
         joined = np.concatenate([h[step][key] for h in hosts])
         np.testing.assert_array_equal(joined, batch[key], err_msg=f"{key} step {step} n={count}")
   # Resuming at step 2 on two hosts continues the single-process stream (100 train images,
   # batches of 12: step 8 crosses an epoch boundary).
-  resumed = [_batches(data_dir, "global", i, 2, start_step=8, n=1)[0] for i in range(2)]
-  later = _batches(data_dir, "global", 0, 1, n=9)[8]
+  resumed = [_batches(data_dir, i, 2, start_step=8, n=1)[0] for i in range(2)]
+  later = _batches(data_dir, 0, 1, n=9)[8]
   np.testing.assert_array_equal(np.concatenate([r["id"] for r in resumed]), later["id"])
   np.testing.assert_array_equal(np.concatenate([r["image"] for r in resumed]), later["image"])
 
 
-def test_split_host_input_reads_disjoint_slices(data_dir):
-  hosts = [_batches(data_dir, "split", i, 2, n=3) for i in range(2)]
+def test_hosts_read_disjoint_records_and_their_share_of_the_bytes(data_dir):
+  readers = []
+  hosts = [_batches(data_dir, i, 2, n=3, readers=readers) for i in range(2)]
   ids = [set(np.concatenate([b["id"] for b in h]).tolist()) for h in hosts]
   assert ids[0] and ids[1] and not ids[0] & ids[1]
-  with pytest.raises(ValueError, match="host_input must be one of"):
-    _batches(data_dir, "everything", 0, 1)
+  one = []
+  _batches(data_dir, 0, 1, n=3, readers=one)
+  # Records only, not the (shared) offset tables: half of the single process's bytes each.
+  records = [r.bytes_read - r.table_bytes_read for r in readers + one]
+  assert max(records[:2]) <= 0.6 * records[2], records
 
 
 def test_corruption_examples_and_noise_do_not_depend_on_the_process_count():

@@ -169,7 +169,7 @@ def test_a_shard_cut_short_is_reported_not_misread(tmp_path):
   shard = tmp_path / merged["shards"][0]["file"]
   shard.write_bytes(shard.read_bytes()[:-10])
   order, reader, _ = student_input.open_stream(str(tmp_path), plan, seed=0)
-  with pytest.raises(IOError, match="shorter than its sidecar.*relabel"):
+  with pytest.raises(IOError, match="shorter than its record index.*relabel"):
     reader.read(*order.locate(np.arange(6)))
 
 

@@ -406,8 +406,7 @@ def test_resume_with_undecodable_labeled_images_is_bitwise_exact(corrupt_data_di
 def good_examples_stream_skips(data_dir, seed, steps=12, batch=32):
   """Undecodable records a fresh labeled stream drops while yielding `steps` batches."""
   src = input_pipeline.Source("nsjax_test_corrupt_unlabeled", "train", data_dir)
-  iterator = input_pipeline.train_batches(src, global_batch_size=batch, seed=seed,
-                                          host_input="global")
+  iterator = input_pipeline.train_batches(src, global_batch_size=batch, seed=seed)
   for _ in range(steps):
     next(iterator)
   return iterator.num_skipped

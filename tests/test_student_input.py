@@ -72,7 +72,7 @@ def test_an_epoch_is_the_plans_multiset_in_a_new_order(label_set):
 
   first, second = epoch(0), epoch(1)
   expected = sorted((k, r) for k in range(len(plan.shard_counts))
-                    for r, c in enumerate(reader.copies(k)) for _ in range(c))
+                    for r, c in enumerate(reader.table(k)[1]) for _ in range(c))
   assert sorted(first) == sorted(second) == expected
   assert first != second  # each epoch has its own order
   # Consecutive batches mix several shards (a window spans shards in a random order).

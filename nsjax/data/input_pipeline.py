@@ -1,28 +1,23 @@
 """tf.data input pipelines from any TFDS dataset, for training, pseudo-labeling and evaluation.
 
-One code path serves a laptop demo on `mnist5k` and a pod reading ImageNet: each process reads its own
-even slice of a split through `builder.as_dataset`, builds host batches of global_batch / process_count
-examples, and `BatchIterator` turns them into global `jax.Array`s sharded over the mesh's data axis.
+One code path serves a laptop demo on `mnist5k` and a pod reading ImageNet: each process builds host
+batches of global_batch / process_count examples, and `BatchIterator` turns them into global
+`jax.Array`s sharded over the mesh's data axis.
 
 Why things are done the way they are:
-- Reproducibility without global TF state: the per-epoch shuffle and every example's augmentation seed
-  are stateless functions of (seed, process, epoch, record position), so a run resumed at `start_step`
-  sees exactly the batches (and augmentations) that an uninterrupted run sees at those steps. Skipping
-  whole epochs costs nothing; only records within the resumed epoch are read and dropped, undecoded.
-- The shuffle is a block shuffle (a stateless permutation of each `shuffle_block` consecutive records)
-  rather than `Dataset.shuffle`, whose seed mixes with `tf.random.set_seed`. TFDS writes records in a
-  hash-shuffled order, so permuting within large blocks gives well-mixed batches.
-- Images are decoded after shuffling and skipping, so both only move encoded bytes. Records whose
-  image does not decode (or has the wrong shape) are dropped by `ignore_errors` right after decoding --
-  before `preprocess_fn`, whose own errors must still surface -- and counted: every record carries its
-  stream position, so `BatchIterator.num_skipped` is the gap between positions read and examples seen.
-  A record file cut short loses its tail the same way (single pass: counted as skipped at the end).
-- Training data on several hosts (`host_input`): "split" -- each host reads only its even slice of
-  the split (I/O scales with the hosts, but the global batches depend on the number of hosts) -- or
-  "global" -- every host reads the one stream that a single process would read (same shuffle, same
-  record positions, same augmentation seeds) and keeps its rows of each global batch BEFORE decoding.
-  "global" makes the global batches identical for any number of hosts (a 2-host run trains exactly
-  what a 1-host run trains), at the price of every host reading (not decoding) every record.
+- Training streams are read by position, not sequentially: the stream is one sequence over the
+  whole split, a function of (seed, position) alone (`nsjax.data.balanced_order`: files in a random
+  order per epoch, records permuted within windows of `shuffle_block`), and each process reads by
+  byte offset (`nsjax.data.random_access`) only the records of its own rows of each global batch.
+  So a 2-host run trains exactly what a 1-host run trains, each host reads 1/P of the data, and a
+  resume at step k reads nothing before it. Each example's augmentation seed is a function of its
+  stream position.
+- Images are decoded after the records are chosen, so nothing else is decoded. Records whose image
+  does not decode (or has the wrong shape), and records missing from a file cut short, are dropped
+  right after decoding -- before `preprocess_fn`, whose own errors must still surface -- and
+  counted: every record carries its stream position, so `BatchIterator.num_skipped` is the gap
+  between positions read and examples seen, and `BatchIterator.position()` resumes exactly past
+  them.
 - Single-pass pipelines (evaluation, and the unlabeled pass that the teacher labels) pad with masked
   examples up to a number of batches that every process computes alike from split sizes, so all hosts
   run the same number of steps without communicating and each real example counts exactly once.
@@ -31,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -40,6 +36,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from nsjax import parallel
+from nsjax.data import balanced_order, random_access
 from nsjax.data import mnist5k  # Also registers the mnist5k builder with TFDS.
 
 # TF only feeds the host; it must not claim accelerator memory that jax needs (a no-op with
@@ -57,7 +54,6 @@ RECORD_KEY = "_record"  # Stream position of each example; BatchIterator strips 
 MASK_KEY = "mask"
 ENCODED_IMAGE_KEY = "image_encoded"
 _SHUFFLE_STREAM, _EXAMPLE_STREAM = 0, 1  # Keep shuffle and augmentation randomness independent.
-HOST_INPUTS = ("split", "global")  # see the module docstring
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -223,17 +219,6 @@ def _decoded_examples(records: tf.data.Dataset, builder, source: Source, preproc
                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def block_shuffle(records: tf.data.Dataset, seed_pair: tf.Tensor, block: int) -> tf.data.Dataset:
-  """Stateless permutation within each run of `block` consecutive records."""
-
-  def permute(block_index, features):
-    size = tf.shape(tf.nest.flatten(features)[0])[0]
-    order = tf.random.experimental.stateless_shuffle(tf.range(size), seed=_fold(seed_pair, block_index))
-    return tf.nest.map_structure(lambda t: tf.gather(t, order), features)
-
-  return records.batch(block).enumerate().map(permute).unbatch()
-
-
 @dataclasses.dataclass
 class _Opened:
   builder: Any
@@ -244,29 +229,108 @@ class _Opened:
   local_batch_size: int
 
 
-def check_host_input(host_input: str) -> None:
-  if host_input not in HOST_INPUTS:
-    raise ValueError(f"host_input must be one of {HOST_INPUTS}, got {host_input!r}.")
-
-
-def slice_global_batches(stream: tf.data.Dataset, global_batch_size: int, process_index: int,
-                         process_count: int) -> tf.data.Dataset:
-  """Elements of a global stream -> this process's rows of each global batch of it (in order).
-
-  Meant for encoded records: the other hosts' rows are dropped before anything is decoded.
-  """
-  if process_count == 1:
-    return stream
-  local = global_batch_size // process_count
-  begin, end = process_index * local, (process_index + 1) * local
-  rows = lambda *elem: tf.nest.map_structure(lambda t: t[begin:end], elem)
-  return stream.batch(global_batch_size, drop_remainder=True).map(rows).unbatch()
-
-
-def _open(source: Source, global_batch_size: int, mesh, process_index, process_count,
-          whole_split: bool = False) -> _Opened:
-  """Opens this process's slice of the split (the whole split with `whole_split`)."""
+def _open(source: Source, global_batch_size: int, mesh, process_index, process_count) -> _Opened:
+  """Opens this process's slice of the split, for the ordered single-pass pipelines."""
   index, count = resolve_process(process_index, process_count)
+  builder, local = _builder_and_local_batch(source, global_batch_size, mesh, index, count)
+  split = process_split(source.split, index, count)
+  records = _read_records(builder, source.name, split, source.image_key)
+  return _Opened(builder, records, split, index, count, local)
+
+
+def default_index_dir(builder) -> str:
+  """Where record offsets of a TFDS dataset's files are cached when the caller names no place
+  (a run uses its workdir's record_index/, shared by its hosts)."""
+  root = os.environ.get("NSJAX_INDEX_DIR", os.path.expanduser("~/.cache/nsjax/record_index"))
+  return os.path.join(root, builder.data_dir.strip("/").replace("://", "/"))
+
+
+def split_files(builder, source: Source) -> tuple[list[str], list[int], list[int]]:
+  """(paths, records skipped at the start of each file, records taken from each) of a split."""
+  try:
+    instructions = builder.info.splits[source.split].file_instructions
+  except (KeyError, ValueError, AssertionError) as error:
+    if not builder.is_prepared():
+      raise DatasetNotPreparedError(not_prepared_message(source.name, builder)) from error
+    raise
+  file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+  if file_format not in (None, "tfrecord"):
+    raise ValueError(f"{source.name} is stored as {file_format}; nsjax's training "
+                     "streams read TFRecord files by offset. Prepare it with tfds build "
+                     "--file_format=tfrecord.")
+  instructions = [i for i in instructions if i.take > 0]
+  return ([i.filename for i in instructions], [int(i.skip) for i in instructions],
+          [int(i.take) for i in instructions])
+
+
+def train_batches(source: Source, *, global_batch_size: int,
+                  preprocess_fn: PreprocessFn = identity_preprocess, seed: int = 0,
+                  start_step: int = 0, shuffle_block: int = 16_384, mesh=None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  position: dict[str, int] | None = None, index_dir: str | None = None
+                  ) -> BatchIterator:
+  """Infinite, shuffled, repeated batches of labeled (or unlabeled) training data.
+
+  The stream is one sequence for the whole split, a function of (seed, position) alone
+  (nsjax.data.balanced_order over the split's files, each record once per epoch, windows of
+  `shuffle_block` records); global batch k is positions [k * G, (k + 1) * G) and each process
+  reads, by byte offset, only the records of its rows of it. So the global batches are the same
+  for any number of processes, each reads 1/P of the data, and `start_step=k` resumes at batch k
+  without reading anything before it -- as long as every record decodes. Undecodable records are
+  dropped (and counted), so after one the process's batches start later in the stream: resume
+  from `position`, this process's `BatchIterator.position()` saved after step k. Record offsets
+  of the split's files are computed once and cached in `index_dir` (see nsjax.data.random_access).
+  """
+  index, count = resolve_process(process_index, process_count)
+  builder, local = _builder_and_local_batch(source, global_batch_size, mesh, index, count)
+  paths, skips, takes = split_files(builder, source)
+  epoch_size = sum(takes)
+  if epoch_size == 0:
+    raise ValueError(f"Split {source.split!r} of {source.name} has no examples.")
+  index_dir = index_dir or default_index_dir(builder)
+  random_access.index_tfds_files(paths, index_dir, index, count)
+  reader = random_access.RecordReader(
+      paths, table=lambda k: (random_access.load_offsets(index_dir, paths[k]), None),
+      table_bytes=lambda k: tf.io.gfile.stat(random_access.offsets_path(index_dir, paths[k])).length,
+      first_record=skips)
+  order = balanced_order.BalancedOrder(takes, lambda k: np.ones(takes[k], np.int64),
+                                       seed=seed * 1009 + _SHUFFLE_STREAM, window=shuffle_block)
+  first_record, skipped_before = _resume_point(position, int(start_step) * global_batch_size)
+  # Positions are read in chunks of one global batch; a resumed stream starts at its chunk and
+  # drops this process's rows before `first_record`.
+  chunk_start = first_record - first_record % global_batch_size
+
+  def read_chunk(chunk):
+    positions = int(chunk) * global_batch_size + index * local + np.arange(local)
+    records = reader.read(*order.locate(positions))
+    return np.array(records, dtype=object), positions.astype(np.int64)
+
+  def fetch(chunk):
+    records, positions = tf.numpy_function(read_chunk, [chunk], (tf.string, tf.int64),
+                                           stateful=False)
+    return tf.ensure_shape(positions, [local]), tf.ensure_shape(records, [local])
+
+  features = builder.info.features
+  skip_image = {source.image_key: tfds.decode.SkipDecoding()}
+  stream = (tf.data.Dataset.range(chunk_start // global_batch_size, np.iinfo(np.int64).max)
+            .map(fetch, num_parallel_calls=2, deterministic=True)
+            .unbatch()
+            .filter(lambda record, serialized: record >= first_record)
+            .map(lambda record, serialized: (
+                record, features.deserialize_example(serialized, decoders=skip_image)),
+                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
+  examples = _decoded_examples(stream, builder, source, preprocess_fn,
+                               _seed_pair(seed, 0, _EXAMPLE_STREAM))
+  batches = examples.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  iterator = BatchIterator(batches, mesh=mesh, first_record=first_record,
+                           first_step=int(start_step), num_skipped_before=skipped_before,
+                           own_rows=_own_rows_fn(global_batch_size, local, index))
+  iterator.reader = reader
+  return iterator
+
+
+def _builder_and_local_batch(source: Source, global_batch_size: int, mesh, index: int,
+                             count: int):
   if mesh is not None and count != jax.process_count():
     raise ValueError(f"With a mesh, batches are fed by the {jax.process_count()} real jax process(es); "
                      f"process_count={count} is only for simulating hosts with mesh=None.")
@@ -274,63 +338,7 @@ def _open(source: Source, global_batch_size: int, mesh, process_index, process_c
     raise ValueError(f"Global batch size {global_batch_size} is not divisible by process_count {count}.")
   local = (parallel.local_batch_size(global_batch_size, mesh) if mesh is not None
            else global_batch_size // count)
-  builder = load_builder(source.name, source.data_dir)
-  split = process_split(source.split, 0, 1) if whole_split else process_split(source.split, index,
-                                                                              count)
-  records = _read_records(builder, source.name, split, source.image_key)
-  return _Opened(builder, records, split, index, count, local)
-
-
-def train_batches(source: Source, *, global_batch_size: int,
-                  preprocess_fn: PreprocessFn = identity_preprocess, seed: int = 0,
-                  start_step: int = 0, shuffle_block: int = 16_384, mesh=None,
-                  process_index: int | None = None, process_count: int | None = None,
-                  host_input: str = "split", position: dict[str, int] | None = None
-                  ) -> BatchIterator:
-  """Infinite, shuffled, repeated batches of labeled (or pseudo-labeled) training data.
-
-  Epochs are passes over this process's slice (host_input="split") or over the whole split
-  ("global"); batches run across epoch boundaries. Batch k depends only on (source, seed, global
-  batch size, processes, k) -- with "global", not on the processes -- so `start_step=k` resumes
-  there exactly, as long as every record decodes. Undecodable records are dropped, so batch k then
-  starts LATER than record k * batch: resume from `position`, this process's
-  `BatchIterator.position()` saved after step k (with "global", an undecodable record also
-  shortens its host's batch slot, so hosts drift apart, each exactly resumable from its position).
-  """
-  check_host_input(host_input)
-  whole = host_input == "global"
-  opened = _open(source, global_batch_size, mesh, process_index, process_count, whole_split=whole)
-  # In "global" mode the stream is the one process 0 of a single-process run reads.
-  stream_process = 0 if whole else opened.process_index
-  stream_batch = global_batch_size if whole else opened.local_batch_size
-  epoch_size = _num_examples(opened.builder, opened.split, opened.records)
-  if epoch_size == 0:
-    raise ValueError(f"Process {opened.process_index} of {opened.process_count} got no examples of "
-                     f"{source.name} split {source.split!r}; use fewer processes or a larger split.")
-  first_record, skipped_before = _resume_point(position, int(start_step) * stream_batch)
-  # Global batches are cut from the stream in chunks aligned at record 0, so a resumed stream
-  # starts at its chunk's first record and drops this host's rows before `first_record`.
-  chunk_start = first_record - first_record % stream_batch
-  shuffle_seed = _seed_pair(seed, stream_process, _SHUFFLE_STREAM)
-  records = _readable(opened.records)
-
-  def epoch(index):
-    shuffled = block_shuffle(records, _fold(shuffle_seed, index), min(shuffle_block, epoch_size))
-    return shuffled.enumerate().map(lambda i, features: (i + index * epoch_size, features))
-
-  stream = tf.data.Dataset.range(chunk_start // epoch_size, np.iinfo(np.int64).max).flat_map(epoch)
-  stream = stream.skip(chunk_start % epoch_size)
-  if whole:
-    stream = slice_global_batches(stream, global_batch_size, opened.process_index,
-                                  opened.process_count)
-  stream = stream.filter(lambda record, features: record >= first_record)  # before decoding
-  examples = _decoded_examples(stream, opened.builder, source, preprocess_fn,
-                               _seed_pair(seed, stream_process, _EXAMPLE_STREAM))
-  batches = examples.batch(opened.local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  own_rows = _own_rows_fn(stream_batch, opened.local_batch_size, opened.process_index if whole
-                          else 0)
-  return BatchIterator(batches, mesh=mesh, first_record=first_record, first_step=int(start_step),
-                       num_skipped_before=skipped_before, own_rows=own_rows)
+  return load_builder(source.name, source.data_dir), local
 
 
 def _resume_point(position: dict[str, int] | None, step_record: int) -> tuple[int, int]:

@@ -37,14 +37,13 @@ import numpy as np
 import tensorflow as tf
 
 from nsjax.data import balance
+from nsjax.data.random_access import RECORD_FRAMING
 from nsjax.data.example_proto import Feature, serialize_example
 from nsjax.files import atomic_write, atomic_write_json, read_json
 
 FORMAT = 2
 MANIFEST = "manifest.json"
 BALANCED_DIR = "balanced"
-RECORD_FRAMING = 16  # TFRecord: uint64 length, uint32 crc of it, payload, uint32 crc of payload
-_PAYLOAD_START = 12
 MAX_SHARD_BYTES = 2**31  # byte offsets are stored as uint32 with headroom for the last batch
 
 FIELDS = ("label", "confidence", "probs")  # + "classes" with top-k storage

@@ -12,88 +12,21 @@ labeled stream into a training stage's global batches.
 from __future__ import annotations
 
 import os
-import threading
 from typing import Iterator
 
 import jax
 import numpy as np
 import tensorflow as tf
 
-from nsjax.data import balance, balanced_order, input_pipeline, preprocess, pseudo_labels
+from nsjax.data import (balance, balanced_order, input_pipeline, preprocess, pseudo_labels,
+                        random_access)
 from nsjax.train import steps
 
 _EXAMPLE_STREAM = 13
 
 
-class ShardReader:
-  """Reads records of the pseudo-label shards by byte range: pread on local files, tf.io.gfile
-  (GCS and the other file systems TF knows) elsewhere. Thread-safe; counts the bytes it reads."""
-
-  def __init__(self, directory: str, files: list[str]):
-    self.directory, self.files = directory, files
-    self.bytes_read = 0
-    self._tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    self._handles: dict[int, object] = {}
-    self._lock = threading.Lock()
-    self._local = "://" not in directory
-
-  def table(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, copies) of a shard, cached while its window is read."""
-    with self._lock:
-      if shard not in self._tables:
-        if len(self._tables) > 256:  # bounded: a window holds ~16k examples, a few shards
-          self._tables.clear()
-        path = pseudo_labels.table_path(self.directory, self.files[shard])
-        self.bytes_read += tf.io.gfile.stat(path).length
-        self._tables[shard] = pseudo_labels.read_table(self.directory, self.files[shard])
-      return self._tables[shard]
-
-  def copies(self, shard: int) -> np.ndarray:
-    return self.table(shard)[1]
-
-  def read(self, shards: np.ndarray, records: np.ndarray) -> list[bytes]:
-    """The serialized records (TFRecord payloads), in the order asked."""
-    out = []
-    for shard, record in zip(shards.tolist(), records.tolist()):
-      offsets = self.table(shard)[0]
-      start, end = int(offsets[record]), int(offsets[record + 1])
-      data = self._read_range(shard, start, end - start)
-      out.append(data[pseudo_labels._PAYLOAD_START:len(data) - 4])
-    with self._lock:
-      self.bytes_read += sum(len(d) + pseudo_labels.RECORD_FRAMING for d in out)
-    return out
-
-  def _read_range(self, shard: int, start: int, size: int) -> bytes:
-    path = os.path.join(self.directory, self.files[shard])
-    if self._local:
-      with self._lock:
-        if shard not in self._handles:
-          if len(self._handles) > 64:
-            for fd in self._handles.values():
-              os.close(fd)
-            self._handles.clear()
-          self._handles[shard] = os.open(path, os.O_RDONLY)
-        fd = self._handles[shard]
-      data = os.pread(fd, size, start)
-    else:
-      with tf.io.gfile.GFile(path, "rb") as f:
-        f.seek(start)
-        data = f.read(size)
-    if len(data) != size:
-      raise IOError(f"{path} is shorter than its sidecar says (wanted bytes [{start}, "
-                    f"{start + size})): the shard is damaged; delete the label directory and "
-                    "relabel.")
-    return data
-
-  def close(self) -> None:
-    with self._lock:
-      for fd in self._handles.values():
-        os.close(fd)
-      self._handles.clear()
-
-
 def open_stream(directory: str, plan: balance.BalancePlan, seed: int, window: int = 16_384
-                ) -> tuple[balanced_order.BalancedOrder, ShardReader, dict]:
+                ) -> tuple[balanced_order.BalancedOrder, random_access.RecordReader, dict]:
   """The balanced order of a label stage's shards and a reader for them (nothing per record)."""
   manifest = pseudo_labels.read_manifest(directory)
   files = [s["file"] for s in manifest["shards"]]
@@ -101,8 +34,12 @@ def open_stream(directory: str, plan: balance.BalancePlan, seed: int, window: in
     raise ValueError(f"The balance plan in {directory} has no per-shard counts for its "
                      f"{len(files)} shards (written by an older nsjax, or interrupted): rerun the "
                      "label stage, which keeps its shards and rewrites the plan.")
-  reader = ShardReader(directory, files)
-  order = balanced_order.BalancedOrder(plan.shard_counts, reader.copies, seed, window)
+  reader = random_access.RecordReader(
+      [os.path.join(directory, f) for f in files],
+      table=lambda k: pseudo_labels.read_table(directory, files[k]),
+      table_bytes=lambda k: tf.io.gfile.stat(pseudo_labels.table_path(directory, files[k])).length)
+  order = balanced_order.BalancedOrder(plan.shard_counts, lambda k: reader.table(k)[1], seed,
+                                       window)
   return order, reader, manifest
 
 
@@ -115,7 +52,7 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
   `view_fn(image_uint8, seed[2]) -> image` is the student's (noised) view of a decoded image.
   `local_batch_size` is this host's part of a global batch of local_batch_size * process_count.
   `shuffle_buffer`: examples per shuffle window (see balanced_order). `reader_out`, if given,
-  receives the ShardReader (for its byte count).
+  receives the RecordReader (for its byte count).
   """
   index, count = input_pipeline.resolve_process(process_index, process_count)
   order, reader, manifest = open_stream(directory, plan, seed, shuffle_buffer)
