@@ -14,7 +14,7 @@ to 1/10 of the records per class; `--large` adds 1.28M), written by the real lab
                           of host 0 of 1 read through the reader;
   bytes_read_host0        bytes host 0 reads from storage (records and read tables) during one
                           epoch of global batches of 64, for P = 1, 2, 4, 8 simulated hosts;
-  epoch_size, num_shards  the balanced epoch and the number of shards.
+  epoch_size, num_shards, num_blocks   the balanced epoch, the shards, the plan's blocks.
 
 Targets (issue #20): start_s and resume_90_s at 320k within 1.5x of 20k; bytes_read_host0[P] at
 most 1.2 x bytes_read_host0[1] / P; manifest bytes at 320k at most 20x those at 20k; peak RSS at
@@ -48,14 +48,15 @@ def peak_rss_mb() -> float:
 def write_set(directory: str, n: int, label_hosts: int) -> dict:
   """Writes the set, its plan and the plan's balance.json (as the label stage would)."""
   from nsjax import label
-  from nsjax.data import synthetic
+  from nsjax.data import pseudo_labels, synthetic
   from nsjax.files import atomic_write_json
   began = time.perf_counter()
   plan, written = synthetic.write_label_set(directory, n, num_classes=10, num_hosts=label_hosts,
                                             shard_bytes=SHARD_BYTES, num_image=n // 10)
   atomic_write_json(os.path.join(directory, label.BALANCE_FILE), plan.to_json())
   return {"manifest_bytes_written": written, "write_s": time.perf_counter() - began,
-          "epoch_size": int(sum(plan.shard_counts)), "num_shards": len(plan.shard_counts)}
+          "epoch_size": int(sum(plan.block_counts)), "num_blocks": len(plan.block_counts),
+          "num_shards": len(pseudo_labels.read_manifest(directory)["shards"])}
 
 
 def first_batch_s(directory: str, plan, start_step: int) -> float:
@@ -77,10 +78,11 @@ def epoch_bytes_host0(directory: str, plan, hosts: int) -> int:
   """Bytes host 0 of `hosts` reads for one epoch of global batches (reader only, no decoding)."""
   import numpy as np
   from nsjax.data import student_input
-  order, reader, _ = student_input.open_stream(directory, plan, seed=0)
+  order, blocks, reader, _ = student_input.open_stream(directory, plan, seed=0)
   local = GLOBAL_BATCH // hosts
   for step in range(order.epoch_size // GLOBAL_BATCH):
-    reader.read(*order.locate(step * GLOBAL_BATCH + np.arange(local)))
+    positions = step * GLOBAL_BATCH + np.arange(local)
+    reader.read(*student_input.locate_records(order, blocks, positions))
   reader.close()
   return reader.bytes_read
 
@@ -88,7 +90,7 @@ def epoch_bytes_host0(directory: str, plan, hosts: int) -> int:
 def measure_reader(directory: str) -> dict:
   from nsjax import label
   plan = label.read_plan(directory)
-  epoch = sum(plan.shard_counts)
+  epoch = sum(plan.block_counts)
   first_batch_s(directory, plan, 0)  # warms TF's one-time start-up (graph tracing, thread pools)
   resume_step = int(0.9 * epoch) // GLOBAL_BATCH
   out = {"start_s": statistics.median(first_batch_s(directory, plan, 0) for _ in range(3)),

@@ -12,7 +12,7 @@ SIGTERM, hosts stop after the same batch (`nsjax.train.loop.Preempted`), each wr
 had begun: every batch is a step of jax's preemption sync point (a plain flag in a single process).
 When all hosts are done, process 0 merges their summaries into the manifest and plans the official
 filtering and balancing; every process then writes the read tables of its share of the shards, and
-process 0 writes `balance.json` (with each shard's balanced count) and `balance.png`.
+process 0 writes `balance.json` (with each record block's balanced count) and `balance.png`.
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def _label_host(batches, writer, predict, variables, shard_bytes, host, log_ever
 def plan_and_report(out_dir: str, num_image: int, min_threshold: float, seed: int) -> balance.BalancePlan:
   """Filtering + balancing plan from the merged histograms: every process writes the read tables
   of its share of the shards (the plan's one pass over the records' sidecars), then process 0
-  writes balance.json (with each shard's balanced count) and balance.png."""
+  writes balance.json (with each record block's balanced count) and balance.png."""
   manifest = pseudo_labels.read_manifest(out_dir)
   hist = np.asarray(manifest["histogram"])
   plan = balance.plan_balance(hist, num_image, min_threshold, seed)
@@ -178,7 +178,7 @@ def plan_and_report(out_dir: str, num_image: int, min_threshold: float, seed: in
                                            jax.process_count())
   if jax.process_count() > 1:
     counts = np.sum(multihost_utils.process_allgather(counts), axis=0)
-  plan.shard_counts = [int(c) for c in counts]
+  plan.block_counts = [int(c) for c in counts]
   if jax.process_index() == 0:
     stats = plan.to_json()
     stats["expected_after"] = [k * f for k, f in zip(plan.kept, plan.factors)]
@@ -195,4 +195,5 @@ def read_plan(out_dir: str) -> balance.BalancePlan:
   stats = read_json(os.path.join(out_dir, BALANCE_FILE))
   fields = {k: stats[k] for k in ("num_image", "min_threshold", "seed", "thresholds", "histogram",
                                   "kept", "factors")}
-  return balance.BalancePlan(**fields, shard_counts=stats.get("shard_counts"))
+  return balance.BalancePlan(**fields, block_counts=stats.get("block_counts"),
+                             block_size=stats.get("block_size", 1024))

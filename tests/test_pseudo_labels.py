@@ -96,9 +96,9 @@ def test_merge_refuses_incomplete_hosts_and_sums_complete_ones(tmp_path):
 def balanced_ids(directory, plan):
   """Every record id of one stream epoch, read through the random-access student stream."""
   merged = pseudo_labels.read_manifest(str(directory))
-  plan.shard_counts = pseudo_labels.write_read_tables(str(directory), plan, merged["shards"]).tolist()
-  order, reader, _ = student_input.open_stream(str(directory), plan, seed=0)
-  records = reader.read(*order.locate(np.arange(order.epoch_size)))
+  plan.block_counts = pseudo_labels.write_read_tables(str(directory), plan, merged["shards"]).tolist()
+  order, blocks, reader, _ = student_input.open_stream(str(directory), plan, seed=0)
+  records = reader.read(*student_input.locate_records(order, blocks, np.arange(order.epoch_size)))
   parse = pseudo_labels.parse_fn(merged["num_classes"], merged["top_k"])
   return [parse(r) for r in records]
 
@@ -114,7 +114,7 @@ def test_read_time_balancing_matches_plan(tmp_path):
   expected = {f"h0-{i}".encode(): plan.copies(int(p.argmax()), float(p.max()), f"h0-{i}")
               for i, p in enumerate(probs)}
   assert {i: ids.count(i) for i in set(ids)} == {i: c for i, c in expected.items() if c}
-  assert sum(plan.shard_counts) == len(ids) == sum(expected.values())
+  assert sum(plan.block_counts) == len(ids) == sum(expected.values())
   per_class = np.bincount([int(r["label"]) for r in records], minlength=4)
   assert np.all(np.abs(per_class - 60) <= 12), per_class  # balanced to about num_image
   assert all(float(r["confidence"]) >= 0.3 for r in records)
@@ -165,12 +165,12 @@ def test_a_shard_cut_short_is_reported_not_misread(tmp_path):
   write_host(tmp_path, 0, probs, shard_size=6)
   merged = pseudo_labels.merge_manifests(str(tmp_path), 1)
   plan = balance.plan_balance(np.asarray(merged["histogram"]), num_image=balance.KEEP_ALL)
-  plan.shard_counts = pseudo_labels.write_read_tables(str(tmp_path), plan, merged["shards"]).tolist()
+  plan.block_counts = pseudo_labels.write_read_tables(str(tmp_path), plan, merged["shards"]).tolist()
   shard = tmp_path / merged["shards"][0]["file"]
   shard.write_bytes(shard.read_bytes()[:-10])
-  order, reader, _ = student_input.open_stream(str(tmp_path), plan, seed=0)
+  order, blocks, reader, _ = student_input.open_stream(str(tmp_path), plan, seed=0)
   with pytest.raises(IOError, match="shorter than its record index.*relabel"):
-    reader.read(*order.locate(np.arange(6)))
+    reader.read(*student_input.locate_records(order, blocks, np.arange(6)))
 
 
 def test_missing_manifest_names_the_fix(tmp_path):

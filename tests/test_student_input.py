@@ -16,7 +16,7 @@ def view(image, seed):
 def label_set(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("labels"))
   plan, _ = synthetic.write_label_set(directory, 1000, num_classes=5, num_hosts=2,
-                                      shard_bytes=40_000, batch=50, num_image=150)
+                                      shard_bytes=40_000, batch=50, num_image=150, block_size=64)
   return directory, plan
 
 
@@ -30,8 +30,9 @@ def batches(label_set, count, index=0, start=0, n=6, local=8, reader_out=None):
 
 def test_the_set_has_several_shards_and_balanced_copies(label_set):
   directory, plan = label_set
-  assert len(plan.shard_counts) >= 8  # 1000 records of ~850 bytes in 40 kB shards, 2 hosts
-  assert sum(plan.shard_counts) != 1000  # balancing dropped and duplicated records
+  assert len(pseudo_labels.read_manifest(directory)["shards"]) >= 8  # ~850-byte records, 40 kB
+  assert len(plan.block_counts) == 16  # blocks of 64 records
+  assert sum(plan.block_counts) != 1000  # balancing dropped and duplicated records
 
 
 @pytest.mark.parametrize("count", [2, 4])
@@ -62,16 +63,17 @@ def test_each_host_reads_its_share_of_the_bytes(label_set):
 
 def test_an_epoch_is_the_plans_multiset_in_a_new_order(label_set):
   directory, plan = label_set
-  order, reader, _ = student_input.open_stream(directory, plan, seed=3, window=300)
+  order, blocks, reader, manifest = student_input.open_stream(directory, plan, seed=3, window=300)
   size = order.epoch_size
-  assert size == sum(plan.shard_counts)
+  assert size == sum(plan.block_counts)
 
   def epoch(e):
-    shards, records = order.locate(np.arange(e * size, (e + 1) * size))
+    positions = np.arange(e * size, (e + 1) * size)
+    shards, records = student_input.locate_records(order, blocks, positions)
     return list(zip(shards.tolist(), records.tolist()))
 
   first, second = epoch(0), epoch(1)
-  expected = sorted((k, r) for k in range(len(plan.shard_counts))
+  expected = sorted((k, r) for k in range(len(manifest["shards"]))
                     for r, c in enumerate(reader.table(k)[1]) for _ in range(c))
   assert sorted(first) == sorted(second) == expected
   assert first != second  # each epoch has its own order
@@ -81,19 +83,32 @@ def test_an_epoch_is_the_plans_multiset_in_a_new_order(label_set):
 
 def test_order_is_a_pure_function_of_seed_and_position(label_set):
   directory, plan = label_set
-  a, _, _ = student_input.open_stream(directory, plan, seed=3, window=300)
-  b, _, _ = student_input.open_stream(directory, plan, seed=3, window=300)
+  a, *_ = student_input.open_stream(directory, plan, seed=3, window=300)
+  b, *_ = student_input.open_stream(directory, plan, seed=3, window=300)
   positions = np.array([5000, 3, 999, 4, 2500])
   np.testing.assert_array_equal(np.stack(a.locate(positions)), np.stack(b.locate(positions)))
-  c, _, _ = student_input.open_stream(directory, plan, seed=4, window=300)
+  c, *_ = student_input.open_stream(directory, plan, seed=4, window=300)
   assert not np.array_equal(np.stack(a.locate(np.arange(64))), np.stack(c.locate(np.arange(64))))
 
 
-def test_a_plan_without_shard_counts_names_the_fix(label_set):
+def test_a_plan_without_block_counts_names_the_fix(label_set):
   directory, plan = label_set
-  old = type(plan)(**dict(plan.to_json(), shard_counts=None))
+  old = type(plan)(**dict(plan.to_json(), block_counts=None))
   with pytest.raises(ValueError, match="rerun the label stage"):
     student_input.open_stream(directory, old, seed=0)
+
+
+def test_the_stream_does_not_depend_on_how_many_hosts_labeled(tmp_path):
+  # The records' sequence is the unlabeled split's whichever hosts labeled it; shards differ.
+  streams = []
+  for hosts in (1, 3):
+    directory = str(tmp_path / f"h{hosts}")
+    plan, _ = synthetic.write_label_set(directory, 500, num_classes=5, num_hosts=hosts,
+                                        shard_bytes=20_000, batch=50, num_image=80, block_size=64)
+    order, blocks, reader, _ = student_input.open_stream(directory, plan, seed=1, window=200)
+    streams.append([pseudo_labels.parse_fn(5, 0)(r)["id"].numpy() for r in reader.read(
+        *student_input.locate_records(order, blocks, np.arange(700)))])
+  assert streams[0] == streams[1]
 
 
 def test_a_plan_that_keeps_nothing_is_refused():

@@ -102,9 +102,11 @@ class BalancePlan:
   histogram: list[list[int]]
   kept: list[int]
   factors: list[float]
-  # Balanced examples per pseudo-label shard (manifest order): the student's epoch, known without
-  # reading the records. None until `nsjax.data.pseudo_labels.write_read_tables` has run.
-  shard_counts: list[int] | None = None
+  # Balanced examples per block of `block_size` consecutive pseudo-labeled records (in manifest
+  # order: the unlabeled split's order, whichever hosts labeled it), the student's epoch known
+  # without reading the records. None until `pseudo_labels.write_read_tables` has run.
+  block_counts: list[int] | None = None
+  block_size: int = 1024
 
   def copies(self, pred_class: int, confidence: float, source_id: str | bytes) -> int:
     """How many times this pseudo-labeled image is read per pass (0 = filtered out)."""

@@ -273,17 +273,26 @@ def read_manifest(directory: str) -> dict[str, Any]:
   return read_json(path)
 
 
+def shard_starts(shards: Sequence[dict[str, Any]]) -> np.ndarray:
+  """Index of each shard's first record in the concatenated record sequence, plus the total."""
+  return np.concatenate([[0], np.cumsum([s["count"] for s in shards])]).astype(np.int64)
+
+
 def write_read_tables(directory: str, plan: balance.BalancePlan, shards: Sequence[dict[str, Any]],
                       process_index: int = 0, process_count: int = 1) -> np.ndarray:
   """Writes the reader's table of shards [process_index::process_count] -- each record's byte
-  offset and how many times the plan reads it -- and returns the balanced count of every shard
-  (0 for the shards of other processes; sum over processes).
+  offset and how many times the plan reads it -- and returns their balanced counts per block of
+  `plan.block_size` records of the concatenated sequence (sum the processes' arrays).
 
   This is the one pass over the records' metadata (sidecars, ~20 bytes a record, never the
   images) that balancing needs, done when the plan is made, split over the hosts: a student
-  stage then starts and resumes without reading anything per record.
+  stage then starts and resumes without reading anything per record. Blocks, not shards, are the
+  unit of the student's order because the records' sequence is the same whichever hosts labeled
+  them, while the shards are not.
   """
-  counts = np.zeros(len(shards), np.int64)
+  starts = shard_starts(shards)
+  num_blocks = -(-int(starts[-1]) // plan.block_size)
+  counts = np.zeros(num_blocks, np.int64)
   tf.io.gfile.makedirs(os.path.join(directory, BALANCED_DIR))
   for k in range(process_index, len(shards), process_count):
     meta = load_npz(meta_path(directory, shards[k]["file"]), ("length", "label", "bin", "id"))
@@ -294,7 +303,8 @@ def write_read_tables(directory: str, plan: balance.BalancePlan, shards: Sequenc
                        "label.shard_bytes and relabel.")
     save_npz(table_path(directory, shards[k]["file"]), offsets=offsets.astype(np.uint32),
              copies=copies.astype(np.min_scalar_type(max(int(copies.max(initial=0)), 1))))
-    counts[k] = int(copies.sum())
+    blocks = (starts[k] + np.arange(len(copies))) // plan.block_size
+    counts += np.bincount(blocks, weights=copies, minlength=num_blocks).astype(np.int64)
   return counts
 
 

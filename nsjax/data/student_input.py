@@ -25,22 +25,53 @@ from nsjax.train import steps
 _EXAMPLE_STREAM = 13
 
 
-def open_stream(directory: str, plan: balance.BalancePlan, seed: int, window: int = 16_384
-                ) -> tuple[balanced_order.BalancedOrder, random_access.RecordReader, dict]:
-  """The balanced order of a label stage's shards and a reader for them (nothing per record)."""
+class RecordBlocks:
+  """The units of the balanced order: blocks of `block_size` consecutive records of the
+  concatenated shards. Maps a block to its records' copies, and (block, index) to a shard record."""
+
+  def __init__(self, reader: random_access.RecordReader, starts: np.ndarray, block_size: int):
+    self.reader, self.starts, self.block_size = reader, starts, block_size
+
+  def _shard(self, record: np.ndarray) -> np.ndarray:
+    return np.searchsorted(self.starts, record, side="right") - 1
+
+  def copies(self, block: int) -> np.ndarray:
+    begin = block * self.block_size
+    end = min(begin + self.block_size, int(self.starts[-1]))
+    parts = []
+    for k in range(int(self._shard(begin)), int(self._shard(end - 1)) + 1):
+      lo, hi = max(begin, self.starts[k]), min(end, self.starts[k + 1])
+      parts.append(self.reader.table(k)[1][lo - self.starts[k]:hi - self.starts[k]])
+    return np.concatenate(parts)
+
+  def shard_records(self, blocks: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    record = blocks * self.block_size + index
+    shard = self._shard(record)
+    return shard, record - self.starts[shard]
+
+
+def open_stream(directory: str, plan: balance.BalancePlan, seed: int, window: int = 16_384):
+  """(order over blocks, RecordBlocks, reader, manifest) of a label stage's shards: nothing is
+  read per record."""
   manifest = pseudo_labels.read_manifest(directory)
   files = [s["file"] for s in manifest["shards"]]
-  if plan.shard_counts is None or len(plan.shard_counts) != len(files):
-    raise ValueError(f"The balance plan in {directory} has no per-shard counts for its "
-                     f"{len(files)} shards (written by an older nsjax, or interrupted): rerun the "
+  starts = pseudo_labels.shard_starts(manifest["shards"])
+  if plan.block_counts is None or len(plan.block_counts) != -(-int(starts[-1]) // plan.block_size):
+    raise ValueError(f"The balance plan in {directory} has no per-block counts for its "
+                     f"{starts[-1]} records (written by an older nsjax, or interrupted): rerun the "
                      "label stage, which keeps its shards and rewrites the plan.")
   reader = random_access.RecordReader(
       [os.path.join(directory, f) for f in files],
       table=lambda k: pseudo_labels.read_table(directory, files[k]),
       table_bytes=lambda k: tf.io.gfile.stat(pseudo_labels.table_path(directory, files[k])).length)
-  order = balanced_order.BalancedOrder(plan.shard_counts, lambda k: reader.table(k)[1], seed,
-                                       window)
-  return order, reader, manifest
+  blocks = RecordBlocks(reader, starts, plan.block_size)
+  order = balanced_order.BalancedOrder(plan.block_counts, blocks.copies, seed, window)
+  return order, blocks, reader, manifest
+
+
+def locate_records(order, blocks, positions) -> tuple[np.ndarray, np.ndarray]:
+  """Stream positions -> (shard, record within the shard)."""
+  return blocks.shard_records(*order.locate(positions))
 
 
 def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_batch_size: int,
@@ -55,7 +86,7 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
   receives the RecordReader (for its byte count).
   """
   index, count = input_pipeline.resolve_process(process_index, process_count)
-  order, reader, manifest = open_stream(directory, plan, seed, shuffle_buffer)
+  order, blocks, reader, manifest = open_stream(directory, plan, seed, shuffle_buffer)
   if reader_out is not None:
     reader_out.append(reader)
   global_batch = local_batch_size * count
@@ -64,7 +95,7 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
 
   def read_step(step):
     positions = int(step) * global_batch + index * local_batch_size + np.arange(local_batch_size)
-    records = reader.read(*order.locate(positions))
+    records = reader.read(*locate_records(order, blocks, positions))
     return np.array(records, dtype=object), positions.astype(np.int64)
 
   def fetch(step):

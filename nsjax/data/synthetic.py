@@ -26,13 +26,14 @@ def label_fields(probs: np.ndarray) -> dict[str, np.ndarray]:
 
 def write_label_set(directory: str, num_records: int, num_classes: int = 10, *,
                     num_hosts: int = 1, shard_bytes: int = 2**20, batch: int = 256,
-                    seed: int = 0, num_image: int = balance.KEEP_ALL
+                    seed: int = 0, num_image: int = balance.KEEP_ALL, block_size: int = 1024
                     ) -> tuple[balance.BalancePlan, int]:
   """Writes `num_records` pseudo-labeled records as `num_hosts` labeling hosts would (each its
   contiguous slice, shards cut at `shard_bytes`), merges them and makes the balance plan with its
   read tables. Returns (plan, metadata bytes written: sidecars, summaries, manifest, tables)."""
   images = png_images(64, seed=seed)
-  rng = np.random.default_rng(seed)
+  # Each record's probabilities depend on its index only, not on which host wrote it.
+  logits = np.random.default_rng(seed).normal(size=(num_records, num_classes)).astype(np.float32) * 3
   per_host = -(-num_records // num_hosts)
   written = 0
   for host in range(num_hosts):
@@ -43,8 +44,7 @@ def write_label_set(directory: str, num_records: int, num_classes: int = 10, *,
       pending.append(range(first, min(first + batch, end)))
       if sum(len(r) for r in pending) * 900 >= shard_bytes or first + batch >= end:
         ids = [i for r in pending for i in r]
-        logits = rng.normal(size=(len(ids), num_classes)) * 3
-        probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        probs = np.exp(logits[ids]) / np.exp(logits[ids]).sum(-1, keepdims=True)
         writer.write_shard([images[i % len(images)] for i in ids], label_fields(probs),
                            [b"r%d" % i for i in ids])
         pending = []
@@ -52,7 +52,8 @@ def write_label_set(directory: str, num_records: int, num_classes: int = 10, *,
     written += writer.bytes_written
   manifest = pseudo_labels.merge_manifests(directory, num_hosts)
   plan = balance.plan_balance(np.asarray(manifest["histogram"]), num_image, 0.0, seed)
-  plan.shard_counts = pseudo_labels.write_read_tables(directory, plan,
+  plan.block_size = block_size
+  plan.block_counts = pseudo_labels.write_read_tables(directory, plan,
                                                       manifest["shards"]).tolist()
   written += tf.io.gfile.stat(f"{directory}/{pseudo_labels.MANIFEST}").length
   written += sum(tf.io.gfile.stat(pseudo_labels.table_path(directory, s["file"])).length
