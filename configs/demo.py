@@ -53,7 +53,7 @@ def get_config():
   c.baseline = config_lib.model_stage("efficientnet-b0", 28, model_overrides=size,
                                       train=train(1600), noise_cfg=noise, seed_offset=3)
   c.label.batch_size = 256
-  c.label.shard_bytes = 256 * 1024  # several shards, to exercise them
+  c.label.shard_bytes = 256 * 1024  # 4 batches of 256 digits a shard: 4 shards, to exercise them
   c.balance.num_image_per_class = 390
   c.balance.min_threshold = 0.3
   c.eval.batch_size = 500

@@ -25,7 +25,7 @@ def get_config():
       "efficientnet-b0", 28, model_overrides=tiny, train=dict(train, unlabeled_ratio=1.0),
       noise_cfg=config_lib.noise(randaugment_magnitude=5), seed_offset=1)]
   c.label.batch_size = 128
-  c.label.shard_bytes = 32 * 1024  # several shards per host, to exercise them
+  c.label.shard_bytes = 64 * 1024  # 2 batches of 128 digits a shard: 2 shards, to exercise them
   c.balance.num_image_per_class = 40
   c.balance.min_threshold = 0.0  # a 12-step teacher is not confident; keep everything
   c.eval.batch_size = 128

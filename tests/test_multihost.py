@@ -276,7 +276,7 @@ def test_sigterm_to_one_host_stops_both_at_the_same_step_and_resumes(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # Labeling on several hosts: each host writes its own shards, but every host must run every
-# batch's inference step. A SIGTERM stops both hosts after the same shard; hosts stopped at
+# batch's inference step. A SIGTERM stops both hosts after the same batch (here a shard); hosts stopped at
 # different shards (SIGKILL, a lost VM) resume from the least advanced one. Both reruns must end
 # with identical shards (every feature's bytes) to an uninterrupted run.
 
@@ -340,7 +340,7 @@ def _shard_bytes(workdir):
   directory = os.path.join(workdir, "label-1")
   content = {}
   for f in sorted(os.listdir(directory)):
-    if f.startswith("shard-"):
+    if f.startswith("shard-") and f.endswith(".tfrecord"):
       examples = [tf.train.Example.FromString(r) for r in
                   tf.data.TFRecordDataset(os.path.join(directory, f)).as_numpy_iterator()]
       content[f] = [{k: v.SerializeToString() for k, v in sorted(e.features.feature.items())}
@@ -348,17 +348,19 @@ def _shard_bytes(workdir):
   return content
 
 
-def _host_manifest(workdir, host):
-  return json.load(open(os.path.join(workdir, "label-1", f"manifest-h{host:03d}.json")))
+def _host_writer(workdir, host):
+  from nsjax.data import pseudo_labels
+  return pseudo_labels.HostShardWriter(os.path.join(workdir, "label-1"), host, 10)
 
 
 def _roll_back(workdir, host, keep):
   """The on-disk state of `host` killed right after writing its shard number `keep`."""
-  manifest = _host_manifest(workdir, host)
-  for shard in manifest["shards"][keep:]:
-    os.remove(os.path.join(workdir, "label-1", shard["file"]))
-  manifest.update(shards=manifest["shards"][:keep], num_batches_done=keep, complete=False)
-  json.dump(manifest, open(os.path.join(workdir, "label-1", f"manifest-h{host:03d}.json"), "w"))
+  from nsjax.data import pseudo_labels
+  directory = os.path.join(workdir, "label-1")
+  for shard in _host_writer(workdir, host).shards[keep:]:
+    os.remove(os.path.join(directory, shard["file"]))
+    os.remove(pseudo_labels.meta_path(directory, shard["file"]))
+  os.remove(pseudo_labels.done_path(directory, host))
 
 
 @pytest.mark.slow  # ~3 min on 2 cores (four 2-process label-stage runs, two at a time)
@@ -376,7 +378,7 @@ def test_labeling_stops_both_hosts_at_one_shard_and_resumes_identically(tmp_path
   reference = _shard_bytes(straight)
   assert len(reference) == 8
   # Both hosts stopped after the same shard, the first one, with nothing half-written.
-  assert [_host_manifest(stopped, h)["num_batches_done"] for h in range(2)] == [1, 1]
+  assert [_host_writer(stopped, h).num_batches_done for h in range(2)] == [1, 1]
   assert sorted(_shard_bytes(stopped)) == ["shard-h000-00000.tfrecord", "shard-h001-00000.tfrecord"]
   assert not [f for f in os.listdir(os.path.join(stopped, "label-1")) if ".tmp-" in f]
   for log in logs[:2]:

@@ -5,7 +5,7 @@ k holds positions [k * G, (k + 1) * G), host h of P holds rows [h * G / P, (h + 
 and each host reads by byte offset only the records of its own rows. So the global batches are the
 same for any number of hosts, each host reads 1/P of the data, and a stage starts or resumes at any
 step by computing where that step's records are -- nothing is read or counted through the epoch.
-The epoch size and every shard's balanced count come with the balance plan. Each example's noise
+The epoch size and the balanced count of every block of records come with the balance plan. Each example's noise
 seed is derived from its stream position, as before. `StageBatches` joins the stream with the
 labeled stream into a training stage's global batches.
 """
