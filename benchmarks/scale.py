@@ -6,12 +6,13 @@ to 1/10 of the records per class; `--large` adds 1.28M), written by the real lab
 
   manifest_bytes_written  metadata bytes written while labeling and planning: shard sidecars,
                           host summaries, manifest.json, the plan's read tables (not the shards);
-  start_s                 median of 3: a fresh student reader (`student_input.pseudo_label_batches`, batch 64,
+  start_s                 a fresh student reader (`student_input.pseudo_label_batches`, batch 64,
                           host 0 of 1) until its first batch is in hand: open plan + manifest,
                           locate, read, decode, view;
-  resume_90_s             median of 3: the same, started at the step 90% into the first epoch;
-  peak_rss_mb             the reader process's peak RSS after the start, the resume and one epoch
-                          of host 0 of 1 read through the reader;
+  resume_90_s             the same, started at the step 90% into the first epoch (both the median
+                          of 5 rounds that alternate the sizes in one process);
+  peak_rss_mb             peak RSS of a process (one per set) that starts a reader, resumes one at
+                          90% and reads an epoch as host 0 of 1, 2, 4 and 8;
   bytes_read_host0        bytes host 0 reads from storage (records and read tables) during one
                           epoch of global batches of 64, for P = 1, 2, 4, 8 simulated hosts;
   epoch_size, num_shards, num_blocks   the balanced epoch, the shards, the plan's blocks.
@@ -88,23 +89,38 @@ def epoch_bytes_host0(directory: str, plan, hosts: int) -> int:
 
 
 def measure_reader(directory: str) -> dict:
+  """Peak RSS and bytes per host of one set's reader, in a process of its own."""
   from nsjax import label
   plan = label.read_plan(directory)
-  epoch = sum(plan.block_counts)
-  first_batch_s(directory, plan, 0)  # warms TF's one-time start-up (graph tracing, thread pools)
-  resume_step = int(0.9 * epoch) // GLOBAL_BATCH
-  out = {"start_s": statistics.median(first_batch_s(directory, plan, 0) for _ in range(3)),
-         "resume_90_s": statistics.median(first_batch_s(directory, plan, resume_step)
-                                          for _ in range(3))}
-  out["bytes_read_host0"] = {str(p): epoch_bytes_host0(directory, plan, p) for p in HOSTS}
+  first_batch_s(directory, plan, 0)
+  first_batch_s(directory, plan, int(0.9 * sum(plan.block_counts)) // GLOBAL_BATCH)
+  out = {"bytes_read_host0": {str(p): epoch_bytes_host0(directory, plan, p) for p in HOSTS}}
   out["peak_rss_mb"] = peak_rss_mb()
   return out
+
+
+def measure_times(directories: list[str], rounds: int = 5) -> list[dict]:
+  """start_s and resume_90_s of every set, alternated over `rounds` in one process (this VM's
+  speed drifts by 10-20% within minutes; alternating puts the drift on every size alike)."""
+  from nsjax import label
+  plans = [label.read_plan(d) for d in directories]
+  first_batch_s(directories[0], plans[0], 0)  # TF's one-time start-up (tracing, thread pools)
+  times = [{"start_s": [], "resume_90_s": []} for _ in directories]
+  for _ in range(rounds):
+    for d, plan, t in zip(directories, plans, times):
+      t["start_s"].append(first_batch_s(d, plan, 0))
+      t["resume_90_s"].append(first_batch_s(d, plan, int(0.9 * sum(plan.block_counts))
+                                            // GLOBAL_BATCH))
+  return [{k: statistics.median(v) for k, v in t.items()} | {f"{k}_rounds": v for k, v in t.items()}
+          for t in times]
 
 
 def child(args) -> None:
   """One set, in its own process: write (phase "write") or read (phase "read")."""
   if args.phase == "write":
     result = write_set(args.directory, args.n, args.label_hosts)
+  elif args.phase == "times":
+    result = measure_times(args.directory.split(","))
   else:
     result = measure_reader(args.directory)
   print(json.dumps(result))
@@ -188,11 +204,13 @@ def main(argv=None) -> dict:
   sizes = [int(s) for s in args.sizes.split(",")] + ([1_280_000] if args.large else [])
   runs = []
   with tempfile.TemporaryDirectory(dir=args.workdir or None) as root:
-    for n in sizes:
-      directory = os.path.join(root, f"n{n}")
+    directories = [os.path.join(root, f"n{n}") for n in sizes]
+    for n, directory in zip(sizes, directories):
       run = {"n": n, **run_child("write", directory, n, args.label_hosts)}
       run.update(run_child("read", directory, n, args.label_hosts))
       runs.append(run)
+    for run, times in zip(runs, run_child("times", ",".join(directories), 0, 0)):
+      run.update(times)
       print(json.dumps(run), flush=True)
   result = {"runs": runs, "targets_met": check_targets(runs), "projection": project(runs),
             "global_batch": GLOBAL_BATCH, "shard_bytes": SHARD_BYTES,

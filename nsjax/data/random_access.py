@@ -86,15 +86,15 @@ def _save_offsets(index_dir: str, path: str) -> None:
 def index_tfds_files(paths: Sequence[str], index_dir: str, process_index: int,
                      process_count: int) -> None:
   """Makes sure every file has its offsets in `index_dir`: each process indexes its share of the
-  missing files, waits for the others, then indexes whatever is still missing (an index directory
-  that is not shared between hosts)."""
+  files, waits for the others, then indexes whatever is still missing (an index directory that is
+  not shared between hosts). Every process of a run must call it (it holds a barrier): whether an
+  index exists is not known alike on all hosts while another host may be writing it."""
   tf.io.gfile.makedirs(index_dir)
-  missing = [p for p in paths if not tf.io.gfile.exists(offsets_path(index_dir, p))]
-  for path in missing[process_index::process_count]:
-    _save_offsets(index_dir, path)
-  if missing:
-    parallel.sync("record-index-built")
-  for path in missing:
+  for path in list(paths)[process_index::process_count]:
+    if not tf.io.gfile.exists(offsets_path(index_dir, path)):
+      _save_offsets(index_dir, path)
+  parallel.sync("record-index-built")
+  for path in paths:
     if not tf.io.gfile.exists(offsets_path(index_dir, path)):
       _save_offsets(index_dir, path)
 
