@@ -1,0 +1,144 @@
+"""nsjax as an installed package: the wheel, the `nsjax` command, bundled configs and data files.
+
+The wheel test builds the wheel from a copy of the checkout (setuptools writes build/ and
+*.egg-info/ next to the sources), installs it with pip into a fresh venv OFFLINE (the venv sees
+the system's packages, --no-deps --no-index: nothing is downloaded) and, from a directory outside
+the checkout with no PYTHONPATH, runs `nsjax --help`, every subcommand's --help, the smoke schedule
+as `nsjax run`'s example says, and the export example on the student it trained.
+"""
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+
+import pytest
+from packaging.requirements import Requirement
+
+from nsjax import cli
+from nsjax.evaluate import metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_pyproject_lists_every_package_and_the_command():
+  """`packages` is an explicit list (configs/ is mapped in): a new subpackage must be added."""
+  listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+  on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "nsjax").rglob("__init__.py")}
+  assert listed == on_disk | {"nsjax.configs"}
+  assert PYPROJECT["tool"]["setuptools"]["package-dir"] == {"nsjax.configs": "configs"}
+  assert PYPROJECT["project"]["scripts"] == {"nsjax": "nsjax.cli:main"}
+
+
+def test_metadata_ranges_admit_the_pins():
+  """Every pinned runtime package of requirements.txt satisfies the package's range for it."""
+  ranges = {Requirement(r).name: Requirement(r) for r in PYPROJECT["project"]["dependencies"]}
+  pins = [line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+          if "==" in line and not line.startswith("#")]
+  runtime = [(name, version) for name, version in pins if name in ranges]
+  assert len(runtime) >= 15
+  for name, version in runtime:
+    assert ranges[name].specifier.contains(version), (name, version, str(ranges[name]))
+
+
+def shared_data_dir() -> pathlib.Path | None:
+  for parent in ROOT.parents:
+    if (parent / "shared" / "data").is_dir():
+      return parent / "shared" / "data"
+  return None
+
+
+def test_packaged_class_indices_equal_the_shared_ones(monkeypatch):
+  monkeypatch.delenv(metrics.SHARED_DIR_ENV, raising=False)
+  for filename in metrics.SUBSET_FILES.values():
+    assert metrics.shared_data_path(filename) == metrics.PACKAGED_DIR / filename
+  shared = shared_data_dir()
+  if shared is None:
+    pytest.skip("no shared/data directory beside this checkout to compare with")
+  for filename in metrics.SUBSET_FILES.values():
+    assert filecmp.cmp(shared / filename, metrics.PACKAGED_DIR / filename, shallow=False), filename
+
+
+def test_config_names_resolve_to_files(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # outside the checkout: configs/smoke.py is not a relative path here
+  smoke = str(ROOT / "configs" / "smoke.py")
+  for value in ("smoke", "smoke.py", "configs/smoke.py"):
+    assert cli.resolve_config(value) == smoke
+  assert cli.resolve_config("folder_example:/data/x,tiny") == (
+      str(ROOT / "configs" / "folder_example.py") + ":/data/x,tiny")
+  (tmp_path / "mine.py").write_text("")
+  assert cli.resolve_config("mine.py") == "mine.py"  # a real file wins
+  assert cli.resolve_config_flags(["--config", "demo", "--config.seed=1"]) == [
+      "--config", str(ROOT / "configs" / "demo.py"), "--config.seed=1"]
+  with pytest.raises(cli.ConfigNotFound, match="smoke, svhn_b0"):
+    cli.resolve_config("nope")
+
+
+def test_unknown_subcommand_and_bare_command(capsys):
+  assert cli.main(["train"]) == 2
+  assert "unknown subcommand 'train'" in capsys.readouterr().err
+  assert cli.main([]) == 2
+  assert "model-table" in capsys.readouterr().out
+
+
+def run(args, cwd, env, timeout=600):
+  done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+  assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+  return done.stdout
+
+
+def build_wheel(tmp: pathlib.Path) -> pathlib.Path:
+  """The wheel, built offline from a copy of the sources (so build/ and *.egg-info/ land there)."""
+  source = tmp / "source"
+  ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+  for name in ("nsjax", "configs"):
+    shutil.copytree(ROOT / name, source / name, ignore=ignore)
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(ROOT / name, source / name)
+  run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--no-build-isolation",
+       "-q", "-w", str(tmp / "dist"), str(source)], cwd=tmp, env=os.environ.copy())
+  (wheel,) = (tmp / "dist").glob("nsjax-*.whl")
+  return wheel
+
+
+def test_wheel_installs_offline_and_runs_the_smoke_schedule_outside_the_checkout(tmp_path):
+  start = time.time()
+  wheel = build_wheel(tmp_path)
+  venv = tmp_path / "venv"
+  run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], tmp_path, os.environ.copy())
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", JAX_PLATFORMS="cpu")
+  run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index",
+       "--no-build-isolation", str(wheel)], tmp_path, env)
+  outside = tmp_path / "elsewhere"
+  outside.mkdir()
+  where = run([str(venv / "bin" / "python"), "-c", "import nsjax, nsjax.evaluate.metrics as m; "
+               "print(nsjax.__file__); print(m.shared_data_path('imagenet_a_indices_in_1k.txt'))"],
+              outside, env).split()
+  assert all(p.startswith(str(venv)) for p in where), where  # the installed copy, not the checkout
+  nsjax = str(venv / "bin" / "nsjax")
+  overview = run([nsjax, "--help"], outside, env)
+  assert all(s.example in overview for s in cli.SUBCOMMANDS) and "smoke" in overview
+  helps = {s.name: subprocess.Popen([nsjax, s.name, "--help"], cwd=outside, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for s in cli.SUBCOMMANDS}
+  for name, process in helps.items():
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, (name, err[-2000:])
+    assert f"Example:\n  {cli.BY_NAME[name].example}" in out and "--" in out.split("Example:")[1]
+  workdir = outside / "smoke-run"
+  run(cli.BY_NAME["run"].example.replace("/tmp/nsjax-smoke", str(workdir)).split(), outside, env)
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert [r["role"] for r in summary["iterations"]] == ["teacher", "student"]
+  run(cli.BY_NAME["export"].example.replace("/tmp/nsjax-smoke", str(workdir))
+      .replace("/tmp/nsjax-serving", str(outside / "serving")).split(), outside, env)
+  record = json.loads((outside / "serving" / "assets.extra" / "nsjax_serving.json").read_text())
+  assert record["preprocessing"]["view"] == "small_image" and record["part"] == "classifier"
+  print(f"wheel build + offline install + helps + smoke schedule + export: {time.time() - start:.0f} s")
