@@ -4,7 +4,8 @@ The wheel test builds the wheel from a copy of the checkout (setuptools writes b
 *.egg-info/ next to the sources), installs it with pip into a fresh venv OFFLINE (the venv sees
 the system's packages, --no-deps --no-index: nothing is downloaded) and, from a directory outside
 the checkout with no PYTHONPATH, runs `nsjax --help`, every subcommand's --help, the smoke schedule
-as `nsjax run`'s example says, and the export example on the student it trained.
+as `nsjax run`'s example says, the export example on the student it trained, and the Colab notebook
+(fast mode, on that finished run) with the venv's kernel.
 """
 from __future__ import annotations
 
@@ -108,6 +109,33 @@ def build_wheel(tmp: pathlib.Path) -> pathlib.Path:
   return wheel
 
 
+NOTEBOOK_RUNNER = """
+import sys, nbclient, nbformat
+nb = nbformat.read(sys.argv[1], as_version=4)
+nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                        resources={"metadata": {"path": sys.argv[3]}}).execute()
+nbformat.write(nb, sys.argv[2])
+"""
+
+
+def check_notebook_on_the_installed_package(venv, workdir, outside, env):
+  """launch/colab.ipynb with the venv's kernel, outside the checkout, on the finished smoke run:
+  nsjax comes from the wheel (nothing to install), the config from the package, the stages are
+  all done, the table shows."""
+  env = dict(env, NSJAX_NOTEBOOK_TEST="1", NSJAX_NOTEBOOK_CONFIG="smoke",
+             NSJAX_NOTEBOOK_WORKDIR=str(workdir))
+  executed = outside / "executed.ipynb"
+  run([str(venv / "bin" / "python"), "-c", NOTEBOOK_RUNNER, str(ROOT / "launch" / "colab.ipynb"),
+       str(executed), str(outside)], outside, env)
+  cells = [c for c in json.loads(executed.read_text())["cells"] if c["cell_type"] == "code"]
+  text = ["".join("".join(o.get("text", "")) for o in c["outputs"] if o.get("name") == "stdout")
+          for c in cells]
+  assert "already importable: nothing to install" in text[0]
+  config_line = text[1].split("config: ")[1].split("\n")[0]
+  assert config_line.startswith(str(venv)) and config_line.endswith("nsjax/configs/smoke.py")
+  assert "completed stages: " in text[3] and "summary" in text[3]
+
+
 def test_wheel_installs_offline_and_runs_the_smoke_schedule_outside_the_checkout(tmp_path):
   start = time.time()
   wheel = build_wheel(tmp_path)
@@ -133,12 +161,16 @@ def test_wheel_installs_offline_and_runs_the_smoke_schedule_outside_the_checkout
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, (name, err[-2000:])
     assert f"Example:\n  {cli.BY_NAME[name].example}" in out and "--" in out.split("Example:")[1]
+  print(f"wheel, venv, install, --help x 7: {time.time() - start:.0f} s")
   workdir = outside / "smoke-run"
   run(cli.BY_NAME["run"].example.replace("/tmp/nsjax-smoke", str(workdir)).split(), outside, env)
   summary = json.loads((workdir / "summary.json").read_text())
   assert [r["role"] for r in summary["iterations"]] == ["teacher", "student"]
+  print(f"+ smoke schedule: {time.time() - start:.0f} s")
   run(cli.BY_NAME["export"].example.replace("/tmp/nsjax-smoke", str(workdir))
       .replace("/tmp/nsjax-serving", str(outside / "serving")).split(), outside, env)
   record = json.loads((outside / "serving" / "assets.extra" / "nsjax_serving.json").read_text())
   assert record["preprocessing"]["view"] == "small_image" and record["part"] == "classifier"
-  print(f"wheel build + offline install + helps + smoke schedule + export: {time.time() - start:.0f} s")
+  print(f"+ export: {time.time() - start:.0f} s")
+  check_notebook_on_the_installed_package(venv, workdir, outside, env)
+  print(f"+ notebook: {time.time() - start:.0f} s")
