@@ -1,14 +1,16 @@
 """nsjax as an installed package: the wheel, the `nsjax` command, bundled configs and data files.
 
-The wheel test builds the wheel from a copy of the checkout (setuptools writes build/ and
-*.egg-info/ next to the sources), installs it with pip into a fresh venv OFFLINE (the venv sees
+The wheel tests build the wheel from a copy of the checkout (setuptools writes build/ and
+*.egg-info/ next to the sources), install it with pip into a fresh venv OFFLINE (the venv sees
 the system's packages, --no-deps --no-index: nothing is downloaded) and, from a directory outside
-the checkout with no PYTHONPATH, runs `nsjax --help`, every subcommand's --help, the smoke schedule
-as `nsjax run`'s example says, the export example on the student it trained, and the Colab notebook
-(fast mode, on that finished run) with the venv's kernel.
+the checkout with no PYTHONPATH, run `nsjax --help`, the smoke schedule as `nsjax run`'s example
+says and the export example on the student it trained; with `-m slow` (about a minute more on 2
+cores), also every subcommand's --help and the Colab notebook (fast mode, on that finished run)
+with the venv's kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import json
 import os
@@ -109,6 +111,81 @@ def build_wheel(tmp: pathlib.Path) -> pathlib.Path:
   return wheel
 
 
+@dataclasses.dataclass
+class Installed:
+  venv: pathlib.Path
+  outside: pathlib.Path  # a working directory outside the checkout
+  env: dict
+  seconds: float         # wheel build + venv + install
+
+  @property
+  def nsjax(self) -> str:
+    return str(self.venv / "bin" / "nsjax")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+  """The wheel installed offline into a fresh venv; an environment without the checkout."""
+  start = time.time()
+  tmp = tmp_path_factory.mktemp("wheel")
+  wheel = build_wheel(tmp)
+  venv = tmp / "venv"
+  run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], tmp, os.environ.copy())
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", JAX_PLATFORMS="cpu")
+  run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index",
+       "--no-build-isolation", str(wheel)], tmp, env)
+  outside = tmp / "elsewhere"
+  outside.mkdir()
+  return Installed(venv, outside, env, time.time() - start)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(installed):
+  """`nsjax run`'s example (the smoke schedule), from outside the checkout: the workdir."""
+  start = time.time()
+  workdir = installed.outside / "smoke-run"
+  run(cli.BY_NAME["run"].example.replace("/tmp/nsjax-smoke", str(workdir)).split(),
+      installed.outside, installed.env)
+  print(f"smoke schedule from the installed package: {time.time() - start:.0f} s")
+  return workdir
+
+
+def test_wheel_installs_offline_and_runs_the_smoke_schedule_outside_the_checkout(installed,
+                                                                                  smoke_run):
+  start = time.time()
+  where = run([str(installed.venv / "bin" / "python"), "-c",
+               "import nsjax, nsjax.evaluate.metrics as m; print(nsjax.__file__); "
+               "print(m.shared_data_path('imagenet_a_indices_in_1k.txt'))"],
+              installed.outside, installed.env).split()
+  assert all(p.startswith(str(installed.venv)) for p in where), where  # not the checkout's
+  overview = run([installed.nsjax, "--help"], installed.outside, installed.env)
+  assert all(s.example in overview for s in cli.SUBCOMMANDS) and "smoke" in overview
+  summary = json.loads((smoke_run / "summary.json").read_text())
+  assert [r["role"] for r in summary["iterations"]] == ["teacher", "student"]
+  serving = installed.outside / "serving"
+  run(cli.BY_NAME["export"].example.replace("/tmp/nsjax-smoke", str(smoke_run))
+      .replace("/tmp/nsjax-serving", str(serving)).split(), installed.outside, installed.env)
+  record = json.loads((serving / "assets.extra" / "nsjax_serving.json").read_text())
+  assert record["preprocessing"]["view"] == "small_image" and record["part"] == "classifier"
+  print(f"wheel build + offline install: {installed.seconds:.0f} s; --help, paths and export "
+        f"example: {time.time() - start:.0f} s")
+
+
+@pytest.mark.slow
+def test_installed_subcommands_show_their_examples(installed):
+  """Every `nsjax SUB --help` of the installed command: usage, the example, then its flags."""
+  helps = {s.name: subprocess.Popen([installed.nsjax, s.name, "--help"], cwd=installed.outside,
+                                    env=installed.env, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+           for s in cli.SUBCOMMANDS}
+  for name, process in helps.items():
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, (name, err[-2000:])
+    assert out.startswith(f"usage: nsjax {name}")
+    assert f"Example:\n  {cli.BY_NAME[name].example}" in out and "--" in out.split("Example:")[1]
+
+
 NOTEBOOK_RUNNER = """
 import sys, nbclient, nbformat
 nb = nbformat.read(sys.argv[1], as_version=4)
@@ -118,59 +195,22 @@ nbformat.write(nb, sys.argv[2])
 """
 
 
-def check_notebook_on_the_installed_package(venv, workdir, outside, env):
+@pytest.mark.slow
+def test_notebook_runs_on_the_installed_package(installed, smoke_run):
   """launch/colab.ipynb with the venv's kernel, outside the checkout, on the finished smoke run:
   nsjax comes from the wheel (nothing to install), the config from the package, the stages are
-  all done, the table shows."""
-  env = dict(env, NSJAX_NOTEBOOK_TEST="1", NSJAX_NOTEBOOK_CONFIG="smoke",
-             NSJAX_NOTEBOOK_WORKDIR=str(workdir))
-  executed = outside / "executed.ipynb"
-  run([str(venv / "bin" / "python"), "-c", NOTEBOOK_RUNNER, str(ROOT / "launch" / "colab.ipynb"),
-       str(executed), str(outside)], outside, env)
+  all done."""
+  env = dict(installed.env, NSJAX_NOTEBOOK_TEST="1", NSJAX_NOTEBOOK_CONFIG="smoke",
+             NSJAX_NOTEBOOK_WORKDIR=str(smoke_run))
+  executed = installed.outside / "executed.ipynb"
+  run([str(installed.venv / "bin" / "python"), "-c", NOTEBOOK_RUNNER,
+       str(ROOT / "launch" / "colab.ipynb"), str(executed), str(installed.outside)],
+      installed.outside, env)
   cells = [c for c in json.loads(executed.read_text())["cells"] if c["cell_type"] == "code"]
   text = ["".join("".join(o.get("text", "")) for o in c["outputs"] if o.get("name") == "stdout")
           for c in cells]
   assert "already importable: nothing to install" in text[0]
   config_line = text[1].split("config: ")[1].split("\n")[0]
-  assert config_line.startswith(str(venv)) and config_line.endswith("nsjax/configs/smoke.py")
+  assert config_line.startswith(str(installed.venv))
+  assert config_line.endswith("nsjax/configs/smoke.py")
   assert "completed stages: " in text[3] and "summary" in text[3]
-
-
-def test_wheel_installs_offline_and_runs_the_smoke_schedule_outside_the_checkout(tmp_path):
-  start = time.time()
-  wheel = build_wheel(tmp_path)
-  venv = tmp_path / "venv"
-  run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], tmp_path, os.environ.copy())
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-  env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", JAX_PLATFORMS="cpu")
-  run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index",
-       "--no-build-isolation", str(wheel)], tmp_path, env)
-  outside = tmp_path / "elsewhere"
-  outside.mkdir()
-  where = run([str(venv / "bin" / "python"), "-c", "import nsjax, nsjax.evaluate.metrics as m; "
-               "print(nsjax.__file__); print(m.shared_data_path('imagenet_a_indices_in_1k.txt'))"],
-              outside, env).split()
-  assert all(p.startswith(str(venv)) for p in where), where  # the installed copy, not the checkout
-  nsjax = str(venv / "bin" / "nsjax")
-  overview = run([nsjax, "--help"], outside, env)
-  assert all(s.example in overview for s in cli.SUBCOMMANDS) and "smoke" in overview
-  helps = {s.name: subprocess.Popen([nsjax, s.name, "--help"], cwd=outside, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for s in cli.SUBCOMMANDS}
-  for name, process in helps.items():
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, (name, err[-2000:])
-    assert f"Example:\n  {cli.BY_NAME[name].example}" in out and "--" in out.split("Example:")[1]
-  print(f"wheel, venv, install, --help x 7: {time.time() - start:.0f} s")
-  workdir = outside / "smoke-run"
-  run(cli.BY_NAME["run"].example.replace("/tmp/nsjax-smoke", str(workdir)).split(), outside, env)
-  summary = json.loads((workdir / "summary.json").read_text())
-  assert [r["role"] for r in summary["iterations"]] == ["teacher", "student"]
-  print(f"+ smoke schedule: {time.time() - start:.0f} s")
-  run(cli.BY_NAME["export"].example.replace("/tmp/nsjax-smoke", str(workdir))
-      .replace("/tmp/nsjax-serving", str(outside / "serving")).split(), outside, env)
-  record = json.loads((outside / "serving" / "assets.extra" / "nsjax_serving.json").read_text())
-  assert record["preprocessing"]["view"] == "small_image" and record["part"] == "classifier"
-  print(f"+ export: {time.time() - start:.0f} s")
-  check_notebook_on_the_installed_package(venv, workdir, outside, env)
-  print(f"+ notebook: {time.time() - start:.0f} s")
