@@ -44,7 +44,8 @@ SUBCOMMANDS = (
                "nsjax evaluate --export=/tmp/nsjax-smoke/student-1/export "
                "--dataset=mnist5k/labels_10 --split='test[:256]' --output=/tmp/nsjax-eval"),
     Subcommand("convert-checkpoint", "nsjax.tools.convert_checkpoint", "argparse",
-               "Convert an official TF EfficientNet / Noisy Student checkpoint to an nsjax export.",
+               "Convert an official TF EfficientNet / Noisy Student checkpoint (e.g. the unpacked "
+               "noisy_student_efficientnet-b0.tar.gz) to an nsjax export.",
                "nsjax convert-checkpoint --tf_checkpoint=noisy_student_efficientnet-b0 "
                "--model=efficientnet-b0 --output=/tmp/b0-export"),
     Subcommand("export", "nsjax.export.__main__", "argparse",

@@ -184,6 +184,21 @@ def test_installed_subcommands_show_their_examples(installed):
     assert process.returncode == 0, (name, err[-2000:])
     assert out.startswith(f"usage: nsjax {name}")
     assert f"Example:\n  {cli.BY_NAME[name].example}" in out and "--" in out.split("Example:")[1]
+  # The examples that need no download run as printed (run, export, evaluate: with the smoke run).
+  table = run(cli.BY_NAME["model-table"].example.split(), installed.outside, installed.env)
+  assert "| efficientnet-b1 | 7,794,184 |" in table
+  memory = run(cli.BY_NAME["memory"].example.split(), installed.outside, installed.env)
+  assert "on 8 device(s)" in memory and "student-1" in memory
+
+
+@pytest.mark.slow
+def test_installed_evaluate_example_scores_the_smoke_student(installed, smoke_run):
+  output = installed.outside / "eval"
+  example = cli.BY_NAME["evaluate"].example.replace("/tmp/nsjax-smoke", str(smoke_run))
+  example = example.replace("/tmp/nsjax-eval", str(output)).replace("'", "")
+  run(example.split(), installed.outside, installed.env)
+  result = json.loads((output / "clean.json").read_text())
+  assert 0.0 <= result["top1"] <= 1.0
 
 
 NOTEBOOK_RUNNER = """
