@@ -1,4 +1,5 @@
-"""Command line: `python -m nsjax.main --config=configs/demo.py --workdir=DIR [--stage=NAME]`.
+"""Command line: `python -m nsjax.main --config=configs/demo.py --workdir=DIR [--stage=NAME]`
+(the same as `nsjax run ...`; `--config` also takes a bundled config's name, e.g. `--config=smoke`).
 
 Multi-host: on Cloud TPU, `jax.distributed.initialize()` needs no arguments; elsewhere pass
 --coordinator_address, --num_processes and --process_id (every process runs the same command).
@@ -15,9 +16,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nsjax import host_memory
+from nsjax import cli, host_memory
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: a file (configs/*.py) "
+                                          "or a bundled config's name (smoke, demo, ...).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, labels and results go.")
 _STAGE = flags.DEFINE_string("stage", None, "Run only this stage, e.g. teacher, label-1, student-1, "
@@ -105,4 +107,8 @@ def _exit(code: int, message: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    resolved_argv = cli.resolve_config_flags(sys.argv)
+  except cli.ConfigNotFound as config_error:
+    _exit(EXIT_BAD_CONFIG, f"Config error: {config_error}")
+  app.run(main, argv=resolved_argv)

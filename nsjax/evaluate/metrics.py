@@ -5,8 +5,10 @@ and sharding, so every function takes an example mask and the padding never reac
 
 ImageNet-A and ImageNet-R each cover 200 of the 1000 ImageNet classes. A 1000-way model is scored on
 them by restricting its logits to the subset and taking the argmax there; the prediction is reported
-back in the 1000-class space as `indices[argmax(logits[:, indices])]`. The index lists live outside
-the repository (../shared/data/*.txt); `class_subset_indices` finds them (see `shared_data_path`).
+back in the 1000-class space as `indices[argmax(logits[:, indices])]`. The index lists ship inside the
+package (nsjax/evaluate/class_indices/, copies of the project's ../shared/data/*.txt, kept equal by a
+test) so an installed nsjax needs no checkout; `class_subset_indices` finds them (see
+`shared_data_path`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ SUBSET_FILES = {"imagenet_a": "imagenet_a_indices_in_1k.txt",
                 "imagenet_r": "imagenet_r_indices_in_1k.txt"}
 LABEL_SPACES = ("full", "subset")
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+PACKAGED_DIR = pathlib.Path(__file__).resolve().parent / "class_indices"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,17 +86,19 @@ class TopKAccumulator:
 # Class subsets (ImageNet-A, ImageNet-R).
 
 def shared_data_path(filename: str) -> pathlib.Path:
-  """Finds `filename` in the shared data directory that sits beside the repository.
+  """Finds `filename`: an explicit shared directory first, else the copy shipped in the package.
 
-  Order: $NSJAX_SHARED_DIR (the shared directory holding data/, or the data directory itself), then
-  `<repo>/../shared/data`, then `shared/data` under any further ancestor of the repository (so git
-  worktrees nested one level deeper still find it). Raises FileNotFoundError listing every place
+  Order: $NSJAX_SHARED_DIR (the shared directory holding data/, or the data directory itself; an
+  override for other lists), then the package's own class_indices/ (present in a checkout and in an
+  installed wheel), then `<repo>/../shared/data` and `shared/data` under any further ancestor of
+  the repository (files the package does not ship). Raises FileNotFoundError listing every place
   tried.
   """
   candidates = []
   env = os.environ.get(SHARED_DIR_ENV)
   if env:
     candidates += [pathlib.Path(env) / "data" / filename, pathlib.Path(env) / filename]
+  candidates.append(PACKAGED_DIR / filename)
   candidates += [parent / "shared" / "data" / filename for parent in REPO_ROOT.parents]
   for candidate in candidates:
     if candidate.is_file():

@@ -20,9 +20,9 @@ from nsjax import checkpoint, models
 from nsjax.models import convert
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser(prog: str = "python -m nsjax.tools.convert_checkpoint") -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="python -m nsjax.tools.convert_checkpoint", description=__doc__.split("\n\n")[0],
+      prog=prog, description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tf_checkpoint", required=True,
                       help="checkpoint prefix (e.g. .../model.ckpt-1000) or a directory with a "
@@ -44,7 +44,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="32 px variant (stages 2 and 3 stride 1; same variables)")
   parser.add_argument("--train_resolution", type=int, default=None)
   parser.add_argument("--test_resolution", type=int, default=None)
-  return parser.parse_args(argv)
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None, prog: str | None = None) -> argparse.Namespace:
+  return (build_parser(prog) if prog else build_parser()).parse_args(argv)
 
 
 def default_output(tf_checkpoint: str) -> str:
@@ -80,8 +84,8 @@ def convert_checkpoint(args: argparse.Namespace) -> str:
   return str(output)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+  args = parse_args(argv, prog)
   try:
     output = convert_checkpoint(args)
   except ValueError as e:

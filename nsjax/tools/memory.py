@@ -19,11 +19,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import app, flags
 from jax.sharding import AbstractMesh
+from ml_collections import config_flags
 
 from nsjax import parallel
 
 PARTS = ("params", "batch_stats", "ema", "opt_slots")
+_CONFIG = _NUM_DEVICES = None  # flag holders, set by define_flags()
 
 
 @dataclasses.dataclass
@@ -141,8 +144,20 @@ def format_report(rows: list[ModelMemory], num_devices: int) -> str:
   return "\n".join([title, fmt(header), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
 
 
+def define_flags() -> None:
+  """--config and --num_devices, defined on first use rather than at import: absl flags are
+  process-global, and nsjax.main (imported beside this module in tests) defines --config too."""
+  global _CONFIG, _NUM_DEVICES
+  if "num_devices" in flags.FLAGS:
+    return
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py or "
+                                            "a bundled config's name with `nsjax memory`).")
+  _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices on the data axis (default: "
+                                      "this machine's); they need not exist here.")
+  flags.mark_flags_as_required(["config"])
+
+
 def main(argv):
-  from absl import app
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   num_devices = _NUM_DEVICES.value or jax.device_count()
@@ -151,10 +166,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).")
-  _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices on the data axis (default: "
-                                      "this machine's); they need not exist here.")
-  flags.mark_flags_as_required(["config"])
+  define_flags()
   app.run(main)

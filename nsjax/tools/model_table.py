@@ -60,12 +60,15 @@ def markdown_table(rows: Sequence[ModelRow]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m nsjax.tools.model_table",
-                                   description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m nsjax.tools.model_table") -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
   parser.add_argument("--num_classes", type=int, default=1000)
   parser.add_argument("--models", default="", help="comma-separated model names (default: all)")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+  args = (build_parser(prog) if prog else build_parser()).parse_args(argv)
   names = [n.strip() for n in args.models.split(",") if n.strip()]
   for name in names:
     models.get_spec(name)  # A clear error listing the valid names.
