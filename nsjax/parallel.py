@@ -6,11 +6,13 @@ Batches are sharded along their leading axis over `data`. Parameters are replica
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from typing import Any
 
 import jax
 import numpy as np
+from jax._src import distributed  # the coordination client; no public API for its barrier
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -106,6 +108,20 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+_HOST_BARRIERS = itertools.count()
+
+
+def host_barrier(name: str, timeout_s: int = 3600) -> None:
+  """A barrier through jax.distributed's coordination service, not a device computation: safe to
+  call while a stage's computations are in flight (a device barrier there can interleave with
+  them differently on each host, and gloo's collectives then wait for each other forever). Every
+  process must call it the same number of times in the same order (ids are numbered)."""
+  client = distributed.global_state.client
+  if jax.process_count() == 1 or client is None:
+    return
+  client.wait_at_barrier(f"nsjax-{name}-{next(_HOST_BARRIERS)}", timeout_s * 1000)
 
 
 CPU_VECTOR_WIDTH_OPTION = "xla_cpu_prefer_vector_width"

@@ -93,7 +93,7 @@ def index_tfds_files(paths: Sequence[str], index_dir: str, process_index: int,
   for path in list(paths)[process_index::process_count]:
     if not tf.io.gfile.exists(offsets_path(index_dir, path)):
       _save_offsets(index_dir, path)
-  parallel.sync("record-index-built")
+  parallel.host_barrier("record-index-built")
   for path in paths:
     if not tf.io.gfile.exists(offsets_path(index_dir, path)):
       _save_offsets(index_dir, path)
