@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from nsjax import checkpoint, label, models, parallel, report
+from nsjax import checkpoint, finetune, label, models, parallel, report, validate
 from nsjax.data import folder, input_pipeline, mnist5k, preprocess, student_input
 from nsjax.data import randaugment as ra
 from nsjax.evaluate import stage as eval_stage_lib
@@ -310,28 +310,21 @@ def check_teacher_compatible(teacher_dir: str, student: models.EfficientNet, sta
                            f"the teacher at {teacher_dir}", "the student's labeled data",
                            "Use a teacher trained on these classes (or a new workdir).")
   teacher = description["model"]
-  if teacher["num_classes"] != student.num_classes:
-    raise ValueError(f"The teacher at {teacher_dir} predicts {teacher['num_classes']} classes but "
-                     f"the dataset has {student.num_classes}; use a teacher trained on these classes.")
-  t_params = count_params(models.model_from_config(teacher))
-  s_params = count_params(student)
-  if s_params < t_params:
-    logging.warning("The student %s (%d params) is smaller than its teacher %s (%d params); "
-                    "Noisy Student expects an equal or larger student.", stage_cfg.model, s_params,
-                    teacher["model_name"], t_params)
+  validate.check_teacher_classes(f"The teacher at {teacher_dir}", teacher["num_classes"],
+                                 student.num_classes, "the dataset's class count")
+  validate.warn_if_smaller((f"the teacher at {teacher_dir}", models.model_from_config(teacher)),
+                           (f"the student ({stage_cfg.model})", student))
 
 
-def count_params(model: models.EfficientNet) -> int:
-  abstract = checkpoint.abstract_variables(model, resolution=32)
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
+count_params = validate.count_params  # summary rows count each model's parameters
 
 
 def import_teacher(stage_cfg, config, workdir: str) -> dict:
   """A teacher from an exported (or converted official) checkpoint, re-exported into the workdir."""
   model, variables, metadata = checkpoint.load_exported(stage_cfg.checkpoint)
-  if model.num_classes != config.data.num_classes:
-    raise ValueError(f"The teacher checkpoint {stage_cfg.checkpoint} has {model.num_classes} "
-                     f"classes but config.data.num_classes is {config.data.num_classes}.")
+  validate.check_teacher_classes(f"The teacher checkpoint {stage_cfg.checkpoint}",
+                                 model.num_classes, config.data.num_classes,
+                                 "config.data.num_classes")
   folder.check_class_names(metadata.get("class_names"), config.data.get("class_names"),
                            f"the teacher checkpoint {stage_cfg.checkpoint}", "the labeled data",
                            "Import a teacher trained on these classes.")
@@ -342,7 +335,6 @@ def import_teacher(stage_cfg, config, workdir: str) -> dict:
 
 def finetune_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
   """Test-resolution fine-tuning of student i on the labeled data (see nsjax/finetune.py)."""
-  from nsjax import finetune
   labeled = source(config.data.labeled, data_dir)
   return finetune.finetune(
       export_dir(workdir, f"student-{stage.iteration}"), labeled, stage_dir(workdir, stage.name),
@@ -443,7 +435,7 @@ def summary_stage(config, workdir: str, state: RunState, started: float) -> dict
 def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = None,
         mesh=None) -> dict[str, Any]:
   """Runs the schedule (or one stage of it) in `workdir`; returns the state file's content."""
-  from nsjax import validate
+  validate.check_keys(config)  # before anything, folder conversions included
   validate.check_workdir(workdir)
   # The state file keys on the config as written; image folders have their own fingerprints.
   config_fingerprint = fingerprint(config)

@@ -73,7 +73,7 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from nsjax import checkpoint, models, parallel
+from nsjax import checkpoint, config_lib, models, parallel
 from nsjax.train import optimizer as opt
 from nsjax.train import state as state_lib
 from nsjax.train import steps
@@ -89,16 +89,9 @@ _STEP_KEYS = ("seed", "batch_size", "optimizer", "base_learning_rate", "lr_sched
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The official recipe's defaults (see the module docstring for each key)."""
-  return ml_collections.ConfigDict(dict(
-      seed=0, batch_size=None, num_train_steps=None, num_epochs=None, steps_per_epoch=None,
-      num_labeled_examples=None, optimizer="rmsprop", base_learning_rate=0.016,
-      lr_schedule="exponential", warmup_epochs=5.0, lr_decay_epochs=2.4, lr_decay_factor=0.97,
-      rmsprop_decay=0.9, momentum=0.9, rmsprop_epsilon=1e-3, adamw_weight_decay=0.0,
-      weight_decay=1e-5, label_smoothing=0.1, unlabeled_ratio=1.0, pseudo_labels="soft",
-      temperature=1.0, ema_decay=0.9999, compute_dtype="", fsdp=False, log_every_steps=100,
-      checkpoint_every_steps=1000, keep_checkpoints=3, eval_every_steps=0, export=True,
-      export_dir=""))
+  """The official recipe's defaults (see the module docstring for each key); they live in
+  nsjax.config_lib, with every other config default, so config validation reads the same keys."""
+  return config_lib.train_defaults()
 
 
 def resolve_config(config: Any = None, **overrides: Any) -> ml_collections.ConfigDict:
@@ -121,6 +114,7 @@ def resolve_config(config: Any = None, **overrides: Any) -> ml_collections.Confi
                      f"got {cfg.compute_dtype!r}.")
   steps_per_epoch(cfg)
   num_train_steps(cfg)
+  loss_config(cfg, num_classes=1)  # checks the loss settings (steps.LossConfig)
   return cfg
 
 
