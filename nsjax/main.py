@@ -5,7 +5,8 @@ Multi-host: on Cloud TPU, `jax.distributed.initialize()` needs no arguments; els
 
 Exit codes: 0 done; 75 preempted (SIGTERM: the step in flight was checkpointed; rerun the same
 command to resume -- EX_TEMPFAIL, so schedulers that restart failed jobs do so); 2 the config cannot
-run (nothing was computed); 3 training produced NaN/Inf (the message names the step and the last
+run, or another run holds the workdir (nothing was computed; one run per workdir, see
+nsjax/workdir_lock.py); 3 training produced NaN/Inf (the message names the step and the last
 good checkpoint); 1 anything else (with a traceback).
 """
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main(argv):
   import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")  # TF only feeds the host
   tfds.disable_progress_bar()
-  from nsjax import parallel, pipeline, validate
+  from nsjax import parallel, pipeline, validate, workdir_lock
   from nsjax.train import loop
   parallel.enable_compilation_cache()
   logging.info("JAX process %d/%d, %d devices.", jax.process_index(), jax.process_count(),
@@ -74,6 +75,8 @@ def main(argv):
     _exit(EXIT_PREEMPTED, f"Stage {getattr(error, 'stage', '?')}: {error}.")
   except validate.ConfigError as error:
     _exit(EXIT_BAD_CONFIG, f"Config error: {error}")
+  except workdir_lock.WorkdirBusy as error:
+    _exit(EXIT_BAD_CONFIG, f"Workdir busy: {error}")
   except loop.NonFiniteError as error:
     _exit(EXIT_NON_FINITE, f"Stage {getattr(error, 'stage', '?')} stopped: {error}")
 

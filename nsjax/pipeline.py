@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from nsjax import checkpoint, finetune, label, models, parallel, report, validate
+from nsjax import checkpoint, finetune, label, models, parallel, report, validate, workdir_lock
 from nsjax.data import folder, input_pipeline, mnist5k, preprocess, student_input
 from nsjax.data import randaugment as ra
 from nsjax.evaluate import stage as eval_stage_lib
@@ -434,9 +434,20 @@ def summary_stage(config, workdir: str, state: RunState, started: float) -> dict
 
 def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = None,
         mesh=None) -> dict[str, Any]:
-  """Runs the schedule (or one stage of it) in `workdir`; returns the state file's content."""
+  """Runs the schedule (or one stage of it) in `workdir`; returns the state file's content.
+
+  The run holds the workdir (nsjax.workdir_lock) from before it reads the state file until it
+  returns: a second run, a --stage job too, stops with WorkdirBusy instead of working beside it."""
   validate.check_keys(config)  # before anything, folder conversions included
   validate.check_workdir(workdir)
+  with workdir_lock.hold(workdir, stage, process_index=jax.process_index(),
+                         process_count=jax.process_count()):
+    return _run_held(config, workdir, stage, mesh)
+
+
+def _run_held(config: ml_collections.ConfigDict, workdir: str, stage: str | None,
+              mesh) -> dict[str, Any]:
+  """`run` once the workdir is held."""
   # The state file keys on the config as written; image folders have their own fingerprints.
   config_fingerprint = fingerprint(config)
   state = RunState(workdir, config_fingerprint, writer=jax.process_index() == 0)
