@@ -6,8 +6,11 @@ Multi-host: on Cloud TPU, `jax.distributed.initialize()` needs no arguments; els
 Exit codes: 0 done; 75 preempted (SIGTERM: the step in flight was checkpointed; rerun the same
 command to resume -- EX_TEMPFAIL, so schedulers that restart failed jobs do so); 2 the config cannot
 run, or another run holds the workdir (nothing was computed; one run per workdir, see
-nsjax/workdir_lock.py); 3 training produced NaN/Inf (the message names the step and the last
-good checkpoint); 1 anything else (with a traceback).
+nsjax/workdir_lock.py), or an artifact a stage needs is damaged or missing (the message names the
+path and the fix: which stage folder to delete before rerunning; nsjax/artifacts.py); 3 training
+produced NaN/Inf (the message names the step and the last good checkpoint); 74 the disk filled
+while writing an artifact (EX_IOERR; the message names the path; the last complete artifact is
+intact, so a rerun after freeing space resumes); 1 anything else (with a traceback).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nsjax import host_memory
+from nsjax import artifacts, host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py).",
                                           lock_config=True)
@@ -33,6 +36,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again later
 EXIT_BAD_CONFIG = 2
 EXIT_NON_FINITE = 3
+EXIT_DISK_FULL = 74  # sysexits.h EX_IOERR
 
 
 class _QuietLibraries:
@@ -77,6 +81,10 @@ def main(argv):
     _exit(EXIT_BAD_CONFIG, f"Config error: {error}")
   except workdir_lock.WorkdirBusy as error:
     _exit(EXIT_BAD_CONFIG, f"Workdir busy: {error}")
+  except artifacts.DiskFull as error:
+    _exit(EXIT_DISK_FULL, f"Disk full: {error}")
+  except artifacts.ArtifactError as error:
+    _exit(EXIT_BAD_CONFIG, f"Damaged or missing artifact: {error}")
   except loop.NonFiniteError as error:
     _exit(EXIT_NON_FINITE, f"Stage {getattr(error, 'stage', '?')} stopped: {error}")
 

@@ -36,8 +36,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from nsjax import checkpoint, finetune, label, models, parallel, report, validate, workdir_lock
-from nsjax.data import folder, input_pipeline, mnist5k, preprocess, student_input
+from nsjax import (artifacts, checkpoint, finetune, label, models, parallel, report, validate,
+                   workdir_lock)
+from nsjax.data import folder, input_pipeline, mnist5k, preprocess, pseudo_labels, student_input
 from nsjax.data import randaugment as ra
 from nsjax.evaluate import stage as eval_stage_lib
 from nsjax.files import atomic_write_json
@@ -232,6 +233,7 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
                                     cfg.seed)
     else:
       labels_dir = stage_dir(workdir, f"label-{stage.iteration}")
+      check_shards(labels_dir)
       plan = label.read_plan(labels_dir)
       unlabeled = lambda start, position: student_input.pseudo_label_batches(
           labels_dir, plan, local_batch_size=_local(unlabeled_batch), view_fn=view,
@@ -457,8 +459,8 @@ def _run_held(config: ml_collections.ConfigDict, workdir: str, stage: str | None
     if stage not in known:
       raise validate.ConfigError(f"Unknown stage {stage!r}; this schedule has: {', '.join(known)}.")
     stages = [s for s in stages if s.name == stage]
-    if not state.done(stage):
-      validate.check_stage_inputs(stage, config, state.data["completed"])
+    if not _done(state, workdir, stage):
+      validate.check_stage_inputs(stage, config, _completed(state, workdir))
   # Check before building any data, unless the class count itself comes from the labeled data.
   classes_known = bool(config.data.num_classes)
   if classes_known:
@@ -473,7 +475,7 @@ def _run_held(config: ml_collections.ConfigDict, workdir: str, stage: str | None
   preemption = loop.PreemptionWatch().start()  # SIGTERM: stop at the next step/shard/stage end
   try:
     for s in stages:
-      if state.done(s.name):
+      if _done(state, workdir, s.name):
         logging.info("Stage %s already complete; skipping.", s.name)
         continue
       _stop_if_preempted(preemption, s.name)
@@ -482,6 +484,61 @@ def _run_held(config: ml_collections.ConfigDict, workdir: str, stage: str | None
     return state.data
   finally:
     preemption.stop()
+
+
+def _done(state: RunState, workdir: str, name: str) -> bool:
+  """Recorded as complete, and its folder is still there: deleting a stage's folder (the fix for
+  a damaged artifact, see nsjax/artifacts.py) makes the stage run again."""
+  if not state.done(name):
+    return False
+  if name.startswith(("eval-", "summary")):
+    return True
+  return tf.io.gfile.isdir(stage_dir(workdir, name))
+
+
+def _completed(state: RunState, workdir: str) -> list[str]:
+  return [name for name in state.data["completed"] if _done(state, workdir, name)]
+
+
+def _raise_as_artifact_error(s: Stage, workdir: str, error: Exception) -> None:
+  """A full disk, or a pseudo-label shard that fails to read, as one ArtifactError naming the
+  path and the fix; any other error returns (the caller re-raises it unchanged)."""
+  if artifacts.is_disk_full(error):
+    raise artifacts.disk_full(stage_dir(workdir, s.name), error) from error
+  if s.kind == "student" and isinstance(error, tf.errors.OpError):
+    labels_dir = stage_dir(workdir, f"label-{s.iteration}")
+    damaged = _damaged_shard(labels_dir) if tf.io.gfile.isdir(labels_dir) else None
+    if damaged:
+      raise artifacts.DamagedArtifact(damaged[0], damaged[1]) from error
+
+
+def _damaged_shard(labels_dir: str) -> tuple[str, str] | None:
+  """(path, what is wrong) of the first shard that is missing, fails to read or holds fewer
+  records than its manifest says; None when all read (the error came from elsewhere)."""
+  for shard in pseudo_labels.read_manifest(labels_dir)["shards"]:
+    path = os.path.join(labels_dir, shard["file"])
+    if not tf.io.gfile.exists(path):
+      return path, "this pseudo-label shard is missing"
+    try:
+      count = int(tf.data.TFRecordDataset([path]).reduce(0, lambda n, _: n + 1))
+    except tf.errors.OpError as error:
+      return path, f"this pseudo-label shard is damaged ({artifacts.root_cause(error)})"
+    if count != shard["count"]:
+      return path, (f"this pseudo-label shard holds {count} records, its manifest says "
+                    f"{shard['count']} (truncated)")
+  return None
+
+
+def check_shards(labels_dir: str) -> None:
+  """Before a student trains: the manifest and every shard it lists are there (one listing)."""
+  manifest_path = os.path.join(labels_dir, pseudo_labels.MANIFEST)
+  if not tf.io.gfile.exists(manifest_path):
+    raise artifacts.MissingArtifact(manifest_path, "the pseudo-label manifest is missing")
+  present = set(tf.io.gfile.listdir(labels_dir))
+  for shard in pseudo_labels.read_manifest(labels_dir)["shards"]:
+    if shard["file"] not in present:
+      raise artifacts.MissingArtifact(os.path.join(labels_dir, shard["file"]),
+                                      "this pseudo-label shard is missing")
 
 
 def _stop_if_preempted(preemption: loop.PreemptionWatch, next_stage: str) -> None:
@@ -512,6 +569,11 @@ def _run_stage(s: Stage, config, workdir: str, data_dir, mesh, state: RunState,
       result = summary_stage(config, workdir, state, started)
   except (loop.Preempted, loop.NonFiniteError) as error:
     error.stage = s.name  # for the command line's one-line message
+    raise
+  except artifacts.ArtifactError:
+    raise
+  except Exception as error:
+    _raise_as_artifact_error(s, workdir, error)
     raise
   result["seconds"] = time.time() - t0
   state.mark_done(s.name, result)

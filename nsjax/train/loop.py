@@ -73,11 +73,11 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from nsjax import checkpoint, config_lib, models, parallel
+from nsjax import artifacts, checkpoint, config_lib, models, parallel
 from nsjax.train import optimizer as opt
 from nsjax.train import state as state_lib
 from nsjax.train import steps
-from nsjax.train.checkpointing import TrainCheckpoints
+from nsjax.train.checkpointing import DamagedCheckpoint, TrainCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -486,6 +486,46 @@ def _start(train_iter: Any, start_step: int, total_steps: int, cfg: ml_collectio
   return batches, first
 
 
+def _resume(checkpoints: TrainCheckpoints, train_iter: Any, total_steps: int,
+            cfg: ml_collections.ConfigDict, teacher: Teacher | None, train_model: nn.Module,
+            model: nn.Module, mesh: jax.sharding.Mesh) -> tuple:
+  """(latest readable checkpoint step or None, its input position, batches from there, the first
+  batch, the run functions, the restored state or None).
+
+  A checkpoint that cannot be read (a disk error, a copy cut short) is deleted for the previous
+  kept one, with a warning naming both: a run loses the steps in between instead of stopping.
+  """
+  while True:
+    latest = checkpoints.latest_step()
+    step = latest or 0
+    try:
+      position = checkpoints.input_position(latest) if latest is not None else None
+      batches, batch = _start(train_iter, step, total_steps, cfg, teacher,
+                              _own_position(position, step))
+      fns = _run_functions(train_model, mesh, _hashable_config(cfg), _image_shape(batch, model),
+                           int(getattr(model, "frozen_blocks", -1)))
+      state = (checkpoints.restore(fns.abstract_state, fns.shardings, latest)
+               if latest is not None else None)
+      return latest, position, batches, batch, fns, state
+    except DamagedCheckpoint as damaged:
+      _fall_back(checkpoints, damaged)
+
+
+def _fall_back(checkpoints: TrainCheckpoints, damaged: DamagedCheckpoint) -> None:
+  """Deletes the damaged checkpoint, naming it and the one the run resumes from instead."""
+  previous = checkpoints.previous_step(damaged.step)
+  if previous is None:
+    raise artifacts.DamagedArtifact(
+        str(checkpoints.directory), f"training checkpoint {damaged.step} cannot be read "
+        f"({damaged.cause}) and no older one is kept",
+        f"Delete {checkpoints.directory} to train this stage again from step 0 (or put back a "
+        "copy of it).") from damaged
+  log.warning("Training checkpoint %s cannot be read (%s); resuming from the previous kept one, "
+              "%s, instead (the damaged one is deleted).", checkpoints.path(damaged.step),
+              damaged.cause, checkpoints.path(previous))
+  checkpoints.discard(damaged.step)
+
+
 def _image_shape(first: Any, model: nn.Module) -> tuple[int, ...]:
   if first is not None:
     return tuple(first["labeled"]["image"].shape[1:])
@@ -553,15 +593,11 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = PreemptionWatch().start()
   try:
-    latest = checkpoints.latest_step()
+    latest, saved_position, batches, batch, fns, restored = _resume(
+        checkpoints, train_iter, total_steps, cfg, teacher, train_model, model, mesh)
     step = latest or 0
-    saved_position = checkpoints.input_position(latest) if latest is not None else None
-    batches, batch = _start(train_iter, step, total_steps, cfg, teacher,
-                            _own_position(saved_position, step))
-    fns = _run_functions(train_model, mesh, _hashable_config(cfg), _image_shape(batch, model),
-                         int(getattr(model, "frozen_blocks", -1)))
-    if latest is not None:
-      state = checkpoints.restore(fns.abstract_state, fns.shardings, latest)
+    if restored is not None:
+      state = restored
       log.info("Restored step %d from %s", latest, checkpoints.path(latest))
     elif initial_variables is not None:
       state = _state_from_variables(fns, initial_variables)
