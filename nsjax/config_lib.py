@@ -44,7 +44,7 @@ OPTIONAL = {
     "data": dict(folder_cache_dir="", class_names=[]),
     "stage": dict(finetune=None),
 }
-# A model stage's `model_overrides` are nsjax.models' (models.OVERRIDABLE); nsjax.validate adds them.
+# A stage's `model_overrides` take nsjax.models' keys (models.OVERRIDABLE): validate adds them.
 DATA_SOURCES = ("labeled", "unlabeled", "test")  # the config.data keys that hold a data source
 
 

@@ -2,9 +2,9 @@
 
 `check_keys` refuses every key nsjax would not read (the accepted keys are nsjax.config_lib's
 defaults, `config_lib.schema()`), naming its full path and the nearest accepted key.
-`validate_config` checks a schedule as written: its keys, model names, the imported teacher, batch sizes
-against the device count, ranges, each stage's training settings, the workdir. "Stages chain"
-means each stage can consume what the previous one produces:
+`validate_config` checks a schedule as written: its keys, model names, the imported teacher,
+batch sizes against the device count, ranges, each stage's training settings, the workdir.
+"Stages chain" means each stage can consume what the previous one produces:
   - an imported teacher (teacher.checkpoint) predicts config.data.num_classes, and teacher.model
     names the checkpoint's architecture (the checkpoint decides it; a different name is a typo);
   - every stage's `train` settings resolve in nsjax.train.loop (known keys, a run length), so a
@@ -58,8 +58,8 @@ def _check_node(node, schema, path: str) -> None:
 def _unknown_key_message(where: str, key: str, path: str, schema) -> str:
   close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
   prefix = f"{path}." if path else ""
-  hint = f"did you mean {prefix}{close[0]}? " if close else ""
-  return (f"Unknown config key {where}: nsjax does not read it; {hint}The keys "
+  hint = f"; did you mean {prefix}{close[0]}?" if close else "."
+  return (f"Unknown config key {where}: nsjax does not read it{hint} The keys "
           f"{path or 'a config'} takes: {', '.join(sorted(schema))} (defaults and meanings in "
           "nsjax/config_lib.py). Rename or remove it.")
 

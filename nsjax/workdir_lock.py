@@ -52,10 +52,12 @@ class WorkdirBusy(RuntimeError):
 
 
 def lock_path(workdir: str) -> str:
+  """Where the holder record lives (the file a user sees and, if need be, deletes)."""
   return os.path.join(workdir, LOCK_FILE)
 
 
 def is_local(workdir: str) -> bool:
+  """Local paths get flock; URLs (gs://, ...) only the best-effort record."""
   return "://" not in workdir
 
 
@@ -81,6 +83,7 @@ def read_record(workdir: str) -> dict[str, Any] | None:
 
 
 def describe(record: dict[str, Any] | None) -> str:
+  """The holder as a message names it (None: the holder has not written its record yet)."""
   if not record:
     return "another run (its record is not written yet)"
   return (f"pid {record.get('pid')} on host {record.get('host')}, started "
@@ -88,6 +91,7 @@ def describe(record: dict[str, Any] | None) -> str:
 
 
 def pid_alive(pid: int) -> bool:
+  """Signal 0 checks existence without touching the process."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -104,6 +108,7 @@ def alive_here(record: dict[str, Any]) -> bool:
 
 
 def busy_message(workdir: str, record: dict[str, Any] | None, remote: bool = False) -> str:
+  """Names the holder, the rule (one run per workdir, --stage jobs too) and what to do."""
   fix = ("If that run is gone (its host died), delete that file and rerun."
          if remote else "If that process is gone, rerun: its lock is taken over (if the record "
          "is wrong, e.g. its pid now belongs to another program, delete the lock file).")
@@ -120,6 +125,7 @@ class _LocalLock:
     self.workdir, self.stage, self.fd = workdir, stage, None
 
   def acquire(self) -> None:
+    """flock first (the kernel's answer), then the record (what a second run reads)."""
     fd = os.open(self.workdir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,6 +143,7 @@ class _LocalLock:
       raise
 
   def release(self) -> None:
+    """Record first, then the flock: the next holder never sees our record as a stale one."""
     try:
       _remove_record(self.workdir)
     finally:
@@ -156,6 +163,7 @@ class _RemoteLock:
     self.token = None
 
   def acquire(self) -> None:
+    """Refuse on a record; else write ours and read it back after `settle` seconds."""
     record = read_record(self.workdir)
     if record is not None:
       if record.get("host") != socket.gethostname() or alive_here(record):
@@ -170,6 +178,7 @@ class _RemoteLock:
     self.token = mine["token"]
 
   def release(self) -> None:
+    """Removes the record only if it is still ours."""
     record = read_record(self.workdir)
     if record and record.get("token") == self.token:
       _remove_record(self.workdir)

@@ -12,11 +12,13 @@ import shutil
 import subprocess
 import sys
 
+import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
 from nsjax import artifacts, checkpoint, files, pipeline
 from nsjax.data import pseudo_labels
+from nsjax.run_state import RunState
 from nsjax.train.checkpointing import TrainCheckpoints
 from test_pipeline import ROOT, load_config
 
@@ -239,3 +241,32 @@ def test_a_real_full_disk_keeps_the_previous_file_and_names_the_path(small_tmpfs
   with pytest.raises(artifacts.DiskFull, match=rf"{shard}: no space left"):
     files.atomic_write(shard, write_big)
   assert not os.path.exists(shard)
+
+
+def test_a_full_disk_while_exporting_keeps_the_checkpoints_and_a_rerun_exports(
+    smoke, tmp_path, monkeypatch):
+  config, work = copy_run(smoke, tmp_path, forget=LATER)
+  checkpoints = os.path.join(work, "student-1", "checkpoints")
+  shutil.copytree(os.path.join(smoke[1], "student-1", "checkpoints"), checkpoints)
+  save = ocp.StandardCheckpointer.save
+
+  def enospc(self, directory, *args, **kwargs):
+    if str(directory).endswith("export/variables"):
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return save(self, directory, *args, **kwargs)
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", enospc)
+  with pytest.raises(artifacts.DiskFull, match=rf"{work}/student-1: no space left"):
+    pipeline.run(config, work, stage="student-1")
+  monkeypatch.undo()
+  assert sorted(os.listdir(checkpoints)) == ["12", "6"]
+  assert not checkpoint.is_exported(os.path.join(work, "student-1", "export"))
+  pipeline.run(config, work, stage="student-1")  # resumes at the last step: only exports
+  assert export_sha(os.path.join(work, "student-1", "export")) == export_sha(
+      os.path.join(smoke[1], "student-1", "export"))
+
+
+def test_a_damaged_state_file_names_the_fix(tmp_path):
+  (tmp_path / "state.json").write_text('{"config_fingerprint": "ab", "compl')
+  with pytest.raises(artifacts.DamagedArtifact, match=r"state.json: not valid JSON .*Delete it "
+                     "and rerun the same command: every stage runs again"):
+    RunState(str(tmp_path), "ab")

@@ -92,7 +92,7 @@ def test_a_typo_in_any_section_is_refused_with_the_nearest_key(path, tmp_path):
 def test_a_key_with_no_close_match_lists_the_valid_keys():
   config = smoke_config()
   config.eval.zzz = 1
-  with pytest.raises(ConfigError, match=r"Unknown config key eval.zzz: nsjax does not read it; "
+  with pytest.raises(ConfigError, match=r"Unknown config key eval.zzz: nsjax does not read it\. "
                      r"The keys eval takes: batch_size, corruptions, max_corruption_examples, "
                      r"severities"):
     validate.check_keys(config)
