@@ -215,18 +215,18 @@ def hold(workdir: str, stage: str | None = None, *, process_index: int = 0,
   """Holds the workdir for the block's duration; raises WorkdirBusy when another run has it."""
   lock = (_LocalLock(workdir, stage) if is_local(workdir)
           else _RemoteLock(workdir, stage, settle_seconds))
-  busy = None
+  failure = None
   if process_index == 0:
     try:
       lock.acquire()
-    except WorkdirBusy as error:
-      busy = error
+    except Exception as error:  # any failure: the other processes must not wait for process 0
+      failure = error
   if process_count > 1:
-    ok = (broadcast or _broadcast_from_process_0)(busy is None)
+    ok = (broadcast or _broadcast_from_process_0)(failure is None)
   else:
-    ok = busy is None
-  if busy is not None:
-    raise busy
+    ok = failure is None
+  if failure is not None:
+    raise failure
   if not ok:
     raise WorkdirBusy(f"Process 0 found the workdir {workdir} in use by another run (its log names "
                       "the holder); one run per workdir. Wait for that run to end or use another "
