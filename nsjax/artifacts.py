@@ -70,9 +70,8 @@ def fix_for(path: str) -> str:
 
 def root_cause(error: BaseException) -> str:
   """The first line of the innermost exception in `error`'s chain: the real cause."""
-  while error.__cause__ is not None or (error.__context__ is not None
-                                        and not error.__suppress_context__):
-    error = error.__cause__ or error.__context__
+  for inner in _chain(error):
+    error = inner
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0] if text else ''}"[:400]
 
@@ -87,13 +86,21 @@ def looks_damaged(error: BaseException) -> bool:
 
 def is_disk_full(error: BaseException) -> bool:
   """ENOSPC (or EDQUOT) anywhere in the chain, or TF's wording of it."""
-  while error is not None:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+  for inner in _chain(error):
+    if isinstance(inner, OSError) and inner.errno in (errno.ENOSPC, errno.EDQUOT):
       return True
-    if "No space left on device" in str(error) or "RESOURCE_EXHAUSTED: No space" in str(error):
+    if "No space left on device" in str(inner):
       return True
-    error = error.__cause__ or error.__context__
   return False
+
+
+def _chain(error: BaseException):
+  """`error`, then its causes (or contexts), innermost last; each once, even in a cycle."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 
 
 def disk_full(path: str, error: BaseException) -> DiskFull:

@@ -270,3 +270,19 @@ def test_a_damaged_state_file_names_the_fix(tmp_path):
   with pytest.raises(artifacts.DamagedArtifact, match=r"state.json: not valid JSON .*Delete it "
                      "and rerun the same command: every stage runs again"):
     RunState(str(tmp_path), "ab")
+
+
+def test_the_root_cause_and_a_full_disk_are_found_through_wrapping_errors():
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as inner:
+      raise RuntimeError("save failed") from inner
+  except RuntimeError as wrapped:
+    assert artifacts.is_disk_full(wrapped)
+    assert artifacts.root_cause(wrapped) == "OSError: [Errno 28] No space left on device"
+  a, b = ValueError("a"), ValueError("b")
+  a.__context__, b.__context__ = b, a  # a cycle ends, it does not hang
+  assert artifacts.root_cause(a) == "ValueError: b" and not artifacts.is_disk_full(a)
+  assert not artifacts.looks_damaged(ValueError("Requested shape (3,) does not match (4,)"))
+  assert artifacts.looks_damaged(ValueError("OUT_OF_RANGE: Error reading ..."))
