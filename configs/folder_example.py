@@ -15,6 +15,7 @@ Schedule: EfficientNet-B0 teacher at 224 px -> noisy B1 student (240 px) -> nois
 (260 px), each student on labeled + filtered, balanced soft pseudo labels (3 unlabeled per labeled
 image), with RandAugment, dropout and stochastic depth. Hardware: one GPU or TPU host; hours for a
 few thousand labeled images. Tune num_epochs to your data (an epoch is a pass over labeled/).
+The values are nsjax's own starting points for small data sets, not the paper's ImageNet recipe.
 
   python -m nsjax.main --config=configs/folder_example.py:/data/flowers --workdir=/tmp/ns-flowers
   # A one-minute check of the layout and the whole schedule with tiny models on the CPU:

@@ -38,7 +38,8 @@ def get_config():
   train = dict(batch_size=BATCH_SIZE, num_epochs=350, optimizer="rmsprop",
                base_learning_rate=0.016, warmup_epochs=5.0, lr_decay_epochs=2.4,
                lr_decay_factor=0.97, weight_decay=1e-5, label_smoothing=0.1, ema_decay=0.9999,
-               compute_dtype="bfloat16", log_every_steps=100, checkpoint_every_steps=1000)
+               compute_dtype="bfloat16",
+               log_every_steps=100, checkpoint_every_steps=1000)  # nsjax's choice: logging, saving
   noise = config_lib.noise(randaugment_magnitude=27, randaugment_layers=2,
                            stochastic_depth_rate=0.2)
   student_train = dict(train, unlabeled_ratio=RATIO, pseudo_labels="soft")
@@ -46,15 +47,20 @@ def get_config():
   c.students = [
       config_lib.model_stage("efficientnet-l0", 380, test_resolution=500, noise_cfg=noise,
                              train=student_train, seed_offset=1),
+      # fsdp=True: nsjax's choice (L1 and L2 do not fit replicated; the paper used TPU v3 pods).
       config_lib.model_stage("efficientnet-l1", 380, test_resolution=500, noise_cfg=noise,
                              train=dict(student_train, fsdp=True), seed_offset=2),
       config_lib.model_stage("efficientnet-l2", 475, test_resolution=800, noise_cfg=noise,
                              train=dict(student_train, fsdp=True), seed_offset=3),
   ]
   c.students[2].finetune = finetune.finetune_config(
-      resolution=800, epochs=1.5, frozen_blocks=40,  # of L2's 88 blocks; k is not published batch_size=512, lr_mode="final",
-      train=dict(fsdp=True))
+      resolution=800, epochs=1.5, flip=False,  # the paper: 1.5 epochs at 800 px, no augmentation
+      frozen_blocks=40,  # nsjax's choice (k is not published): the stem + 40 of L2's 88 blocks
+      batch_size=512,  # nsjax's choice (not published): 800 px images need a smaller batch
+      lr_mode="final",  # nsjax's choice: "the tail of the schedule" as its last learning rate
+      train=dict(fsdp=True))  # nsjax's choice: shard L2 as in its training stage
   c.balance.num_image_per_class = 130_000
-  c.label.batch_size = 2048
-  c.eval.batch_size = 1024
+  c.balance.min_threshold = 0.3
+  c.label.batch_size = 2048  # nsjax's choice (the paper does not say): inference batch size
+  c.eval.batch_size = 1024  # nsjax's choice
   return c

@@ -1,6 +1,7 @@
 """Smoke schedule: the smallest whole run (teacher, labeling, one student, evaluation).
 
 Hardware: any CPU; about a minute on a 2-core machine. Used by the tests and for quick checks.
+Every value is nsjax's own (tiny models, a few steps): nothing here reproduces the paper.
 
   python -m nsjax.main --config=configs/smoke.py --workdir=/tmp/nsjax-smoke
 """

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from nsjax import models
+from nsjax import artifacts, models
 from nsjax.files import atomic_write_text
 
 MODEL_JSON = "model.json"
@@ -82,13 +82,21 @@ def is_exported(directory: str | os.PathLike) -> bool:
 
 
 def read_description(directory: str | os.PathLike) -> dict[str, Any]:
+  """model.json; ArtifactError (with the fix) when the export is missing or damaged."""
   directory = epath.Path(directory)
   if not is_exported(directory):
-    raise FileNotFoundError(
-        f"No exported model at {directory}: expected {MODEL_JSON} and {VARIABLES_DIR}/ there. "
+    raise artifacts.MissingArtifact(
+        str(directory), f"no exported model here (expected {MODEL_JSON} and {VARIABLES_DIR}/)",
         "Export one with nsjax.checkpoint.export_model, run the stage that produces it, or convert "
         "an official TF checkpoint with `python -m nsjax.tools.convert_checkpoint`.")
-  return json.loads((directory / MODEL_JSON).read_text())
+  try:
+    description = json.loads((directory / MODEL_JSON).read_text())
+    if "model" not in description:
+      raise ValueError(f"no 'model' entry among {sorted(description)}")
+    return description
+  except (ValueError, TypeError) as error:
+    raise artifacts.DamagedArtifact(str(directory / MODEL_JSON), "the export's description "
+                                    f"cannot be read ({artifacts.root_cause(error)})") from error
 
 
 def load_exported(directory: str | os.PathLike, shardings: Any = None,
@@ -111,9 +119,20 @@ def load_exported(directory: str | os.PathLike, shardings: Any = None,
     shardings = jax.tree.map(lambda _: everywhere, abstract)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-  with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(epath.Path(directory) / VARIABLES_DIR, abstract)
-  return model, variables, description["metadata"]
+  return model, _restore_variables(epath.Path(directory) / VARIABLES_DIR, abstract), \
+      description["metadata"]
+
+
+def _restore_variables(var_dir: epath.Path, abstract: Any) -> Any:
+  """Orbax restore; bad bytes become one DamagedArtifact naming the folder and the cause."""
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(var_dir, abstract)
+  except Exception as error:  # Orbax wraps TensorStore's errors in bare Exceptions
+    if not artifacts.looks_damaged(error):
+      raise
+    raise artifacts.DamagedArtifact(str(var_dir), "the exported variables cannot be read "
+                                    f"({artifacts.root_cause(error)})") from error
 
 
 def params_sha256(params: Any) -> str:

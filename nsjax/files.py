@@ -7,12 +7,30 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from nsjax import artifacts
+
 
 def atomic_write(path: str, write_fn: Callable[[str], None]) -> None:
-  """`write_fn(tmp_path)` writes the content; then the temporary file is renamed over `path`."""
+  """`write_fn(tmp_path)` writes the content; then the temporary file is renamed over `path`.
+
+  A failed write leaves `path` as it was and removes the temporary file; a full disk raises
+  artifacts.DiskFull naming `path` (the caller's last complete artifact is intact)."""
   tmp = f"{path}.tmp-{os.getpid()}"
-  write_fn(tmp)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  try:
+    write_fn(tmp)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  except Exception as error:
+    _remove_quietly(tmp)
+    if artifacts.is_disk_full(error):
+      raise artifacts.disk_full(path, error) from error
+    raise
+
+
+def _remove_quietly(path: str) -> None:
+  try:
+    tf.io.gfile.remove(path)
+  except (tf.errors.OpError, OSError):
+    pass
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -28,5 +46,11 @@ def atomic_write_json(path: str, data: Any, indent: int | None = 1) -> None:
 
 
 def read_json(path: str) -> Any:
+  """The file's JSON; artifacts.DamagedArtifact (naming the path and the fix) when it is not."""
   with tf.io.gfile.GFile(path) as f:
-    return json.loads(f.read())
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as error:
+    raise artifacts.DamagedArtifact(path, f"not valid JSON ({artifacts.root_cause(error)})") \
+        from error

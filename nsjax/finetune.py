@@ -30,22 +30,15 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import tensorflow as tf
 
-from nsjax import checkpoint, models
+from nsjax import checkpoint, config_lib, models
 from nsjax.data import input_pipeline, preprocess, student_input
 from nsjax.train import loop
 
 LR_MODES = ("final", "continue", "constant")
 
 
-def finetune_config(resolution: int, epochs: float = 1.5, frozen_blocks: int = 0,
-                    batch_size: int = 0, lr_mode: str = "final", learning_rate: float = 0.0,
-                    flip: bool = False, train: dict[str, Any] | None = None
-                    ) -> ml_collections.ConfigDict:
-  """The `finetune` entry of a student in a pipeline config (see the module docstring)."""
-  return ml_collections.ConfigDict(dict(
-      resolution=resolution, epochs=epochs, frozen_blocks=frozen_blocks, batch_size=batch_size,
-      lr_mode=lr_mode, learning_rate=learning_rate, flip=flip, train=dict(train or {})),
-      type_safe=False)
+# Defined with every other config default in nsjax.config_lib (config validation reads them there).
+finetune_config = config_lib.finetune_config
 
 
 def check_config(ft, num_devices: int, where: str = "finetune") -> None:

@@ -6,8 +6,12 @@ Multi-host: on Cloud TPU, `jax.distributed.initialize()` needs no arguments; els
 
 Exit codes: 0 done; 75 preempted (SIGTERM: the step in flight was checkpointed; rerun the same
 command to resume -- EX_TEMPFAIL, so schedulers that restart failed jobs do so); 2 the config cannot
-run (nothing was computed); 3 training produced NaN/Inf (the message names the step and the last
-good checkpoint); 1 anything else (with a traceback).
+run, or another run holds the workdir (nothing was computed; one run per workdir, see
+nsjax/workdir_lock.py), or an artifact a stage needs is damaged or missing (the message names the
+path and the fix: which stage folder to delete before rerunning; nsjax/artifacts.py); 3 training
+produced NaN/Inf (the message names the step and the last good checkpoint); 74 the disk filled
+while writing an artifact (EX_IOERR; the message names the path; the last complete artifact is
+intact, so a rerun after freeing space resumes); 1 anything else (with a traceback).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from nsjax import cli, host_memory
+from nsjax import artifacts, cli, host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: a file (configs/*.py) "
                                           "or a bundled config's name (smoke, demo, ...).",
@@ -34,6 +38,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again later
 EXIT_BAD_CONFIG = 2
 EXIT_NON_FINITE = 3
+EXIT_DISK_FULL = 74  # sysexits.h EX_IOERR
 
 
 class _QuietLibraries:
@@ -65,7 +70,7 @@ def main(argv):
   import tensorflow_datasets as tfds
   tf.config.set_visible_devices([], "GPU")  # TF only feeds the host
   tfds.disable_progress_bar()
-  from nsjax import parallel, pipeline, validate
+  from nsjax import parallel, pipeline, validate, workdir_lock
   from nsjax.train import loop
   parallel.enable_compilation_cache()
   logging.info("JAX process %d/%d, %d devices.", jax.process_index(), jax.process_count(),
@@ -76,6 +81,12 @@ def main(argv):
     _exit(EXIT_PREEMPTED, f"Stage {getattr(error, 'stage', '?')}: {error}.")
   except validate.ConfigError as error:
     _exit(EXIT_BAD_CONFIG, f"Config error: {error}")
+  except workdir_lock.WorkdirBusy as error:
+    _exit(EXIT_BAD_CONFIG, f"Workdir busy: {error}")
+  except artifacts.DiskFull as error:
+    _exit(EXIT_DISK_FULL, f"Disk full: {error}")
+  except artifacts.ArtifactError as error:
+    _exit(EXIT_BAD_CONFIG, f"Damaged or missing artifact: {error}")
   except loop.NonFiniteError as error:
     _exit(EXIT_NON_FINITE, f"Stage {getattr(error, 'stage', '?')} stopped: {error}")
 

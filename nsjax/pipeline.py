@@ -36,8 +36,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from nsjax import checkpoint, label, models, parallel, report
-from nsjax.data import folder, input_pipeline, mnist5k, preprocess, student_input
+from nsjax import (artifacts, checkpoint, finetune, label, models, parallel, report, validate,
+                   workdir_lock)
+from nsjax.data import folder, input_pipeline, mnist5k, preprocess, pseudo_labels, student_input
 from nsjax.data import randaugment as ra
 from nsjax.evaluate import stage as eval_stage_lib
 from nsjax.files import atomic_write_json
@@ -232,6 +233,7 @@ def training_batches(stage: Stage, config, workdir: str, data_dir: str | None, m
                                     cfg.seed, record_index_dir(workdir))
     else:
       labels_dir = stage_dir(workdir, f"label-{stage.iteration}")
+      check_shards(labels_dir)
       plan = label.read_plan(labels_dir)
       unlabeled = lambda start, position: student_input.pseudo_label_batches(
           labels_dir, plan, local_batch_size=_local(unlabeled_batch), view_fn=view,
@@ -312,28 +314,21 @@ def check_teacher_compatible(teacher_dir: str, student: models.EfficientNet, sta
                            f"the teacher at {teacher_dir}", "the student's labeled data",
                            "Use a teacher trained on these classes (or a new workdir).")
   teacher = description["model"]
-  if teacher["num_classes"] != student.num_classes:
-    raise ValueError(f"The teacher at {teacher_dir} predicts {teacher['num_classes']} classes but "
-                     f"the dataset has {student.num_classes}; use a teacher trained on these classes.")
-  t_params = count_params(models.model_from_config(teacher))
-  s_params = count_params(student)
-  if s_params < t_params:
-    logging.warning("The student %s (%d params) is smaller than its teacher %s (%d params); "
-                    "Noisy Student expects an equal or larger student.", stage_cfg.model, s_params,
-                    teacher["model_name"], t_params)
+  validate.check_teacher_classes(f"The teacher at {teacher_dir}", teacher["num_classes"],
+                                 student.num_classes, "the dataset's class count")
+  validate.warn_if_smaller((f"the teacher at {teacher_dir}", models.model_from_config(teacher)),
+                           (f"the student ({stage_cfg.model})", student))
 
 
-def count_params(model: models.EfficientNet) -> int:
-  abstract = checkpoint.abstract_variables(model, resolution=32)
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
+count_params = validate.count_params  # summary rows count each model's parameters
 
 
 def import_teacher(stage_cfg, config, workdir: str) -> dict:
   """A teacher from an exported (or converted official) checkpoint, re-exported into the workdir."""
   model, variables, metadata = checkpoint.load_exported(stage_cfg.checkpoint)
-  if model.num_classes != config.data.num_classes:
-    raise ValueError(f"The teacher checkpoint {stage_cfg.checkpoint} has {model.num_classes} "
-                     f"classes but config.data.num_classes is {config.data.num_classes}.")
+  validate.check_teacher_classes(f"The teacher checkpoint {stage_cfg.checkpoint}",
+                                 model.num_classes, config.data.num_classes,
+                                 "config.data.num_classes")
   folder.check_class_names(metadata.get("class_names"), config.data.get("class_names"),
                            f"the teacher checkpoint {stage_cfg.checkpoint}", "the labeled data",
                            "Import a teacher trained on these classes.")
@@ -344,7 +339,6 @@ def import_teacher(stage_cfg, config, workdir: str) -> dict:
 
 def finetune_stage(stage: Stage, config, workdir: str, data_dir, mesh) -> dict:
   """Test-resolution fine-tuning of student i on the labeled data (see nsjax/finetune.py)."""
-  from nsjax import finetune
   labeled = source(config.data.labeled, data_dir)
   return finetune.finetune(
       export_dir(workdir, f"student-{stage.iteration}"), labeled, stage_dir(workdir, stage.name),
@@ -445,9 +439,20 @@ def summary_stage(config, workdir: str, state: RunState, started: float) -> dict
 
 def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = None,
         mesh=None) -> dict[str, Any]:
-  """Runs the schedule (or one stage of it) in `workdir`; returns the state file's content."""
-  from nsjax import validate
+  """Runs the schedule (or one stage of it) in `workdir`; returns the state file's content.
+
+  The run holds the workdir (nsjax.workdir_lock) from before it reads the state file until it
+  returns: a second run, a --stage job too, stops with WorkdirBusy instead of working beside it."""
+  validate.check_keys(config)  # before anything, folder conversions included
   validate.check_workdir(workdir)
+  with workdir_lock.hold(workdir, stage, process_index=jax.process_index(),
+                         process_count=jax.process_count()):
+    return _run_held(config, workdir, stage, mesh)
+
+
+def _run_held(config: ml_collections.ConfigDict, workdir: str, stage: str | None,
+              mesh) -> dict[str, Any]:
+  """`run` once the workdir is held."""
   # The state file keys on the config as written; image folders have their own fingerprints.
   config_fingerprint = fingerprint(config)
   state = RunState(workdir, config_fingerprint, writer=jax.process_index() == 0)
@@ -457,8 +462,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
     if stage not in known:
       raise validate.ConfigError(f"Unknown stage {stage!r}; this schedule has: {', '.join(known)}.")
     stages = [s for s in stages if s.name == stage]
-    if not state.done(stage):
-      validate.check_stage_inputs(stage, config, state.data["completed"])
+    if not _done(state, workdir, stage):
+      validate.check_stage_inputs(stage, config, _completed(state, workdir))
   # Check before building any data, unless the class count itself comes from the labeled data.
   classes_known = bool(config.data.num_classes)
   if classes_known:
@@ -473,7 +478,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
   preemption = loop.PreemptionWatch().start()  # SIGTERM: stop at the next step/shard/stage end
   try:
     for s in stages:
-      if state.done(s.name):
+      if _done(state, workdir, s.name):
         logging.info("Stage %s already complete; skipping.", s.name)
         continue
       _stop_if_preempted(preemption, s.name)
@@ -482,6 +487,61 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
     return state.data
   finally:
     preemption.stop()
+
+
+def _done(state: RunState, workdir: str, name: str) -> bool:
+  """Recorded as complete, and its folder is still there: deleting a stage's folder (the fix for
+  a damaged artifact, see nsjax/artifacts.py) makes the stage run again."""
+  if not state.done(name):
+    return False
+  if name.startswith(("eval-", "summary")):
+    return True
+  return tf.io.gfile.isdir(stage_dir(workdir, name))
+
+
+def _completed(state: RunState, workdir: str) -> list[str]:
+  return [name for name in state.data["completed"] if _done(state, workdir, name)]
+
+
+def _raise_as_artifact_error(s: Stage, workdir: str, error: Exception) -> None:
+  """A full disk, or a pseudo-label shard that fails to read, as one ArtifactError naming the
+  path and the fix; any other error returns (the caller re-raises it unchanged)."""
+  if artifacts.is_disk_full(error):
+    raise artifacts.disk_full(stage_dir(workdir, s.name), error) from error
+  if s.kind == "student" and isinstance(error, tf.errors.OpError):
+    labels_dir = stage_dir(workdir, f"label-{s.iteration}")
+    damaged = _damaged_shard(labels_dir) if tf.io.gfile.isdir(labels_dir) else None
+    if damaged:
+      raise artifacts.DamagedArtifact(damaged[0], damaged[1]) from error
+
+
+def _damaged_shard(labels_dir: str) -> tuple[str, str] | None:
+  """(path, what is wrong) of the first shard that is missing, fails to read or holds fewer
+  records than its manifest says; None when all read (the error came from elsewhere)."""
+  for shard in pseudo_labels.read_manifest(labels_dir)["shards"]:
+    path = os.path.join(labels_dir, shard["file"])
+    if not tf.io.gfile.exists(path):
+      return path, "this pseudo-label shard is missing"
+    try:
+      count = int(tf.data.TFRecordDataset([path]).reduce(0, lambda n, _: n + 1))
+    except tf.errors.OpError as error:
+      return path, f"this pseudo-label shard is damaged ({artifacts.root_cause(error)})"
+    if count != shard["count"]:
+      return path, (f"this pseudo-label shard holds {count} records, its manifest says "
+                    f"{shard['count']} (truncated)")
+  return None
+
+
+def check_shards(labels_dir: str) -> None:
+  """Before a student trains: the manifest and every shard it lists are there (one listing)."""
+  manifest_path = os.path.join(labels_dir, pseudo_labels.MANIFEST)
+  if not tf.io.gfile.exists(manifest_path):
+    raise artifacts.MissingArtifact(manifest_path, "the pseudo-label manifest is missing")
+  present = set(tf.io.gfile.listdir(labels_dir))
+  for shard in pseudo_labels.read_manifest(labels_dir)["shards"]:
+    if shard["file"] not in present:
+      raise artifacts.MissingArtifact(os.path.join(labels_dir, shard["file"]),
+                                      "this pseudo-label shard is missing")
 
 
 def _stop_if_preempted(preemption: loop.PreemptionWatch, next_stage: str) -> None:
@@ -512,6 +572,11 @@ def _run_stage(s: Stage, config, workdir: str, data_dir, mesh, state: RunState,
       result = summary_stage(config, workdir, state, started)
   except (loop.Preempted, loop.NonFiniteError) as error:
     error.stage = s.name  # for the command line's one-line message
+    raise
+  except artifacts.ArtifactError:
+    raise
+  except Exception as error:
+    _raise_as_artifact_error(s, workdir, error)
     raise
   result["seconds"] = time.time() - t0
   state.mark_done(s.name, result)

@@ -1,8 +1,10 @@
 """Config validation before any compute: one clear message per problem, naming the fix.
 
-`validate_config` checks a schedule as written: model names, the imported teacher, batch sizes
-against the device count, ranges, each stage's training settings, the workdir. "Stages chain"
-means each stage can consume what the previous one produces:
+`check_keys` refuses every key nsjax would not read (the accepted keys are nsjax.config_lib's
+defaults, `config_lib.schema()`), naming its full path and the nearest accepted key.
+`validate_config` checks a schedule as written: its keys, model names, the imported teacher,
+batch sizes against the device count, ranges, each stage's training settings, the workdir.
+"Stages chain" means each stage can consume what the previous one produces:
   - an imported teacher (teacher.checkpoint) predicts config.data.num_classes, and teacher.model
     names the checkpoint's architecture (the checkpoint decides it; a different name is a typo);
   - every stage's `train` settings resolve in nsjax.train.loop (known keys, a run length), so a
@@ -13,19 +15,55 @@ means each stage can consume what the previous one produces:
 """
 from __future__ import annotations
 
+import difflib
 import os
 import uuid
 
 import jax
+import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl import logging
 
-from nsjax import checkpoint, models
-from nsjax.data import balance
+from nsjax import checkpoint, config_lib, finetune, models
+from nsjax.data import balance, input_pipeline
+from nsjax.train import loop
 
 
 class ConfigError(ValueError):
   """The config cannot run as written."""
+
+
+def check_keys(config) -> None:
+  """Refuses the first key nsjax does not read (a typo would otherwise be silently ignored), with
+  its full path and the nearest accepted key; the accepted keys are config_lib's defaults."""
+  _check_node(config, config_lib.schema(models.OVERRIDABLE + ("resolution",)), "")
+
+
+def _check_node(node, schema, path: str) -> None:
+  """Walks `node` along `schema` (see config_lib.schema); None in the schema: any value."""
+  if isinstance(schema, list):
+    for i, item in enumerate(node or []):
+      _check_node(item, schema[0], f"{path}[{i}]")
+    return
+  if schema is None or not hasattr(node, "keys"):
+    return
+  for key in node.keys():
+    where = f"{path}.{key}" if path else key
+    if where in config_lib.REMOVED:
+      raise ConfigError(f"config.{where} is gone: {config_lib.REMOVED[where]}.")
+    if key not in schema:
+      raise ConfigError(_unknown_key_message(where, key, path, schema))
+    _check_node(node[key], schema[key], where)
+
+
+def _unknown_key_message(where: str, key: str, path: str, schema) -> str:
+  close = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)
+  prefix = f"{path}." if path else ""
+  hint = f"; did you mean {prefix}{close[0]}?" if close else "."
+  return (f"Unknown config key {where}: nsjax does not read it{hint} The keys "
+          f"{path or 'a config'} takes: {', '.join(sorted(schema))} (defaults and meanings in "
+          "nsjax/config_lib.py). Rename or remove it.")
 
 
 def _model_stages(config):
@@ -58,16 +96,10 @@ def check_workdir(workdir: str) -> None:
 
 def validate_config(config, workdir: str) -> None:
   """Raises ConfigError for the first problem found; warns for a student smaller than its teacher."""
+  check_keys(config)
   if not config.students:
     raise ConfigError("config.students is empty: a Noisy Student schedule needs at least one "
                       "student.")
-  if "host_input" in config.data:
-    raise ConfigError("config.data.host_input is gone: every host now reads only its rows of the "
-                      "one global stream (the same batches on any number of hosts, 1/hosts of "
-                      "the I/O each). Delete the line.")
-  if "shard_batches" in config.label:
-    raise ConfigError("config.label.shard_batches is gone: pseudo-label shards are cut by size. "
-                      "Use config.label.shard_bytes (default 256 MiB).")
   num_devices = jax.device_count()
   num_classes = config.data.num_classes
   previous = None
@@ -79,9 +111,8 @@ def validate_config(config, workdir: str) -> None:
                           "variables/). Convert an official checkpoint with `python -m "
                           "nsjax.tools.convert_checkpoint`, or point to a stage's export/ folder.")
       teacher = checkpoint.read_description(path)["model"]
-      if teacher["num_classes"] != num_classes:
-        raise ConfigError(f"teacher.checkpoint {path} predicts {teacher['num_classes']} classes but "
-                          f"config.data.num_classes is {num_classes}.")
+      check_teacher_classes(f"teacher.checkpoint {path}", teacher["num_classes"], num_classes,
+                            "config.data.num_classes")
       if stage.get("model") and stage.model != teacher["model_name"]:
         raise ConfigError(f"teacher.model is {stage.model!r} but teacher.checkpoint {path} holds "
                           f"{teacher['model_name']!r}; the checkpoint decides the architecture, so "
@@ -105,27 +136,19 @@ def validate_config(config, workdir: str) -> None:
       if unlabeled_batch % num_devices:
         raise ConfigError(f"{where}: the unlabeled batch ({ratio} x {batch} = {unlabeled_batch}) "
                           f"is not divisible by the {num_devices} devices.")
-    _check_range(where, "train.temperature", float(train.get("temperature", 1.0)), 0.0, 100.0,
-                 low_open=True)
-    _check_range(where, "train.label_smoothing", float(train.get("label_smoothing", 0.1)), 0.0,
-                 1.0, high_open=True)
-    pseudo = train.get("pseudo_labels", "soft")
-    if pseudo not in ("soft", "hard"):
-      raise ConfigError(f"{where}.train.pseudo_labels = {pseudo!r}; use 'soft' or 'hard'.")
-    _check_train_settings(where, train)
+    _check_train_settings(where, train)  # temperature, label smoothing, soft/hard included
     try:
       model = models.create_model(stage.model, num_classes,
                                   **dict(stage.get("model_overrides", {}) or {}))
     except ValueError as error:
       raise ConfigError(f"{where}: {error}") from error
     if stage.get("finetune"):
-      from nsjax import finetune
       try:
         finetune.check_config(stage.finetune, num_devices, f"{where}.finetune")
       except ValueError as error:
         raise ConfigError(str(error)) from error
     if where.startswith("students") and previous is not None:
-      _warn_if_smaller(previous, (where, model))
+      warn_if_smaller(previous, (where, model))
     if not where == "baseline":
       previous = (where, model)
   _check_range("balance", "min_threshold", float(config.balance.min_threshold), 0.0, 1.0,
@@ -144,7 +167,6 @@ def validate_config(config, workdir: str) -> None:
 
 
 def _check_train_settings(where: str, train) -> None:
-  from nsjax.train import loop
   try:  # the labeled set size is only known once the data is there; any size checks the rest
     loop.resolve_config(dict(train), num_labeled_examples=int(train.batch_size))
   except ValueError as error:
@@ -153,8 +175,6 @@ def _check_train_settings(where: str, train) -> None:
 
 def check_datasets(config, data_dir: str | None) -> None:
   """The labeled and test sets must have config.data.num_classes classes (before training)."""
-  from nsjax.data import input_pipeline
-  import tensorflow_datasets as tfds
   num_classes = config.data.num_classes
   for key in ("labeled", "test"):
     src = config.data[key]
@@ -197,8 +217,24 @@ def check_stage_inputs(stage_name: str, config, completed) -> None:
                       "schedule without --stage).")
 
 
-def _warn_if_smaller(teacher, student) -> None:
-  from nsjax.pipeline import count_params
+def check_teacher_classes(teacher: str, teacher_classes: int, num_classes: int,
+                          student: str) -> None:
+  """The one check that a teacher predicts the classes its student (or the config) has."""
+  if teacher_classes != num_classes:
+    raise ConfigError(f"{teacher} predicts {teacher_classes} classes but {student} is "
+                      f"{num_classes}; use a teacher trained on these classes (or set "
+                      "config.data.num_classes to match).")
+
+
+def count_params(model: models.EfficientNet) -> int:
+  """Trainable parameters, from shapes alone (nothing is allocated)."""
+  abstract = checkpoint.abstract_variables(model, resolution=32)
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
+
+
+def warn_if_smaller(teacher, student) -> None:
+  """(where, model) pairs: a student smaller than its teacher only gets a warning, since the
+  method allows it but the paper's gains come from equal or larger students."""
   (t_where, t_model), (s_where, s_model) = teacher, student
   t, s = count_params(t_model), count_params(s_model)
   if s < t:

@@ -35,7 +35,8 @@ def smoke_config():
 def finished_workdir(workdir):
   """A workdir in which the smoke schedule is complete: state, summary and plots."""
   config = smoke_config()
-  os.makedirs(os.path.join(workdir, "label-1"))
+  for stage in ("teacher", "label-1", "student-1"):  # a stage whose folder is gone runs again
+    os.makedirs(os.path.join(workdir, stage))
   atomic_write_json(os.path.join(workdir, "state.json"), {
       "config_fingerprint": pipeline.fingerprint(config), "started_at": 0.0,
       "completed": {s.name: {} for s in pipeline.schedule(config)}})

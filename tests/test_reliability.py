@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from nsjax import checkpoint, config_lib, models, pipeline
+from nsjax import artifacts, checkpoint, config_lib, models, pipeline, workdir_lock
 from nsjax.data import input_pipeline, pseudo_labels
 from nsjax.train import loop
 from nsjax.train.checkpointing import TrainCheckpoints
@@ -315,6 +315,17 @@ def test_a_truncated_record_file_does_not_stall_training_batches(corrupt_data_di
      "command to resume."),
     (loop.NonFiniteError("Training step 3 (...) Last good checkpoint: none."), 3,
      "Stage student-1 stopped: Training step 3 (...) Last good checkpoint: none."),
+    (artifacts.DamagedArtifact("W/label-1/manifest.json", "not valid JSON"), 2,
+     "Damaged or missing artifact: W/label-1/manifest.json: not valid JSON. It was written by "
+     "stage label-1: delete W/label-1 and rerun the same command; the stage runs again (with "
+     "--stage, run --stage=label-1 first) and reproduces it."),
+    (artifacts.disk_full("W/label-1/shard-h000-00001.tfrecord", OSError(28, "No space left")), 74,
+     "Disk full: W/label-1/shard-h000-00001.tfrecord: no space left on the device while writing "
+     "it (OSError: [Errno 28] No space left). The last complete artifact before it is intact. "
+     "Free space (or point --workdir at a larger disk) and rerun the same command: it resumes "
+     "from there."),
+    (workdir_lock.WorkdirBusy("The workdir W is in use by pid 1 on host h"), 2,
+     "Workdir busy: The workdir W is in use by pid 1 on host h"),
 ])
 def test_main_turns_stops_into_one_line_and_an_exit_code(error, code, line, monkeypatch, capsys,
                                                           tmp_path):

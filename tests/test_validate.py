@@ -105,10 +105,10 @@ def test_global_batch_not_divisible_by_devices(tmp_path):
 @pytest.mark.parametrize("where, key, value, fragment", [
     ("student", "unlabeled_ratio", -1.0, "students[0].train.unlabeled_ratio = -1.0 is out of range"),
     ("student", "unlabeled_ratio", 0.0, "students[0].train.unlabeled_ratio must be > 0"),
-    ("student", "temperature", 0.0, "students[0].train.temperature = 0.0 is out of range (0.0"),
-    ("teacher", "temperature", 1000.0, "teacher.train.temperature = 1000.0 is out of range"),
-    ("teacher", "label_smoothing", 1.0, "teacher.train.label_smoothing = 1.0 is out of range"),
-    ("student", "pseudo_labels", "medium", "students[0].train.pseudo_labels = 'medium'"),
+    ("student", "temperature", 0.0, "students[0].train: temperature = 0.0 is out of range (0,"),
+    ("teacher", "temperature", 1000.0, "teacher.train: temperature = 1000.0 is out of range"),
+    ("teacher", "label_smoothing", 1.0, "teacher.train: label_smoothing = 1.0 is out of range"),
+    ("student", "pseudo_labels", "medium", "students[0].train: pseudo_labels = 'medium'"),
 ])
 def test_training_values_out_of_range(tmp_path, where, key, value, fragment):
   config = smoke_config()
@@ -132,7 +132,8 @@ def test_images_per_class_below_minus_one_is_refused(tmp_path):
 def test_training_settings_of_every_stage_are_checked_up_front(tmp_path):
   config = smoke_config()
   config.students[0].train.learning_rate = 0.1
-  fails(config, tmp_path, "students[0].train: Unknown training config key(s) ['learning_rate']")
+  fails(config, tmp_path, "Unknown config key students[0].train.learning_rate",
+        "did you mean students[0].train.base_learning_rate?")
   config = smoke_config()
   config.students[0].train.num_train_steps = None
   fails(config, tmp_path, "students[0].train: Set config.num_train_steps or config.num_epochs")

@@ -23,11 +23,16 @@ its official folder release (--imagenet_c_dir; class index = position of the wni
 label order). ImageNet-P (imagenet_p) reads its official release of mp4 videos (decoded with
 PyAV) or frame folders from --imagenet_p_dir -> flip probability per perturbation, and mFR when
 --alexnet_flip_probabilities gives the normalisers.
+
+Exit codes: 0 done; 2 the export is damaged or missing (one line naming the path and the fix).
 """
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 
+from nsjax import artifacts
 from nsjax.evaluate import benchmarks
 
 _EXPORT = flags.DEFINE_string("export", None, "Exported model directory (model.json + variables/).")
@@ -82,7 +87,18 @@ def main(argv):
     raise app.UsageError(f"{' and '.join(missing)} required (see --helpfull).")
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  result = benchmarks.run_benchmark(
+  try:
+    result = _run()
+  except artifacts.ArtifactError as error:  # one line naming the path and the fix, no traceback
+    print(f"Damaged or missing artifact: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  path = benchmarks.write_results(_OUTPUT.value, result)
+  print(f"{_BENCHMARK.value}: {benchmarks.scalars(result)} -> {path}", flush=True)
+
+
+def _run():
+  """The benchmark the flags describe."""
+  return benchmarks.run_benchmark(
       _EXPORT.value, _BENCHMARK.value, dataset=_DATASET.value, split=_SPLIT.value,
       data_dir=_DATA_DIR.value, resolution=_RESOLUTION.value, batch_size=_BATCH_SIZE.value,
       corruptions=_CORRUPTIONS.value or None, clean_error=_CLEAN_ERROR.value,
@@ -98,8 +114,6 @@ def main(argv):
       alexnet_flip_probabilities=(benchmarks.read_flip_probabilities(_ALEXNET_FP.value)
                                   if _ALEXNET_FP.value else None),
       difficulty=_DIFFICULTY.value)
-  path = benchmarks.write_results(_OUTPUT.value, result)
-  print(f"{_BENCHMARK.value}: {benchmarks.scalars(result)} -> {path}", flush=True)
 
 
 if __name__ == "__main__":

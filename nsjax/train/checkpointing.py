@@ -26,10 +26,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from nsjax import artifacts
 from nsjax.train.state import TrainState, with_shardings
 
 STATE = "default"  # the name a single-item manager used, so older checkpoints restore
 INPUT_POSITION = "input_position"
+
+
+class DamagedCheckpoint(artifacts.DamagedArtifact):
+  """A run checkpoint whose files cannot be read."""
+
+  def __init__(self, step: int, path: str, cause: str):
+    self.step, self.cause = step, cause
+    super().__init__(path, f"training checkpoint {step} cannot be read ({cause})")
 
 
 class TrainCheckpoints:
@@ -67,19 +76,40 @@ class TrainCheckpoints:
     """The input position saved with checkpoint `step`, or None (saved without one)."""
     if not (self.directory / str(step) / INPUT_POSITION).exists():
       return None
-    restored = self.manager.restore(
-        step, args=ocp.args.Composite(**{INPUT_POSITION: ocp.args.JsonRestore()}))
+    restored = self._read(step, lambda: self.manager.restore(
+        step, args=ocp.args.Composite(**{INPUT_POSITION: ocp.args.JsonRestore()})))
     return restored[INPUT_POSITION]
 
   def restore(self, abstract_state: TrainState, shardings: Any,
               step: int | None = None) -> TrainState:
+    """The state saved at `step` (default the latest); DamagedCheckpoint when its bytes are bad."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No training checkpoint under {self.directory}.")
     target = with_shardings(abstract_state, shardings)
     args = ocp.args.PyTreeRestore(item=target,
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    return self.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+    return self._read(step, lambda: self.manager.restore(
+        step, args=ocp.args.Composite(**{STATE: args}))[STATE])
+
+  def _read(self, step: int, read: Any) -> Any:
+    """Orbax's errors on bad bytes (buried in TensorStore tracebacks) as one DamagedCheckpoint;
+    other errors (a target that does not fit, say) pass unchanged."""
+    try:
+      return read()
+    except Exception as error:  # Orbax wraps TensorStore's errors in bare Exceptions
+      if not artifacts.looks_damaged(error):
+        raise
+      raise DamagedCheckpoint(step, self.path(step), artifacts.root_cause(error)) from error
+
+  def previous_step(self, step: int) -> int | None:
+    """The newest kept checkpoint before `step`, or None."""
+    older = [s for s in self.manager.all_steps() if s < step]
+    return max(older) if older else None
+
+  def discard(self, step: int) -> None:
+    """Deletes checkpoint `step` (a damaged one: the run saves that step again later)."""
+    self.manager.delete(step)
 
   def path(self, step: int | None) -> str:
     return "none" if step is None else str(self.directory / str(step))

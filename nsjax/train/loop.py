@@ -73,11 +73,11 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from nsjax import checkpoint, models, parallel
+from nsjax import artifacts, checkpoint, config_lib, models, parallel
 from nsjax.train import optimizer as opt
 from nsjax.train import state as state_lib
 from nsjax.train import steps
-from nsjax.train.checkpointing import TrainCheckpoints
+from nsjax.train.checkpointing import DamagedCheckpoint, TrainCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +89,9 @@ _STEP_KEYS = ("seed", "batch_size", "optimizer", "base_learning_rate", "lr_sched
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The official recipe's defaults (see the module docstring for each key)."""
-  return ml_collections.ConfigDict(dict(
-      seed=0, batch_size=None, num_train_steps=None, num_epochs=None, steps_per_epoch=None,
-      num_labeled_examples=None, optimizer="rmsprop", base_learning_rate=0.016,
-      lr_schedule="exponential", warmup_epochs=5.0, lr_decay_epochs=2.4, lr_decay_factor=0.97,
-      rmsprop_decay=0.9, momentum=0.9, rmsprop_epsilon=1e-3, adamw_weight_decay=0.0,
-      weight_decay=1e-5, label_smoothing=0.1, unlabeled_ratio=1.0, pseudo_labels="soft",
-      temperature=1.0, ema_decay=0.9999, compute_dtype="", fsdp=False, log_every_steps=100,
-      checkpoint_every_steps=1000, keep_checkpoints=3, eval_every_steps=0, export=True,
-      export_dir=""))
+  """The official recipe's defaults (see the module docstring for each key); they live in
+  nsjax.config_lib, with every other config default, so config validation reads the same keys."""
+  return config_lib.train_defaults()
 
 
 def resolve_config(config: Any = None, **overrides: Any) -> ml_collections.ConfigDict:
@@ -121,6 +114,7 @@ def resolve_config(config: Any = None, **overrides: Any) -> ml_collections.Confi
                      f"got {cfg.compute_dtype!r}.")
   steps_per_epoch(cfg)
   num_train_steps(cfg)
+  loss_config(cfg, num_classes=1)  # checks the loss settings (steps.LossConfig)
   return cfg
 
 
@@ -492,6 +486,46 @@ def _start(train_iter: Any, start_step: int, total_steps: int, cfg: ml_collectio
   return batches, first
 
 
+def _resume(checkpoints: TrainCheckpoints, train_iter: Any, total_steps: int,
+            cfg: ml_collections.ConfigDict, teacher: Teacher | None, train_model: nn.Module,
+            model: nn.Module, mesh: jax.sharding.Mesh) -> tuple:
+  """(latest readable checkpoint step or None, its input position, batches from there, the first
+  batch, the run functions, the restored state or None).
+
+  A checkpoint that cannot be read (a disk error, a copy cut short) is deleted for the previous
+  kept one, with a warning naming both: a run loses the steps in between instead of stopping.
+  """
+  while True:
+    latest = checkpoints.latest_step()
+    step = latest or 0
+    try:
+      position = checkpoints.input_position(latest) if latest is not None else None
+      batches, batch = _start(train_iter, step, total_steps, cfg, teacher,
+                              _own_position(position, step))
+      fns = _run_functions(train_model, mesh, _hashable_config(cfg), _image_shape(batch, model),
+                           int(getattr(model, "frozen_blocks", -1)))
+      state = (checkpoints.restore(fns.abstract_state, fns.shardings, latest)
+               if latest is not None else None)
+      return latest, position, batches, batch, fns, state
+    except DamagedCheckpoint as damaged:
+      _fall_back(checkpoints, damaged)
+
+
+def _fall_back(checkpoints: TrainCheckpoints, damaged: DamagedCheckpoint) -> None:
+  """Deletes the damaged checkpoint, naming it and the one the run resumes from instead."""
+  previous = checkpoints.previous_step(damaged.step)
+  if previous is None:
+    raise artifacts.DamagedArtifact(
+        str(checkpoints.directory), f"training checkpoint {damaged.step} cannot be read "
+        f"({damaged.cause}) and no older one is kept",
+        f"Delete {checkpoints.directory} to train this stage again from step 0 (or put back a "
+        "copy of it).") from damaged
+  log.warning("Training checkpoint %s cannot be read (%s); resuming from the previous kept one, "
+              "%s, instead (the damaged one is deleted).", checkpoints.path(damaged.step),
+              damaged.cause, checkpoints.path(previous))
+  checkpoints.discard(damaged.step)
+
+
 def _image_shape(first: Any, model: nn.Module) -> tuple[int, ...]:
   if first is not None:
     return tuple(first["labeled"]["image"].shape[1:])
@@ -559,15 +593,11 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = PreemptionWatch().start()
   try:
-    latest = checkpoints.latest_step()
+    latest, saved_position, batches, batch, fns, restored = _resume(
+        checkpoints, train_iter, total_steps, cfg, teacher, train_model, model, mesh)
     step = latest or 0
-    saved_position = checkpoints.input_position(latest) if latest is not None else None
-    batches, batch = _start(train_iter, step, total_steps, cfg, teacher,
-                            _own_position(saved_position, step))
-    fns = _run_functions(train_model, mesh, _hashable_config(cfg), _image_shape(batch, model),
-                         int(getattr(model, "frozen_blocks", -1)))
-    if latest is not None:
-      state = checkpoints.restore(fns.abstract_state, fns.shardings, latest)
+    if restored is not None:
+      state = restored
       log.info("Restored step %d from %s", latest, checkpoints.path(latest))
     elif initial_variables is not None:
       state = _state_from_variables(fns, initial_variables)

@@ -53,13 +53,16 @@ class LossConfig:
   seed: int = 0
 
   def __post_init__(self):
+    """The one check of these settings: config validation runs it too (loop.resolve_config)."""
     if self.pseudo_labels not in PSEUDO_LABEL_MODES:
-      raise ValueError(f"pseudo_labels must be one of {PSEUDO_LABEL_MODES}, "
-                       f"got {self.pseudo_labels!r}.")
-    if self.temperature <= 0:
-      raise ValueError(f"temperature must be positive, got {self.temperature}.")
+      raise ValueError(f"pseudo_labels = {self.pseudo_labels!r}; use 'soft' (the teacher's "
+                       "probabilities) or 'hard' (its argmax).")
+    if not 0.0 < self.temperature <= 100.0:
+      raise ValueError(f"temperature = {self.temperature} is out of range (0, 100]; 1 keeps the "
+                       "teacher's probabilities.")
     if not 0.0 <= self.label_smoothing < 1.0:
-      raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+      raise ValueError(f"label_smoothing = {self.label_smoothing} is out of range [0, 1); the "
+                       "paper uses 0.1.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,12 +83,11 @@ def sharpen(probs: jax.Array, temperature: float) -> jax.Array:
 
 def pseudo_label_targets(probs: jax.Array, mode: str, temperature: float,
                          label_smoothing: float) -> jax.Array:
-  """Soft: sharpened teacher probabilities. Hard: argmax, one-hot with label smoothing."""
-  if mode == "soft":
-    return sharpen(probs, temperature)
+  """Soft: sharpened teacher probabilities. Hard: argmax, one-hot with label smoothing. (`mode`
+  comes from a LossConfig, which checked it.)"""
   if mode == "hard":
     return smooth_labels(jnp.argmax(probs, axis=-1), probs.shape[-1], label_smoothing)
-  raise ValueError(f"pseudo_labels must be one of {PSEUDO_LABEL_MODES}, got {mode!r}.")
+  return sharpen(probs, temperature)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -1,0 +1,109 @@
+"""Damaged or missing artifacts: one short message naming the path, what is wrong and the fix.
+
+Why a module of its own: exports, checkpoints, pseudo-label shards and manifests are read by many
+stages and by the evaluation command line, and a read that fails deep inside Orbax, TensorStore
+or tf.data otherwise surfaces as hundreds of lines of tracebacks with the cause buried inside.
+The command lines catch `ArtifactError` and print its message alone (exit 2, see nsjax/main.py).
+
+The fix for an artifact a stage wrote is to write it again: delete the stage's folder and rerun
+the same command (a completed stage whose folder is gone runs again, see nsjax/pipeline.py). A
+rerun reproduces it: every stage is a function of the config and the seed.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+
+# Pipeline stage folders (nsjax.pipeline.stage_dir): what wrote an artifact under them.
+_STAGE_DIR = re.compile(r"^(teacher|baseline|(student|label|finetune)-\d+)$")
+# Root causes that mean the bytes on disk are bad (not, say, a changed model shape).
+_DAMAGE_MARKERS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "corrupt", "Corrupt", "truncated",
+                   "Unexpected end", "Expecting value", "Extra data", "Unterminated",
+                   "No such file", "not valid", "checksum")
+
+
+class ArtifactError(RuntimeError):
+  """An artifact is damaged or missing; `str()` is the whole message, fix included."""
+
+  def __init__(self, path: str, problem: str, fix: str = ""):
+    self.path, self.problem = str(path), problem
+    self.fix = fix or fix_for(str(path))
+    super().__init__(f"{self.path}: {problem}. {self.fix}")
+
+
+class DamagedArtifact(ArtifactError, ValueError):
+  """The artifact is there but cannot be read."""
+
+
+class MissingArtifact(ArtifactError, FileNotFoundError):
+  """The artifact is not there (FileNotFoundError for callers that catch that)."""
+
+
+class DiskFull(ArtifactError):
+  """No space left while writing an artifact; what was there before is intact."""
+
+
+def stage_of(path: str) -> tuple[str, str] | None:
+  """(workdir, stage name) when `path` lies in a pipeline stage's folder, else None."""
+  parts = str(path).rstrip("/").split("/")
+  for i in range(len(parts) - 1, 0, -1):
+    if _STAGE_DIR.match(parts[i]):
+      return "/".join(parts[:i]) or "/", parts[i]
+  return None
+
+
+def fix_for(path: str) -> str:
+  """How to write the artifact again: rerun the stage that wrote it, or re-export it."""
+  if os.path.basename(path) == "state.json":
+    return ("Delete it and rerun the same command: every stage runs again, each resuming from "
+            "what its folder holds (finished training stages only re-export).")
+  found = stage_of(path)
+  if found is None:
+    return ("Write it again: rerun the stage or tool that produced it (re-export the model, or "
+            "convert the checkpoint again with python -m nsjax.tools.convert_checkpoint).")
+  workdir, stage = found
+  folder = os.path.join(workdir, stage)
+  return (f"It was written by stage {stage}: delete {folder} and rerun the same command; the "
+          f"stage runs again (with --stage, run --stage={stage} first) and reproduces it.")
+
+
+def root_cause(error: BaseException) -> str:
+  """The first line of the innermost exception in `error`'s chain: the real cause."""
+  for inner in _chain(error):
+    error = inner
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"[:400]
+
+
+def looks_damaged(error: BaseException) -> bool:
+  """Whether a read failed on bad bytes rather than, say, a request that does not fit them."""
+  if isinstance(error, (FileNotFoundError, EOFError)):
+    return True
+  cause = root_cause(error)
+  return any(marker in cause for marker in _DAMAGE_MARKERS)
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """ENOSPC (or EDQUOT) anywhere in the chain, or TF's wording of it."""
+  for inner in _chain(error):
+    if isinstance(inner, OSError) and inner.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "No space left on device" in str(inner):
+      return True
+  return False
+
+
+def _chain(error: BaseException):
+  """`error`, then its causes (or contexts), innermost last; each once, even in a cycle."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+
+
+def disk_full(path: str, error: BaseException) -> DiskFull:
+  return DiskFull(path, f"no space left on the device while writing it ({root_cause(error)})",
+                  "The last complete artifact before it is intact. Free space (or point --workdir "
+                  "at a larger disk) and rerun the same command: it resumes from there.")

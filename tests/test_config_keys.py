@@ -1,0 +1,173 @@
+"""Every key of a config is read by nsjax or refused before any compute, with its full path and the
+nearest accepted key; the accepted keys are nsjax.config_lib's defaults (config_lib.schema)."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nsjax import config_lib, finetune, models, validate
+from nsjax.validate import ConfigError
+from test_configs import load_config
+from test_validate import ROOT, smoke_config
+
+
+def full_config():
+  """The smoke config plus every optional section (baseline, fine-tuning, model overrides)."""
+  c = smoke_config()
+  c.baseline = config_lib.model_stage("efficientnet-b0", 28, model_overrides=dict(width=0.1),
+                                      train=dict(c.teacher.train))
+  c.students[0].finetune = finetune.finetune_config(32, train=dict(log_every_steps=4))
+  c.data.folder_cache_dir = ""
+  return c
+
+
+def sections(node, schema, path=""):
+  """(path, node, schema) for every dict-like section of the config that the schema describes."""
+  if isinstance(schema, list):
+    for i, item in enumerate(node):
+      yield from sections(item, schema[0], f"{path}[{i}]")
+    return
+  if schema is None or not hasattr(node, "keys"):
+    return
+  yield path, node, schema
+  for key in node.keys():
+    yield from sections(node[key], schema[key], f"{path}.{key}" if path else key)
+
+
+SCHEMA = config_lib.schema(models.OVERRIDABLE + ("resolution",))
+SECTIONS = [path for path, _, _ in sections(full_config(), SCHEMA)]
+
+
+def test_the_issue_config_with_three_typos_is_refused(tmp_path):
+  for mutate, fragments in [
+      (lambda c: setattr(c.eval, "corruption", ["contrast"]),
+       ("eval.corruption", "did you mean eval.corruptions?")),
+      (lambda c: setattr(c.students[0].noise, "randaugment_magnitud", 9),
+       ("students[0].noise.randaugment_magnitud", "did you mean "
+        "students[0].noise.randaugment_magnitude?")),
+      (lambda c: setattr(c.label, "shard_batch", 4),
+       ("label.shard_batch", "did you mean label.shard_bytes?"))]:
+    config = smoke_config()
+    mutate(config)
+    with pytest.raises(ConfigError) as error:
+      validate.validate_config(config, str(tmp_path))
+    for fragment in fragments:
+      assert fragment in str(error.value)
+
+
+def test_every_section_is_covered_by_these_tests():
+  expected = {"", "data", "data.labeled", "data.unlabeled", "data.test", "label", "balance", "eval",
+              "teacher", "teacher.train", "teacher.noise", "teacher.model_overrides",
+              "students[0]", "students[0].train", "students[0].noise",
+              "students[0].model_overrides", "students[0].finetune", "students[0].finetune.train",
+              "baseline", "baseline.train", "baseline.noise", "baseline.model_overrides"}
+  assert expected <= set(SECTIONS), expected - set(SECTIONS)
+
+
+def typo(key: str) -> str:
+  """A misspelling one edit away: the last letter doubled."""
+  return key + key[-1]
+
+
+@pytest.mark.parametrize("path", SECTIONS)
+def test_a_typo_in_any_section_is_refused_with_the_nearest_key(path, tmp_path):
+  config = full_config()
+  node, schema = next((n, s) for p, n, s in sections(config, SCHEMA) if p == path)
+  key = sorted(schema)[0]
+  node[typo(key)] = 1
+  prefix = f"{path}." if path else ""
+  with pytest.raises(ConfigError) as error:
+    validate.check_keys(config)
+  message = str(error.value)
+  assert f"Unknown config key {prefix}{typo(key)}" in message
+  assert f"did you mean {prefix}{key}?" in message
+  assert "Rename or remove it" in message
+
+
+def test_a_key_with_no_close_match_lists_the_valid_keys():
+  config = smoke_config()
+  config.eval.zzz = 1
+  with pytest.raises(ConfigError, match=r"Unknown config key eval.zzz: nsjax does not read it\. "
+                     r"The keys eval takes: batch_size, corruptions, max_corruption_examples, "
+                     r"severities"):
+    validate.check_keys(config)
+
+
+@pytest.mark.parametrize("section, key, fix", [("data", "host_input", "its rows of the one global"),
+                                               ("label", "shard_batches", "use label.shard_bytes")])
+def test_a_removed_key_names_what_replaced_it(section, key, fix):
+  config = smoke_config()
+  config[section][key] = "global" if key == "host_input" else 4
+  with pytest.raises(ConfigError, match=f"config.{section}.{key} is gone: .*{fix}"):
+    validate.check_keys(config)
+
+
+def test_every_config_and_the_full_config_pass():
+  validate.check_keys(full_config())
+  for path in glob.glob(os.path.join(ROOT, "configs", "*.py")):
+    name = os.path.basename(path)[:-3]
+    validate.check_keys(load_config(name)[1])
+
+
+def test_a_key_added_to_the_defaults_is_accepted_without_touching_validation(monkeypatch):
+  config = smoke_config()
+  config.eval.new_knob = 3
+  with pytest.raises(ConfigError, match="eval.new_knob"):
+    validate.check_keys(config)
+  base = config_lib.base_config
+
+  def with_new_knob():
+    c = base()
+    c.eval.new_knob = 0
+    return c
+  monkeypatch.setattr(config_lib, "base_config", with_new_knob)
+  validate.check_keys(config)
+
+
+def _leaves(schema, path=""):
+  if isinstance(schema, list):
+    yield from _leaves(schema[0], path)
+    return
+  for key, sub in schema.items():
+    if sub is None:
+      yield key
+    else:
+      yield from _leaves(sub, key)
+
+
+def test_every_accepted_key_is_read_somewhere_in_nsjax():
+  """The converse: no default that nothing reads (its name appears as an attribute, a string or
+  a keyword argument in nsjax's code outside config_lib)."""
+  sources = ""
+  for path in glob.glob(os.path.join(ROOT, "nsjax", "**", "*.py"), recursive=True):
+    if not path.endswith("config_lib.py"):
+      sources += open(path).read()
+  unread = sorted(k for k in set(_leaves(SCHEMA))
+                  if not re.search(rf"(\.{k}\b|[\"']{k}[\"']|\b{k}=)", sources))
+  assert not unread, f"config keys nothing reads: {unread}"
+
+
+def test_the_command_line_refuses_a_typo_with_exit_2_before_any_compute(tmp_path):
+  config = tmp_path / "typo.py"
+  config.write_text("import importlib.util, os\n"
+                    f"spec = importlib.util.spec_from_file_location('s', {ROOT!r} + "
+                    "'/configs/smoke.py')\n"
+                    "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+                    "def get_config():\n"
+                    "  c = m.get_config()\n"
+                    "  c.label.shard_batch = 4\n"
+                    "  return c\n")
+  workdir = tmp_path / "work"
+  done = subprocess.run([sys.executable, "-m", "nsjax.main", f"--config={config}",
+                         f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert "Unknown config key label.shard_batch" in done.stderr
+  assert "did you mean label.shard_bytes?" in done.stderr
+  assert "Traceback" not in done.stderr
+  assert not (workdir / "tensorflow_datasets").exists()  # nothing was built
