@@ -162,7 +162,7 @@ def plot(runs: list[dict], path: str) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
   axes[0].loglog(ns, [r["start_s"] for r in runs], "o-", label="start")
   axes[0].loglog(ns, [r["resume_90_s"] for r in runs], "s-", label="resume at 90%")
-  axes[0].set(title="time to first batch (s)", xlabel="records")
+  axes[0].set(title="time to first batch (s)", xlabel="records", ylim=(0.05, 5))
   axes[1].loglog(ns, [r["manifest_bytes_written"] for r in runs], "o-", label="metadata written")
   axes[1].loglog(ns, [r["peak_rss_mb"] * 2**20 for r in runs], "s-", label="reader peak RSS")
   axes[1].set(title="bytes", xlabel="records")
