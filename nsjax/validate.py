@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from nsjax import checkpoint, config_lib, finetune, models
-from nsjax.data import balance, input_pipeline
+from nsjax.data import balance, input_pipeline, pseudo_labels
 from nsjax.train import loop
 
 
@@ -160,6 +160,9 @@ def validate_config(config, workdir: str) -> None:
   if config.label.batch_size % num_devices:
     raise ConfigError(f"label.batch_size = {config.label.batch_size} is not divisible by the "
                       f"{num_devices} devices.")
+  if not 1 <= int(config.label.shard_bytes) <= pseudo_labels.MAX_SHARD_BYTES:
+    raise ConfigError(f"label.shard_bytes = {config.label.shard_bytes}: use 1 .. 2**31 bytes "
+                      "(record offsets are stored as 32-bit numbers; 256 MiB is the default).")
   if config.eval.batch_size % num_devices:
     raise ConfigError(f"eval.batch_size = {config.eval.batch_size} is not divisible by the "
                       f"{num_devices} devices.")

@@ -123,6 +123,13 @@ def test_threshold_out_of_range(tmp_path):
   fails(config, tmp_path, "balance.min_threshold = 1.5 is out of range [0.0, 1.0)")
 
 
+@pytest.mark.parametrize("size", [0, 2**32])
+def test_shard_bytes_out_of_range(tmp_path, size):
+  config = smoke_config()
+  config.label.shard_bytes = size
+  fails(config, tmp_path, f"label.shard_bytes = {size}: use 1 .. 2**31 bytes")
+
+
 def test_images_per_class_below_minus_one_is_refused(tmp_path):
   config = smoke_config()
   config.balance.num_image_per_class = -2
