@@ -103,6 +103,18 @@ def process_local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate(parts)
 
 
+def to_global_batch(batch: Any, mesh: Mesh) -> Any:
+  """numpy leaves: this process's slice -> global arrays; jax.Arrays: (re)placed on `data`."""
+  sharding = data_sharding(mesh)
+
+  def one(x):
+    if isinstance(x, jax.Array):
+      return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(one, batch)
+
+
 def sync(name: str) -> None:
   """A barrier across hosts (no-op on one process)."""
   if jax.process_count() > 1:

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+from nsjax import parallel
 from nsjax.data import (balance, balanced_order, input_pipeline, preprocess, pseudo_labels,
                         random_access)
-from nsjax.train import steps
 
 _EXAMPLE_STREAM = 13
 
@@ -138,7 +138,7 @@ class StageBatches:
     batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
     if self.unlabeled is not None:
       batch["unlabeled"] = next(self.unlabeled)
-    return steps.to_global_batch(batch, self.mesh)
+    return parallel.to_global_batch(batch, self.mesh)
 
   def input_position(self) -> dict[str, dict[str, int]]:
     position = {"labeled": self.labeled.position()}

@@ -326,16 +326,7 @@ def _jit_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, variables_sharding
                       out_shardings=parallel.replicated(mesh))
 
 
-def to_global_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
-  """numpy leaves: this process's slice -> global arrays; jax.Arrays: (re)placed on `data`."""
-  sharding = parallel.data_sharding(mesh)
-
-  def one(x):
-    if isinstance(x, jax.Array):
-      return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
-    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-
-  return jax.tree.map(one, batch)
+to_global_batch = parallel.to_global_batch  # defined with the other sharding helpers
 
 
 def evaluate(eval_step: Callable, variables: Any, batches: Iterable[dict[str, Any]],
