@@ -138,8 +138,11 @@ def test_every_kept_checkpoint_damaged_stops_with_the_fix(smoke, tmp_path):
 def test_a_damaged_or_missing_shard_names_it_and_the_label_stage(smoke, tmp_path):
   config, work = copy_run(smoke, tmp_path, forget=LATER)
   shard = os.path.join(work, "label-1", "shard-h000-00001.tfrecord")
+  # The middle third zeroed: students read records by offset, only those their steps use, so the
+  # damage must reach records the 12 steps read (a record never read is never checked).
   data = bytearray(open(shard, "rb").read())
-  data[len(data) // 2:len(data) // 2 + 16] = b"\x00" * 16
+  third = len(data) // 3
+  data[third:2 * third] = b"\x00" * third
   open(shard, "wb").write(bytes(data))
   with pytest.raises(artifacts.DamagedArtifact) as error:
     pipeline.run(config, work, stage="student-1")
@@ -166,22 +169,22 @@ def test_a_full_disk_while_writing_a_shard_keeps_the_last_one_and_a_rerun_resume
   config, work = copy_run(smoke, tmp_path, forget=("label-1",) + LATER)
   calls = []
 
-  def enospc_on_the_second(path, write_fn):
+  def enospc_on_the_second_shard(path, write_fn):  # calls: shard 0, its sidecar, shard 1
     calls.append(path)
-    if len(calls) == 2:
+    if len(calls) == 3:
       def full(tmp):
         with open(tmp, "wb") as f:
           f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device", tmp)
       return files.atomic_write(path, full)
     return files.atomic_write(path, write_fn)
-  monkeypatch.setattr(pseudo_labels, "atomic_write", enospc_on_the_second)
+  monkeypatch.setattr(pseudo_labels, "atomic_write", enospc_on_the_second_shard)
   shard = os.path.join(work, "label-1", "shard-h000-00001.tfrecord")
   with pytest.raises(artifacts.DiskFull, match=rf"{shard}: no space left on the device"):
     pipeline.run(config, work, stage="label-1")
   monkeypatch.undo()
-  manifest = json.load(open(os.path.join(work, "label-1", "manifest-h000.json")))
-  assert [s["file"] for s in manifest["shards"]] == ["shard-h000-00000.tfrecord"]
+  written = pseudo_labels.HostShardWriter(os.path.join(work, "label-1"), 0, config.data.num_classes)
+  assert [s["file"] for s in written.shards] == ["shard-h000-00000.tfrecord"]
   assert not glob.glob(os.path.join(work, "label-1", "*.tmp-*"))  # no partial file left
   pipeline.run(config, work, stage="label-1")  # space freed: resumes at the second shard
   original = json.load(open(os.path.join(smoke[1], "label-1", "manifest.json")))

@@ -302,7 +302,7 @@ def test_serving_view_refuses_a_float_tensor_when_built():
 
 def test_cli_errors_name_the_problem(exported, tmp_path, capsys):
   assert export_cli.main([f"--export={tmp_path}/nothing", f"--output={tmp_path}/out"]) == 1
-  assert "No exported model" in capsys.readouterr().err
+  assert "no exported model here" in capsys.readouterr().err
   export = str(exported[0]["smoke"]["dir"] / "export")
   assert export_cli.main([f"--export={export}", "--output=gs://bucket/x"]) == 1
   assert "local directory" in capsys.readouterr().err

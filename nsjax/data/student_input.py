@@ -107,15 +107,18 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
   def decode_and_view(position, record):
     ex = parse(record)
     image, ok = preprocess.decode(ex["image"])
-    noise_seed = tf.random.experimental.stateless_fold_in(example_seed, position)
-    return {"image": view_fn(image, noise_seed), "probs": ex["probs"], "ok": ok}
+    # The label stage wrote only images that decoded: one that does not is damage, and dropping it
+    # would shift every later batch off its step (a resume would no longer be exact).
+    check = tf.debugging.Assert(ok, ["A pseudo-labeled image does not decode at stream position",
+                                     position, "- its shard is damaged; relabel."])
+    with tf.control_dependencies([check]):
+      noise_seed = tf.random.experimental.stateless_fold_in(example_seed, position)
+    return {"image": view_fn(image, noise_seed), "probs": ex["probs"]}
 
   stream = (tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max)
             .map(fetch, num_parallel_calls=2, deterministic=True)
             .unbatch()
             .map(decode_and_view, num_parallel_calls=tf.data.AUTOTUNE)
-            .filter(lambda ex: ex["ok"])  # the label stage wrote only decodable images
-            .map(lambda ex: {"image": ex["image"], "probs": ex["probs"]})
             .batch(local_batch_size, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE))
   return stream.as_numpy_iterator()

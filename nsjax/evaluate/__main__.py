@@ -28,6 +28,7 @@ Exit codes: 0 done; 2 the export is damaged or missing (one line naming the path
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -91,7 +92,10 @@ def main(argv):
     result = _run()
   except artifacts.ArtifactError as error:  # one line naming the path and the fix, no traceback
     print(f"Damaged or missing artifact: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.stdout.flush()
+    # Not sys.exit: Orbax's reader threads of the failed restore may still be running, and an
+    # interpreter shutdown under them prints "Event loop is closed" tracebacks after our line.
+    os._exit(2)
   path = benchmarks.write_results(_OUTPUT.value, result)
   print(f"{_BENCHMARK.value}: {benchmarks.scalars(result)} -> {path}", flush=True)
 
