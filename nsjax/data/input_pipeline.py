@@ -300,21 +300,11 @@ def train_batches(source: Source, *, global_batch_size: int,
   # drops this process's rows before `first_record`.
   chunk_start = first_record - first_record % global_batch_size
 
-  def read_chunk(chunk):
-    positions = int(chunk) * global_batch_size + index * local + np.arange(local)
-    records = reader.read(*order.locate(positions))
-    return np.array(records, dtype=object), positions.astype(np.int64)
-
-  def fetch(chunk):
-    records, positions = tf.numpy_function(read_chunk, [chunk], (tf.string, tf.int64),
-                                           stateful=False)
-    return tf.ensure_shape(positions, [local]), tf.ensure_shape(records, [local])
-
   features = builder.info.features
   skip_image = {source.image_key: tfds.decode.SkipDecoding()}
-  stream = (tf.data.Dataset.range(chunk_start // global_batch_size, np.iinfo(np.int64).max)
-            .map(fetch, num_parallel_calls=2, deterministic=True)
-            .unbatch()
+  stream = (random_access.host_rows(lambda positions: reader.read(*order.locate(positions)),
+                                    chunk_start // global_batch_size, global_batch_size, index,
+                                    local)
             .filter(lambda record, serialized: record >= first_record)
             .map(lambda record, serialized: (
                 record, features.deserialize_example(serialized, decoders=skip_image)),

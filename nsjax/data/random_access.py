@@ -104,6 +104,27 @@ def load_offsets(index_dir: str, path: str) -> np.ndarray:
     return np.load(io.BytesIO(f.read()))
 
 
+def host_rows(read: Callable[[np.ndarray], list[bytes]], first_batch: int, global_batch: int,
+              process_index: int, local_batch: int) -> tf.data.Dataset:
+  """(stream position, serialized record) of this process's rows of global batches first_batch,
+  first_batch + 1, ...: rows [process_index * local_batch, (process_index + 1) * local_batch) of
+  each, fetched by `read(positions)` two batches at a time, in order. Every training stream (labeled
+  and pseudo-labeled) is cut into host batches here, so they slice hosts alike."""
+
+  def read_batch(batch):
+    positions = int(batch) * global_batch + process_index * local_batch + np.arange(local_batch)
+    return np.array(read(positions), dtype=object), positions.astype(np.int64)
+
+  def fetch(batch):
+    records, positions = tf.numpy_function(read_batch, [batch], (tf.string, tf.int64),
+                                           stateful=False)
+    return tf.ensure_shape(positions, [local_batch]), tf.ensure_shape(records, [local_batch])
+
+  return (tf.data.Dataset.range(int(first_batch), np.iinfo(np.int64).max)
+          .map(fetch, num_parallel_calls=2, deterministic=True)
+          .unbatch())
+
+
 class RecordReader:
   """Reads records of a list of TFRecord files by (file, record) index. Thread-safe; counts the
   bytes it reads (records and tables).

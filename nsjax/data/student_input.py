@@ -93,17 +93,6 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
   parse = pseudo_labels.parse_fn(manifest["num_classes"], manifest["top_k"])
   example_seed = tf.constant([seed + _EXAMPLE_STREAM, 0], tf.int64)
 
-  def read_step(step):
-    positions = int(step) * global_batch + index * local_batch_size + np.arange(local_batch_size)
-    records = reader.read(*locate_records(order, blocks, positions))
-    return np.array(records, dtype=object), positions.astype(np.int64)
-
-  def fetch(step):
-    records, positions = tf.numpy_function(read_step, [step], (tf.string, tf.int64),
-                                           stateful=False)
-    return (tf.ensure_shape(positions, [local_batch_size]),
-            tf.ensure_shape(records, [local_batch_size]))
-
   def decode_and_view(position, record):
     ex = parse(record)
     image, ok = preprocess.decode(ex["image"])
@@ -115,9 +104,10 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
       noise_seed = tf.random.experimental.stateless_fold_in(example_seed, position)
     return {"image": view_fn(image, noise_seed), "probs": ex["probs"]}
 
-  stream = (tf.data.Dataset.range(int(start_step), np.iinfo(np.int64).max)
-            .map(fetch, num_parallel_calls=2, deterministic=True)
-            .unbatch()
+  records = random_access.host_rows(
+      lambda positions: reader.read(*locate_records(order, blocks, positions)), start_step,
+      global_batch, index, local_batch_size)
+  stream = (records
             .map(decode_and_view, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(local_batch_size, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE))
