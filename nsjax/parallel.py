@@ -5,7 +5,6 @@ Batches are sharded along their leading axis over `data`. Parameters are replica
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 from typing import Any
@@ -14,6 +13,8 @@ import jax
 import numpy as np
 from jax._src import distributed  # the coordination client; no public API for its barrier
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nsjax import cpu_features
 
 DATA_AXIS = "data"
 
@@ -139,14 +140,9 @@ def host_barrier(name: str, timeout_s: int = 3600) -> None:
 CPU_VECTOR_WIDTH_OPTION = "xla_cpu_prefer_vector_width"
 
 
-@functools.lru_cache
-def cpu_has_avx512(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+def cpu_has_avx512(cpuinfo_path: str = cpu_features.CPUINFO) -> bool:
   """Whether this host's CPU has AVX-512 (Linux /proc/cpuinfo; False where it cannot tell)."""
-  try:
-    with open(cpuinfo_path) as f:
-      return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
-  except OSError:
-    return False
+  return cpu_features.has("avx512f", cpuinfo_path)
 
 
 def nsjax_compiler_options() -> dict[str, Any] | None:

@@ -48,7 +48,8 @@ HEAD_FEATURES = ("head", "tpu_batch_normalization")  # module whose output (afte
 
 def serving_model(model: models.EfficientNet) -> models.EfficientNet:
   """The same network with XLA's convolutions and float32 compute (see the module docstring)."""
-  return model.clone(depthwise_impl="xla", stem_impl="xla", dtype="float32")
+  return model.clone(depthwise_impl="xla", stem_impl="xla", dtype="float32",
+                     matmul_operands="float32")
 
 
 def class_names(model: models.EfficientNet, metadata: dict[str, Any]) -> list[str]:

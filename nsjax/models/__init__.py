@@ -9,7 +9,7 @@ from nsjax.models.efficientnet import EfficientNet
 from nsjax.models.specs import MODEL_SPECS, ModelSpec, get_spec
 
 OVERRIDABLE = ("width", "depth", "dropout_rate", "stochastic_depth_rate", "small_image", "dtype",
-               "depthwise_impl", "stem_impl", "frozen_blocks", "train_resolution", "test_resolution")
+               "depthwise_impl", "stem_impl", "matmul_operands", "frozen_blocks", "train_resolution", "test_resolution")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -31,12 +31,14 @@ def model_config(name: str, num_classes: int, **overrides: Any) -> dict[str, Any
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
   config = dict(model_name=name, num_classes=num_classes, width=spec.width, depth=spec.depth,
                 dropout_rate=spec.dropout_rate, stochastic_depth_rate=0.2, small_image=False,
-                dtype="float32", depthwise_impl="auto", stem_impl="auto", frozen_blocks=-1,
+                dtype="float32", depthwise_impl="auto", stem_impl="auto", matmul_operands="auto",
+                frozen_blocks=-1,
                 train_resolution=spec.train_resolution, test_resolution=spec.test_resolution)
   config.update(overrides)
   if config["dtype"] not in DTYPES:
     raise ValueError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}.")
-  for key, valid in (("depthwise_impl", layers.DEPTHWISE_IMPLS), ("stem_impl", layers.CONV_IMPLS)):
+  for key, valid in (("depthwise_impl", layers.DEPTHWISE_IMPLS), ("stem_impl", layers.CONV_IMPLS),
+                     ("matmul_operands", layers.MATMUL_OPERANDS)):
     if config[key] not in valid:
       raise ValueError(f"{key} must be one of {valid}, got {config[key]!r}.")
   for key in ("dropout_rate", "stochastic_depth_rate"):
@@ -49,7 +51,8 @@ def create_model(name: str, num_classes: int, **overrides: Any) -> EfficientNet:
   """An EfficientNet (`efficientnet-b0` ... `-b7`, `-l0`, `-l1`, `-l2`) with optional overrides.
 
   Overrides: width, depth, dropout_rate, stochastic_depth_rate, small_image, dtype ("float32" or
-  "bfloat16"), depthwise_impl, stem_impl, frozen_blocks, train_resolution, test_resolution, resolution.
+  "bfloat16"), depthwise_impl, stem_impl, matmul_operands, frozen_blocks, train_resolution,
+  test_resolution, resolution.
   """
   return EfficientNet(**model_config(name, num_classes, **overrides))
 

@@ -20,20 +20,23 @@ import jax.numpy as jnp
 from nsjax.models import layers, specs
 
 
-def _pointwise(features: int, dtype: Any, name: str, use_bias=False) -> nn.Module:
-  return layers.PointwiseConv(features, use_bias, dtype, name=name)
+def _pointwise(features: int, dtype: Any, matmul_operands: str, name: str,
+               use_bias=False) -> nn.Module:
+  return layers.PointwiseConv(features, use_bias, dtype, matmul_operands, name=name)
 
 
 class SqueezeExcite(nn.Module):
   """Spatial mean -> 1x1 reduce (to block INPUT filters * ratio) -> swish -> 1x1 expand -> sigmoid."""
   reduced_filters: int
   dtype: Any = jnp.float32
+  matmul_operands: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.swish(_pointwise(self.reduced_filters, self.dtype, "conv2d", use_bias=True)(s))
-    s = _pointwise(x.shape[-1], self.dtype, "conv2d_1", use_bias=True)(s)
+    s = nn.swish(_pointwise(self.reduced_filters, self.dtype, self.matmul_operands, "conv2d",
+                              use_bias=True)(s))
+    s = _pointwise(x.shape[-1], self.dtype, self.matmul_operands, "conv2d_1", use_bias=True)(s)
     return x * nn.sigmoid(s)
 
 
@@ -43,6 +46,7 @@ class MBConvBlock(nn.Module):
   drop_connect_rate: float
   depthwise_impl: str = "auto"
   dtype: Any = jnp.float32
+  matmul_operands: str = "auto"
 
   @nn.compact
   def __call__(self, inputs, train: bool):
@@ -53,15 +57,16 @@ class MBConvBlock(nn.Module):
     conv_names = iter(["conv2d", "conv2d_1"])
     x = inputs
     if b.expand_ratio != 1:
-      x = _pointwise(b.input_filters * b.expand_ratio, self.dtype, next(conv_names))(x)
+      x = _pointwise(b.input_filters * b.expand_ratio, self.dtype, self.matmul_operands,
+                     next(conv_names))(x)
       x = nn.swish(bn(next(bn_names))(x))
     x = layers.DepthwiseConv(b.kernel_size, b.stride, self.depthwise_impl, self.dtype,
                              name="depthwise_conv2d")(x)
     x = nn.swish(bn(next(bn_names))(x))
     if b.se_ratio:
       reduced = max(1, int(b.input_filters * b.se_ratio))
-      x = SqueezeExcite(reduced, self.dtype, name="se")(x)
-    x = _pointwise(b.output_filters, self.dtype, next(conv_names))(x)
+      x = SqueezeExcite(reduced, self.dtype, self.matmul_operands, name="se")(x)
+    x = _pointwise(b.output_filters, self.dtype, self.matmul_operands, next(conv_names))(x)
     x = bn(next(bn_names))(x)
     if b.stride == 1 and b.input_filters == b.output_filters:
       if train and self.drop_connect_rate > 0:
@@ -90,10 +95,11 @@ class Head(nn.Module):
   num_classes: int
   dropout_rate: float
   dtype: Any = jnp.float32
+  matmul_operands: str = "auto"
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = _pointwise(self.filters, self.dtype, "conv2d")(x)
+    x = _pointwise(self.filters, self.dtype, self.matmul_operands, "conv2d")(x)
     bn = layers.BatchNorm(use_running_average=not train, dtype=self.dtype,
                           name="tpu_batch_normalization")
     x = jnp.mean(nn.swish(bn(x)), axis=(1, 2))
@@ -116,6 +122,9 @@ class EfficientNet(nn.Module):
     depthwise_impl: "auto" (shift on CPU, XLA conv elsewhere), "xla" or "shift".
     stem_impl: the stem's 3x3 convolution: "auto" (taps on CPU, XLA conv elsewhere), "xla" or
       "taps" (see nsjax.models.layers.conv).
+    matmul_operands: the 1x1 convolutions' operand dtype, accumulated in float32: "auto"
+      (bfloat16 for large products on a CPU with AMX-bf16, else the compute dtype), "float32" or
+      "bfloat16" (see nsjax.models.layers.resolve_matmul_operands).
     frozen_blocks: -1 for none; k >= 0 freezes the stem and blocks 0..k-1 (BatchNorm in inference
       mode, no gradient through them), for test-resolution fine-tuning.
     model_name, train_resolution, test_resolution: what the model is (informational: the network
@@ -130,6 +139,7 @@ class EfficientNet(nn.Module):
   dtype: str = "float32"
   depthwise_impl: str = "auto"
   stem_impl: str = "auto"
+  matmul_operands: str = "auto"
   frozen_blocks: int = -1
   model_name: str = "efficientnet-b0"
   train_resolution: int = 224
@@ -151,12 +161,13 @@ class EfficientNet(nn.Module):
       x = jax.lax.stop_gradient(x)
     for b in blocks:
       rate = self.stochastic_depth_rate * b.index / len(blocks)
-      x = MBConvBlock(b, rate, self.depthwise_impl, dtype, name=f"blocks_{b.index}")(
+      x = MBConvBlock(b, rate, self.depthwise_impl, dtype, self.matmul_operands,
+                      name=f"blocks_{b.index}")(
           x, train=train and b.index >= self.frozen_blocks)
       if b.index == self.frozen_blocks - 1:
         x = jax.lax.stop_gradient(x)
     return Head(specs.round_filters(specs.HEAD_FILTERS, self.width), self.num_classes,
-                self.dropout_rate, dtype, name="head")(x, train)
+                self.dropout_rate, dtype, self.matmul_operands, name="head")(x, train)
 
   def block_drop_rates(self) -> list[float]:
     """The per-block stochastic-depth rates this model applies in train mode."""

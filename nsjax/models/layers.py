@@ -15,6 +15,7 @@ runs as one vectorised loop, ~4x faster than its convolution for 3 input channel
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -22,11 +23,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nsjax import cpu_features
+
 DEPTHWISE_IMPLS = ("auto", "xla", "shift")
 CONV_IMPLS = ("auto", "xla", "taps")
 # "auto" picks "taps" on CPU up to this many input channels: its work grows with k*k*C_in terms per
 # output value, a convolution library's does not.
 TAPS_MAX_INPUT_CHANNELS = 4
+MATMUL_OPERANDS = ("auto", "float32", "bfloat16")
+# AMX multiplies tiles of 16 rows by 32 bfloat16 pairs. Products that contract fewer values (B0's
+# first expansion contracts 16 channels) are bound by writing their float32 output, and casting
+# their operands costs more than the tiles save.
+AMX_MIN_CONTRACTION = 64
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[tuple[int, int], int]:
@@ -247,22 +255,53 @@ class DepthwiseConv(nn.Module):
     return depthwise_conv(x, kernel, self.stride, self.impl)
 
 
-def _channel_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def resolve_matmul_operands(setting: str, compute_dtype: Any, contraction: int) -> Any:
+  """The dtype a matrix product's operands are cast to; it accumulates in float32 either way.
+
+  "auto": bfloat16 on a CPU backend whose CPU has AMX-bf16 tiles, for products that contract at
+  least `AMX_MIN_CONTRACTION` values, else the compute dtype. "float32" / "bfloat16": always that.
+  """
+  if setting not in MATMUL_OPERANDS:
+    raise ValueError(f"matmul_operands must be one of {MATMUL_OPERANDS}, got {setting!r}.")
+  if setting != "auto":
+    return jnp.dtype(setting)
+  amx = jax.default_backend() == "cpu" and cpu_features.has("amx_bf16")
+  return jnp.dtype(jnp.bfloat16) if amx and contraction >= AMX_MIN_CONTRACTION else jnp.dtype(compute_dtype)
+
+
+def _dot(a: jax.Array, b: jax.Array, dims, setting: str, out_dtype: Any) -> jax.Array:
+  """`lax.dot_general` with operands in the dtype `setting` resolves to, the result in `out_dtype`.
+
+  When the operands already have that dtype nothing is cast, so the float32 program is the same
+  one as before the setting existed.
+  """
+  contraction = math.prod(a.shape[d] for d in dims[0][0])
+  operands = resolve_matmul_operands(setting, a.dtype, contraction)
+  if operands == a.dtype == b.dtype:
+    return lax.dot_general(a, b, dims).astype(out_dtype)
+  return lax.dot_general(a.astype(operands), b.astype(operands), dims,
+                         preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _channel_dot(x: jax.Array, kernel: jax.Array, setting: str = "auto") -> jax.Array:
   """x [..., C_in] times kernel [C_in, C_out]."""
-  return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+  return _dot(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), setting, x.dtype)
 
 
-@jax.custom_vjp
-def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """1x1 convolution of [..., C_in] by [C_in, C_out] as one dot; its gradients are two more dots."""
-  return _channel_dot(x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pointwise_conv(x: jax.Array, kernel: jax.Array, operands: str = "auto") -> jax.Array:
+  """1x1 convolution of [..., C_in] by [C_in, C_out] as one dot; its gradients are two more dots.
+
+  `operands` ("auto", "float32", "bfloat16") sets each dot's operand dtype; see
+  `resolve_matmul_operands`."""
+  return _channel_dot(x, kernel, operands)
 
 
-def _pointwise_conv_fwd(x, kernel):
-  return _channel_dot(x, kernel), (x, kernel)
+def _pointwise_conv_fwd(x, kernel, operands):
+  return _channel_dot(x, kernel, operands), (x, kernel)
 
 
-def _pointwise_conv_bwd(residuals, cotangent):
+def _pointwise_conv_bwd(operands, residuals, cotangent):
   """On CPU the two operands of the kernel gradient are first written out in their own layout.
 
   The kernel gradient contracts the pixel axis, which is major in both operands, so XLA:CPU
@@ -273,9 +312,9 @@ def _pointwise_conv_bwd(residuals, cotangent):
   x, kernel = residuals
   if jax.default_backend() == "cpu":
     x, cotangent = lax.optimization_barrier((x, cotangent))
-  x_grad = lax.dot_general(cotangent, kernel, (((cotangent.ndim - 1,), (1,)), ((), ())))
+  x_grad = _dot(cotangent, kernel, (((cotangent.ndim - 1,), (1,)), ((), ())), operands, x.dtype)
   pixel_axes = tuple(range(x.ndim - 1))
-  kernel_grad = lax.dot_general(x, cotangent, ((pixel_axes, pixel_axes), ((), ())))
+  kernel_grad = _dot(x, cotangent, ((pixel_axes, pixel_axes), ((), ())), operands, kernel.dtype)
   return x_grad, kernel_grad
 
 
@@ -293,12 +332,13 @@ class PointwiseConv(nn.Module):
   features: int
   use_bias: bool = False
   dtype: Any = jnp.float32
+  matmul_operands: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", conv_kernel_init, (1, 1, x.shape[-1], self.features),
                         jnp.float32)
-    y = pointwise_conv(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    y = pointwise_conv(x.astype(self.dtype), kernel[0, 0].astype(self.dtype), self.matmul_operands)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,),
                          jnp.float32).astype(self.dtype)
