@@ -12,9 +12,9 @@ outputs around it are plain TensorFlow ops. Two kinds of SavedModel:
               spatial mean: what the classifier's dense layer reads)
 
 The model is rebuilt with XLA's own convolutions (`depthwise_impl` and `stem_impl` "xla"; same
-variables): nsjax's CPU formulations (shifted multiply-adds, stem taps) lower to gathers with a
-symbolic batch size, which TFLite cannot convert, and the XLA convolutions are what every other
-backend runs anyway. Every SavedModel carries `assets.extra/nsjax_serving.json`: the preprocessing
+variables) and float32 matrix products (`matmul_operands`, never a CPU's bfloat16 tiles): nsjax's
+CPU formulations (shifted multiply-adds, stem taps) lower to gathers with a symbolic batch size,
+which TFLite cannot convert, and the XLA convolutions are what every other backend runs anyway. Every SavedModel carries `assets.extra/nsjax_serving.json`: the preprocessing
 it does, its signature, class names and where it came from.
 """
 from __future__ import annotations

