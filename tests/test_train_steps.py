@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from nsjax import models, parallel
 from nsjax.models import inputs as model_inputs
+from nsjax.train import objective
 from nsjax.train import optimizer as opt
 from nsjax.train import state as state_lib
 from nsjax.train import steps
@@ -38,7 +39,7 @@ class TinyNet(nn.Module):
 
 
 IMAGE_SHAPE = (8, 8, 3)
-LOSS = steps.LossConfig(num_classes=NUM_CLASSES, label_smoothing=0.1, unlabeled_ratio=3.0,
+LOSS = objective.LossConfig(num_classes=NUM_CLASSES, label_smoothing=0.1, unlabeled_ratio=3.0,
                         pseudo_labels="soft", temperature=0.5, weight_decay=1e-3,
                         ema_decay=0.9999, seed=7)
 
@@ -290,7 +291,7 @@ def test_online_teacher_equal_to_initial_student_gives_expected_loss(mesh4):
 # Pure target/loss math.
 
 def test_label_smoothing_values():
-  out = np.asarray(steps.smooth_labels(jnp.array([2, 0]), 4, 0.1))
+  out = np.asarray(objective.smooth_labels(jnp.array([2, 0]), 4, 0.1))
   np.testing.assert_allclose(out[0], [0.025, 0.025, 0.925, 0.025])
   np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-6)
 
@@ -300,14 +301,14 @@ def test_temperature_sharpening_and_hard_labels():
   for t in (1.0, 0.5, 2.0):
     expected = p.astype(np.float64) ** (1 / t)
     expected /= expected.sum(-1, keepdims=True)
-    np.testing.assert_allclose(steps.sharpen(jnp.asarray(p), t), expected, rtol=1e-5)
-  sharp = np.asarray(steps.sharpen(jnp.asarray(p), 0.5))
+    np.testing.assert_allclose(objective.sharpen(jnp.asarray(p), t), expected, rtol=1e-5)
+  sharp = np.asarray(objective.sharpen(jnp.asarray(p), 0.5))
   assert sharp[0, 0] > 0.5 and sharp[1, 2] > 0.8  # lower T sharpens
-  hard = np.asarray(steps.pseudo_label_targets(jnp.asarray(p), "hard", 0.5, 0.1))
+  hard = np.asarray(objective.pseudo_label_targets(jnp.asarray(p), "hard", 0.5, 0.1))
   np.testing.assert_allclose(hard, [[0.1 / 3 + 0.9, 0.1 / 3, 0.1 / 3],
                                     [0.1 / 3, 0.1 / 3, 0.1 / 3 + 0.9]], rtol=1e-6)
   with pytest.raises(ValueError, match="pseudo_labels"):
-    steps.LossConfig(num_classes=3, pseudo_labels="argmax")
+    objective.LossConfig(num_classes=3, pseudo_labels="argmax")
 
 
 def test_weight_decay_mask_excludes_batchnorm_only():

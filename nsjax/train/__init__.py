@@ -7,13 +7,14 @@
 
 See `nsjax.train.loop` for the hyperparameters and `nsjax.train.steps` for the batch layout.
 """
-from nsjax.train.checkpointing import TrainCheckpoints
+from nsjax.train.run_checkpoints import TrainCheckpoints
 from nsjax.train.loop import (NonFiniteError, Preempted, PreemptionWatch, Teacher, TrainResult,
                               default_config, resolve_config, train)
 from nsjax.train.optimizer import (ema_decay, learning_rate_schedule, make_optimizer,
                                    tf1_rmsprop, weight_decay_mask)
 from nsjax.train.state import TrainState, abstract_train_state, create_train_state
-from nsjax.train.steps import (LossConfig, evaluate, make_eval_fn, make_eval_step,
+from nsjax.train.objective import LossConfig
+from nsjax.train.steps import (evaluate, make_eval_fn, make_eval_step,
                                make_predict_step, make_train_step, train_step)
 
 __all__ = ["LossConfig", "NonFiniteError", "Preempted", "PreemptionWatch", "Teacher",

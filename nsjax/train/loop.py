@@ -44,7 +44,7 @@ Hyperparameters (an `ml_collections.ConfigDict`, a plain dict, or keyword overri
   export                  True    export EMA variables + model.json at the end
   export_dir              ""      default workdir/export
 
-Batches: see `nsjax.train.steps` for the dict layout ("labeled", optional "unlabeled").
+Batches: see `nsjax.train.objective` for the dict layout ("labeled", optional "unlabeled").
 
 Preemption: SIGTERM (how Cloud TPU VMs and most schedulers announce preemption) makes `train`
 finish the step in flight, save a checkpoint of it, and raise `Preempted`; calling `train` again
@@ -74,6 +74,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from nsjax import artifacts, checkpoint, config_lib, models, parallel
+from nsjax.train import objective
 from nsjax.train import optimizer as opt
 from nsjax.train import state as state_lib
 from nsjax.train import steps
@@ -114,7 +115,7 @@ def resolve_config(config: Any = None, **overrides: Any) -> ml_collections.Confi
                      f"got {cfg.compute_dtype!r}.")
   steps_per_epoch(cfg)
   num_train_steps(cfg)
-  loss_config(cfg, num_classes=1)  # checks the loss settings (steps.LossConfig)
+  objective.loss_config(cfg, num_classes=1)  # checks the loss settings
   return cfg
 
 
@@ -148,13 +149,6 @@ def make_tx(cfg: ml_collections.ConfigDict, schedule: opt.Schedule) -> optax.Gra
                             adamw_weight_decay=cfg.adamw_weight_decay)
 
 
-def loss_config(cfg: ml_collections.ConfigDict, num_classes: int) -> steps.LossConfig:
-  return steps.LossConfig(num_classes=num_classes, label_smoothing=cfg.label_smoothing,
-                          unlabeled_ratio=cfg.unlabeled_ratio, pseudo_labels=cfg.pseudo_labels,
-                          temperature=cfg.temperature, weight_decay=cfg.weight_decay,
-                          ema_decay=cfg.ema_decay, seed=cfg.seed)
-
-
 @dataclasses.dataclass(frozen=True)
 class Teacher:
   """A frozen online teacher: a model (its own size and resolution) and its (EMA) variables."""
@@ -179,7 +173,7 @@ class RunFunctions:
   decay_mask: Any
   model: nn.Module
   mesh: jax.sharding.Mesh
-  loss_config: steps.LossConfig
+  loss_config: objective.LossConfig
 
 
 def _hashable_config(cfg: ml_collections.ConfigDict) -> tuple:
@@ -206,7 +200,8 @@ def _run_functions(model: nn.Module, mesh: jax.sharding.Mesh, hashable_cfg: tupl
   return RunFunctions(schedule=schedule, tx=tx, abstract_state=abstract, shardings=shardings,
                       init=init, decay_mask=opt.weight_decay_mask(params, batch_stats,
                                                                   frozen_blocks),
-                      model=model, mesh=mesh, loss_config=loss_config(cfg, _num_classes(model)))
+                      model=model, mesh=mesh,
+                      loss_config=objective.loss_config(cfg, _num_classes(model)))
 
 
 @functools.lru_cache(maxsize=8)
