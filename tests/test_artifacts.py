@@ -19,7 +19,7 @@ import tensorflow as tf
 from nsjax import artifacts, checkpoint, files, pipeline
 from nsjax.data import pseudo_labels
 from nsjax.run_state import RunState
-from nsjax.train.checkpointing import TrainCheckpoints
+from nsjax.train.run_checkpoints import TrainCheckpoints
 from test_pipeline import ROOT, load_config
 
 

@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from nsjax import artifacts, checkpoint, config_lib, models, pipeline, workdir_lock
 from nsjax.data import input_pipeline, pseudo_labels
 from nsjax.train import loop
-from nsjax.train.checkpointing import TrainCheckpoints
+from nsjax.train.run_checkpoints import TrainCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
