@@ -71,13 +71,13 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")  # TF only feeds the host
   tfds.disable_progress_bar()
   from nsjax import parallel, pipeline, validate, workdir_lock
-  from nsjax.train import loop
+  from nsjax.train import preemption, reporter
   parallel.enable_compilation_cache()
   logging.info("JAX process %d/%d, %d devices.", jax.process_index(), jax.process_count(),
                jax.device_count())
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value)
-  except loop.Preempted as error:
+  except preemption.Preempted as error:
     _exit(EXIT_PREEMPTED, f"Stage {getattr(error, 'stage', '?')}: {error}.")
   except validate.ConfigError as error:
     _exit(EXIT_BAD_CONFIG, f"Config error: {error}")
@@ -87,7 +87,7 @@ def main(argv):
     _exit(EXIT_DISK_FULL, f"Disk full: {error}")
   except artifacts.ArtifactError as error:
     _exit(EXIT_BAD_CONFIG, f"Damaged or missing artifact: {error}")
-  except loop.NonFiniteError as error:
+  except reporter.NonFiniteError as error:
     _exit(EXIT_NON_FINITE, f"Stage {getattr(error, 'stage', '?')} stopped: {error}")
 
 

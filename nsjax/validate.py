@@ -7,7 +7,7 @@ batch sizes against the device count, ranges, each stage's training settings, th
 "Stages chain" means each stage can consume what the previous one produces:
   - an imported teacher (teacher.checkpoint) predicts config.data.num_classes, and teacher.model
     names the checkpoint's architecture (the checkpoint decides it; a different name is a typo);
-  - every stage's `train` settings resolve in nsjax.train.loop (known keys, a run length), so a
+  - every stage's `train` settings resolve in nsjax.train.settings (known keys, a run length), so a
     typo in the last student fails now, not after hours of teacher training;
   - a student is not smaller than its teacher (a warning: Noisy Student expects equal or larger);
   - the datasets' label features have config.data.num_classes classes (`check_datasets`);
@@ -25,9 +25,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from nsjax import checkpoint, config_lib, finetune, models
+from nsjax import config_lib, exported_model, models, schedule
 from nsjax.data import balance, input_pipeline, pseudo_labels
-from nsjax.train import loop
+from nsjax.stages import finetune
+from nsjax.train import settings
 
 
 class ConfigError(ValueError):
@@ -106,11 +107,11 @@ def validate_config(config, workdir: str) -> None:
   for where, stage in _model_stages(config):
     if where == "teacher" and stage.get("checkpoint"):
       path = stage.checkpoint
-      if not checkpoint.is_exported(path):
+      if not exported_model.is_exported(path):
         raise ConfigError(f"teacher.checkpoint {path} holds no exported model (model.json + "
                           "variables/). Convert an official checkpoint with `python -m "
                           "nsjax.tools.convert_checkpoint`, or point to a stage's export/ folder.")
-      teacher = checkpoint.read_description(path)["model"]
+      teacher = exported_model.read_description(path)["model"]
       check_teacher_classes(f"teacher.checkpoint {path}", teacher["num_classes"], num_classes,
                             "config.data.num_classes")
       if stage.get("model") and stage.model != teacher["model_name"]:
@@ -171,7 +172,7 @@ def validate_config(config, workdir: str) -> None:
 
 def _check_train_settings(where: str, train) -> None:
   try:  # the labeled set size is only known once the data is there; any size checks the rest
-    loop.resolve_config(dict(train), num_labeled_examples=int(train.batch_size))
+    settings.resolve_config(dict(train), num_labeled_examples=int(train.batch_size))
   except ValueError as error:
     raise ConfigError(f"{where}.train: {error}") from error
 
@@ -193,27 +194,9 @@ def check_datasets(config, data_dir: str | None) -> None:
                         f"config.data.num_classes is {num_classes}; make them agree.")
 
 
-def stage_inputs(stage_name: str, config) -> list[str]:
-  """The stages whose artifacts `stage_name` reads."""
-  from nsjax import pipeline
-  stages = {s.name: s for s in pipeline.schedule(config)}
-  stage = stages[stage_name]
-  previous = "teacher" if stage.iteration == 1 else f"student-{stage.iteration - 1}"
-  if stage.kind == "label":
-    return [previous]
-  if stage.kind == "student":
-    return [previous] + ([f"label-{stage.iteration}"] if f"label-{stage.iteration}" in stages
-                         else [])
-  if stage.kind == "eval":
-    return [stage_name[len("eval-"):]]
-  if stage.kind == "summary":
-    return [n for n in stages if n.startswith(("eval-", "label-"))]
-  return []
-
-
 def check_stage_inputs(stage_name: str, config, completed) -> None:
   """A stage run alone (--stage) needs the stages it reads to be complete in this workdir."""
-  missing = [n for n in stage_inputs(stage_name, config) if n not in completed]
+  missing = [n for n in schedule.stage_inputs(stage_name, config) if n not in completed]
   if missing:
     raise ConfigError(f"Stage {stage_name} reads the output of {', '.join(missing)}, which "
                       "this workdir has not completed; run those stages first (or run the whole "
@@ -231,7 +214,7 @@ def check_teacher_classes(teacher: str, teacher_classes: int, num_classes: int,
 
 def count_params(model: models.EfficientNet) -> int:
   """Trainable parameters, from shapes alone (nothing is allocated)."""
-  abstract = checkpoint.abstract_variables(model, resolution=32)
+  abstract = exported_model.abstract_variables(model, resolution=32)
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
 
 

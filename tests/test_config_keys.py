@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from nsjax import config_lib, finetune, models, validate
+from nsjax import config_lib, models, validate
+from nsjax.stages import finetune
 from nsjax.validate import ConfigError
 from test_configs import load_config
 from test_validate import ROOT, smoke_config

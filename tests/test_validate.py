@@ -8,7 +8,7 @@ import os
 import jax
 import pytest
 
-from nsjax import checkpoint, models, pipeline, validate
+from nsjax import exported_model, models, pipeline, validate
 from nsjax.validate import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ def export_tiny(directory, num_classes, name="efficientnet-b0"):
                               resolution=28)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 28, 28, 3)),
                                          train=False))()
-  checkpoint.export_model(directory, model, variables)
+  exported_model.export_model(directory, model, variables)
   return str(directory)
 
 

@@ -47,7 +47,7 @@ class LossConfig:
   seed: int = 0
 
   def __post_init__(self):
-    """The one check of these settings: config validation runs it too (loop.resolve_config)."""
+    """The one check of these settings: config validation runs it too (settings.resolve_config)."""
     if self.pseudo_labels not in PSEUDO_LABEL_MODES:
       raise ValueError(f"pseudo_labels = {self.pseudo_labels!r}; use 'soft' (the teacher's "
                        "probabilities) or 'hard' (its argmax).")

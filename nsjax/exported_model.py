@@ -87,7 +87,7 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
   if not is_exported(directory):
     raise artifacts.MissingArtifact(
         str(directory), f"no exported model here (expected {MODEL_JSON} and {VARIABLES_DIR}/)",
-        "Export one with nsjax.checkpoint.export_model, run the stage that produces it, or convert "
+        "Export one with nsjax.exported_model.export_model, run the stage that produces it, or convert "
         "an official TF checkpoint with `python -m nsjax.tools.convert_checkpoint`.")
   try:
     description = json.loads((directory / MODEL_JSON).read_text())
