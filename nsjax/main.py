@@ -15,6 +15,7 @@ intact, so a rerun after freeing space resumes); 1 anything else (with a traceba
 """
 from __future__ import annotations
 
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -57,12 +58,14 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required, e.g. "
                          "python -m nsjax.main --config=configs/demo.py --workdir=/tmp/nsjax-demo")
-  import logging as py_logging
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
   # Before JAX's first computation starts its thread pools (see nsjax.host_memory).
   if host_memory.worth_retaining(pixels_per_step(_CONFIG.value)) and \
       host_memory.retain_freed_memory():
     logging.info("Large steps on the CPU: freed host memory is kept for reuse (nsjax.host_memory).")
+  # JAX, TensorFlow and everything that imports them come only now, in this order: host memory
+  # settings must precede JAX's thread pools, and jax.distributed must start before any computation
+  # (module-level imports would run before both, and make `--help` slow).
   import jax
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

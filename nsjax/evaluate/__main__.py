@@ -86,7 +86,7 @@ def main(argv):
   missing = [f"--{name}" for name, flag in (("export", _EXPORT), ("output", _OUTPUT)) if not flag.value]
   if missing:
     raise app.UsageError(f"{' and '.join(missing)} required (see --helpfull).")
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # after flag parsing: `--help` stays fast without TF
   tfds.disable_progress_bar()
   try:
     result = _run()
