@@ -23,7 +23,7 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from nsjax import artifacts, parallel, validate, workdir_lock
+from nsjax import artifacts, config_lib, parallel, validate, workdir_lock
 from nsjax.data import folder, mnist5k
 from nsjax.run_state import RunState
 # The schedule's names, re-exported: callers (the CLI, notebooks, studies) reach them here.
@@ -73,6 +73,7 @@ def _run_held(config: ml_collections.ConfigDict, workdir: str, stage: str | None
   """`run` once the workdir is held."""
   # The state file keys on the config as written; image folders have their own fingerprints.
   config_fingerprint = fingerprint(config)
+  config = config_lib.with_defaults(config)  # from here on, every key is there to read
   state = RunState(workdir, config_fingerprint, writer=jax.process_index() == 0)
   stages = schedule(config)
   if stage is not None:

@@ -41,7 +41,7 @@ def model_stage_names(config) -> list[str]:
 def schedule(config) -> list[Stage]:
   stages = [Stage("teacher", "teacher", 0)]
   for i, student in enumerate(config.students, start=1):
-    if not student.get("online_teacher", False):
+    if not student.get("online_teacher"):
       stages.append(Stage(f"label-{i}", "label", i))
     stages.append(Stage(f"student-{i}", "student", i))
     if student.get("finetune"):

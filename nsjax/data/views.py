@@ -44,11 +44,12 @@ def eval_view_fn(resolution: int, small_image: bool, image_key: str = "image", *
 
 
 def randaugment_config(noise, small_image: bool, resolution: int) -> ra.RandAugmentConfig | None:
-  """A stage's RandAugment from its `noise` settings; None when magnitude or layers is 0."""
-  magnitude = noise.get("randaugment_magnitude")
-  if not magnitude or not noise.get("randaugment_layers", 2):
+  """A stage's RandAugment from its `noise` settings (nsjax.config_lib.noise); None when magnitude
+  or layers is 0."""
+  magnitude = noise.randaugment_magnitude
+  if not magnitude or not noise.randaugment_layers:
     return None
-  layers = int(noise.get("randaugment_layers", 2))
+  layers = int(noise.randaugment_layers)
   if small_image:
     return ra.RandAugmentConfig.for_small_images(magnitude, resolution, layers)
   return ra.RandAugmentConfig(num_layers=layers, magnitude=magnitude)
@@ -57,8 +58,8 @@ def randaugment_config(noise, small_image: bool, resolution: int) -> ra.RandAugm
 def train_view_fn(noise, small_image: bool, resolution: int):
   """(uint8 image, seed) -> the noised, normalised training view of a stage (its `noise`)."""
   ra_cfg = randaugment_config(noise, small_image, resolution)
-  cutout = int(noise.get("cutout", 0))
-  flip = noise.get("flip", None)
+  cutout = int(noise.cutout)
+  flip = noise.flip
   return lambda image, seed: preprocess.train_view(image, seed, resolution, randaugment=ra_cfg,
                                                    small_image=small_image, cutout=cutout,
                                                    flip=flip)

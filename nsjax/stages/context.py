@@ -44,8 +44,7 @@ class Context:
 
 def source(cfg, data_dir: str | None) -> input_pipeline.Source:
   """An input_pipeline.Source from a config data source (its own data_dir first)."""
-  return input_pipeline.Source(cfg.name, cfg.split, cfg.get("data_dir") or data_dir,
-                               cfg.get("image_key", "image"))
+  return input_pipeline.Source(cfg.name, cfg.split, cfg.data_dir or data_dir, cfg.image_key)
 
 
 def num_examples(src: input_pipeline.Source) -> int:

@@ -29,9 +29,8 @@ def run(stage: schedule.Stage, ctx: Context) -> dict:
   results = corruption_suite.evaluate_export(
       export, test_src, mesh=mesh,
       batch_size=int(config.eval.batch_size), small_image=config.data.small_image,
-      corruptions=list(config.eval.get("corruptions", [])),
-      severities=list(config.eval.get("severities", [1, 2, 3, 4, 5])),
-      max_corruption_examples=int(config.eval.get("max_corruption_examples", 0)),
+      corruptions=list(config.eval.corruptions), severities=list(config.eval.severities),
+      max_corruption_examples=int(config.eval.max_corruption_examples),
       seed=int(config.seed))
   if jax.process_index() == 0:
     os.makedirs(ctx.stage_dir("eval"), exist_ok=True)

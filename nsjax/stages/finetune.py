@@ -43,8 +43,8 @@ LR_MODES = ("final", "continue", "constant")
 finetune_config = config_lib.finetune_config
 
 
-def check_config(ft, num_devices: int, where: str = "finetune") -> None:
-  """Raises ValueError naming the key and the fix."""
+def check_config(ft, where: str = "finetune") -> None:
+  """Raises ValueError naming the key and the fix (the batch size's device count: nsjax.validate)."""
   if int(ft.resolution) < 8:
     raise ValueError(f"{where}.resolution = {ft.resolution}: set the test resolution to "
                      "fine-tune at (e.g. 800 for L2, 32 for SVHN).")
@@ -54,9 +54,6 @@ def check_config(ft, num_devices: int, where: str = "finetune") -> None:
     raise ValueError(f"{where}.lr_mode = {ft.lr_mode!r}; use one of {LR_MODES}.")
   if ft.lr_mode == "constant" and float(ft.learning_rate) <= 0:
     raise ValueError(f"{where}.learning_rate must be > 0 with lr_mode='constant'.")
-  if int(ft.batch_size) % num_devices:
-    raise ValueError(f"{where}.batch_size = {ft.batch_size} is not divisible by the "
-                     f"{num_devices} devices.")
   if int(ft.frozen_blocks) < -1:
     raise ValueError(f"{where}.frozen_blocks = {ft.frozen_blocks}: use -1 (none) or k >= 0.")
 

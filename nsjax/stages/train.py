@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
-import jax
-
 from nsjax import artifacts, exported_model, models, schedule, validate
-from nsjax.data import folder, input_pipeline, preprocess, pseudo_labels, student_input, views
+from nsjax.data import input_pipeline, preprocess, pseudo_labels, student_input, views
 from nsjax.stages import label
 from nsjax.stages.context import Context, num_examples
 from nsjax.train import loop, settings
@@ -30,9 +29,10 @@ def run(stage: schedule.Stage, ctx: Context) -> dict:
     return import_teacher(stage_cfg, config, ctx.workdir)
   model = build_model(stage_cfg, config)
   cfg = train_config(stage_cfg, config, num_examples(ctx.source("labeled")))
-  if stage.kind == "student":
-    check_teacher_compatible(schedule.teacher_export_of(stage, config, ctx.workdir), model,
-                             stage_cfg, config.data.get("class_names"))
+  if stage.kind == "student":  # (a smaller student was warned about by validation)
+    validate.check_teacher_export(schedule.teacher_export_of(stage, config, ctx.workdir),
+                                  model.num_classes, config.data.get("class_names"),
+                                  "the student's labeled data")
   batches, teacher = training_batches(stage, ctx, cfg)
   result = loop.train(cfg, model, batches, ctx.stage_dir(stage.name), eval_fn=ctx.eval_fn(model),
                       teacher=teacher, mesh=ctx.mesh, export_metadata=class_metadata(config))
@@ -43,7 +43,7 @@ def run(stage: schedule.Stage, ctx: Context) -> dict:
 
 
 def build_model(stage_cfg, config) -> models.EfficientNet:
-  overrides = dict(stage_cfg.get("model_overrides", {}) or {})
+  overrides = dict(stage_cfg.model_overrides or {})
   noise = stage_cfg.noise
   for key in ("dropout_rate", "stochastic_depth_rate"):
     if noise.get(key) is not None:
@@ -57,7 +57,7 @@ def build_model(stage_cfg, config) -> models.EfficientNet:
 
 def train_config(stage_cfg, config, num_labeled: int) -> ml_collections.ConfigDict:
   return settings.resolve_config(dict(stage_cfg.train), num_labeled_examples=num_labeled,
-                             seed=int(config.seed) * 1000 + int(stage_cfg.get("seed_offset", 0)))
+                             seed=int(config.seed) * 1000 + int(stage_cfg.seed_offset))
 
 
 def class_metadata(config) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def training_batches(stage: schedule.Stage, ctx: Context, cfg: ml_collections.Co
   teacher, unlabeled = None, None
   if stage.kind == "student":
     unlabeled_batch = int(round(float(cfg.unlabeled_ratio) * cfg.batch_size))
-    if stage_cfg.get("online_teacher", False):
+    if stage_cfg.online_teacher:
       teacher = loop.Teacher.load(schedule.teacher_export_of(stage, config, workdir))
       unlabeled = _online_unlabeled(ctx, stage_cfg, teacher.model, unlabeled_batch, cfg.seed)
     else:
@@ -126,8 +126,8 @@ def _online_unlabeled(ctx: Context, stage_cfg, teacher_model, unlabeled_batch: i
   def views(features, example_seed):
     teacher_view, student_view = preprocess.teacher_and_student_views(
         features[src.image_key], example_seed, teacher_model.test_resolution, stage_cfg.resolution,
-        randaugment=ra_cfg, small_image=small, cutout=int(stage_cfg.noise.get("cutout", 0)),
-        flip=stage_cfg.noise.get("flip", None))
+        randaugment=ra_cfg, small_image=small, cutout=int(stage_cfg.noise.cutout),
+        flip=stage_cfg.noise.flip)
     return {"image": student_view, "teacher_image": teacher_view}
 
   def batches(start_step, position=None):
@@ -140,31 +140,14 @@ def _online_unlabeled(ctx: Context, stage_cfg, teacher_model, unlabeled_batch: i
   return batches
 
 
-def check_teacher_compatible(teacher_dir: str, student: models.EfficientNet, stage_cfg,
-                             class_names=None) -> None:
-  """The teacher must predict the student's classes; a smaller student only gets a warning."""
-  description = exported_model.read_description(teacher_dir)
-  folder.check_class_names(description["metadata"].get("class_names"), class_names,
-                           f"the teacher at {teacher_dir}", "the student's labeled data",
-                           "Use a teacher trained on these classes (or a new workdir).")
-  teacher = description["model"]
-  validate.check_teacher_classes(f"The teacher at {teacher_dir}", teacher["num_classes"],
-                                 student.num_classes, "the dataset's class count")
-  validate.warn_if_smaller((f"the teacher at {teacher_dir}", models.model_from_config(teacher)),
-                           (f"the student ({stage_cfg.model})", student))
-
-
 def import_teacher(stage_cfg, config, workdir: str) -> dict:
   """A teacher from an exported (or converted official) checkpoint, re-exported into the workdir."""
+  validate.check_teacher_export(stage_cfg.checkpoint, config.data.num_classes,
+                                config.data.get("class_names"), "the labeled data")
   model, variables, metadata = exported_model.load_exported(stage_cfg.checkpoint)
-  validate.check_teacher_classes(f"The teacher checkpoint {stage_cfg.checkpoint}",
-                                 model.num_classes, config.data.num_classes,
-                                 "config.data.num_classes")
-  folder.check_class_names(metadata.get("class_names"), config.data.get("class_names"),
-                           f"the teacher checkpoint {stage_cfg.checkpoint}", "the labeled data",
-                           "Import a teacher trained on these classes.")
   out = schedule.export_dir(workdir, "teacher")
-  exported_model.export_model(out, model, variables, dict(metadata, imported_from=stage_cfg.checkpoint))
+  exported_model.export_model(out, model, variables,
+                              dict(metadata, imported_from=stage_cfg.checkpoint))
   return {"export_dir": out, "imported_from": stage_cfg.checkpoint}
 
 

@@ -23,7 +23,7 @@ from absl import app, flags
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
-from nsjax import parallel, schedule
+from nsjax import config_lib, parallel, schedule
 from nsjax.stages import train as train_stage
 from nsjax.train import optimizer as opt
 from nsjax.train import settings
@@ -106,6 +106,7 @@ def schedule_memory(config, num_devices: int | None = None) -> list[ModelMemory]
   num_devices = int(num_devices or jax.device_count())
   if num_devices < 1:
     raise ValueError(f"num_devices must be >= 1, got {num_devices}.")
+  config = config_lib.with_defaults(config)
   mesh = abstract_mesh(num_devices)
   rows = []
   for name in schedule.model_stage_names(config):
@@ -114,7 +115,7 @@ def schedule_memory(config, num_devices: int | None = None) -> list[ModelMemory]
     num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
     rows.append(ModelMemory(
         stage=name, model=model.model_name, resolution=int(stage_cfg.resolution),
-        optimizer=optimizer, fsdp_configured=bool(stage_cfg.train.get("fsdp", False)),
+        optimizer=optimizer, fsdp_configured=bool(stage_cfg.train.fsdp),
         num_params=num_params, replicated=_parts(abstract, mesh, fsdp=False),
         fsdp=_parts(abstract, mesh, fsdp=True)))
   return rows

@@ -35,16 +35,17 @@ PSEUDO_LABEL_MODES = ("soft", "hard")
 class LossConfig:
   """The hyperparameters the train step bakes in (hashable, so compiled steps can be reused).
 
-  `ema_decay` and `seed` are the step's own (EMA, dropout noise), not the loss's; they travel here
-  so that one hashable value keys a compiled step."""
+  No defaults here: they are nsjax.config_lib.train_defaults()'s (`loss_config` builds one from
+  resolved settings). `ema_decay` and `seed` are the step's own (EMA, dropout noise), not the
+  loss's; they travel here so that one hashable value keys a compiled step."""
   num_classes: int
-  label_smoothing: float = 0.1
-  unlabeled_ratio: float = 1.0
-  pseudo_labels: str = "soft"
-  temperature: float = 1.0
-  weight_decay: float = 1e-5
-  ema_decay: float = 0.9999
-  seed: int = 0
+  label_smoothing: float
+  unlabeled_ratio: float
+  pseudo_labels: str
+  temperature: float
+  weight_decay: float
+  ema_decay: float
+  seed: int
 
   def __post_init__(self):
     """The one check of these settings: config validation runs it too (settings.resolve_config)."""
