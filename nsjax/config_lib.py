@@ -76,7 +76,7 @@ def finetune_config(resolution: int, epochs: float = 1.5, frozen_blocks: int = 0
                     batch_size: int = 0, lr_mode: str = "final", learning_rate: float = 0.0,
                     flip: bool = False, train: dict[str, Any] | None = None
                     ) -> ml_collections.ConfigDict:
-  """The `finetune` entry of a student (nsjax/finetune.py's docstring explains each key);
+  """The `finetune` entry of a student (nsjax/stages/finetune.py's docstring explains each key);
   `train` holds further train_defaults() overrides."""
   return ml_collections.ConfigDict(dict(
       resolution=resolution, epochs=epochs, frozen_blocks=frozen_blocks, batch_size=batch_size,

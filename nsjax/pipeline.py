@@ -1,7 +1,8 @@
 """The driver: runs a Noisy Student schedule (nsjax.schedule) stage by stage in a workdir.
 
 Data flows config -> schedule -> stage -> artifact: `run` validates the config (nsjax.validate),
-prepares the data, then hands each stage of `schedule(config)` to its runner (nsjax.stages.registry).
+prepares the data, then hands each stage of `schedule(config)` to its runner
+(nsjax.stages.registry).
 Stages talk only through artifacts in the workdir (exported models, pseudo-label shards, JSON), and
 each is recorded in state.json when complete: rerunning the same command skips finished stages and
 resumes the interrupted one from its own checkpoints or shards. `run(config, workdir, stage=...)`

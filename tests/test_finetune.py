@@ -9,19 +9,9 @@ import pytest
 from nsjax import exported_model, models, parallel, pipeline, schedule
 from nsjax.stages import finetune
 from nsjax.train import settings
+from test_eval_suites import random_variables
 
 TINY = dict(width=0.1, depth=0.1, small_image=True, resolution=32)
-
-
-def random_variables(model, seed=0):
-  """Random weights without compiling an init: normal(0, 0.1), BatchNorm variances 1."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    if jax.tree_util.keystr(path).endswith("['var']"):
-      return np.ones(leaf.shape, np.float32)
-    return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, exported_model.abstract_variables(model))
 
 
 def synthetic_batches(mesh, batch_size=8, resolution=16):

@@ -44,7 +44,8 @@ finetune_config = config_lib.finetune_config
 
 
 def check_config(ft, where: str = "finetune") -> None:
-  """Raises ValueError naming the key and the fix (the batch size's device count: nsjax.validate)."""
+  """Raises ValueError naming the key and the fix (nsjax.validate checks the batch size's
+  divisibility with every other batch size's)."""
   if int(ft.resolution) < 8:
     raise ValueError(f"{where}.resolution = {ft.resolution}: set the test resolution to "
                      "fine-tune at (e.g. 800 for L2, 32 for SVHN).")

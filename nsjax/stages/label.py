@@ -8,8 +8,10 @@ pass the host's shards cover. Every host runs every batch's inference step
 (a jitted step over global arrays needs them all), so a rerun starts at the batch the LEAST
 advanced host reached, and hosts further on predict without writing until their own shards end:
 hosts killed at different shards resume with exactly the shards of an uninterrupted run. On a
-SIGTERM, hosts stop after the same batch (`nsjax.train.preemption.Preempted`), each writing the shard it
-had begun: every batch is a step of jax's preemption sync point (a plain flag in a single process).
+SIGTERM, hosts stop after the same batch (`nsjax.train.preemption.Preempted`), each writing the
+shard it had begun: every batch is a step of jax's preemption sync point (a plain flag in a single
+process). The record fields (`pseudo_label_fields`) are computed on the device, in the labeling
+step, so the host only copies bytes into records.
 When all hosts are done, process 0 merges their summaries into the manifest and plans the official
 filtering and balancing; every process then writes the read tables of its share of the shards, and
 process 0 writes `balance.json` (with each record block's balanced count) and `balance.png`.

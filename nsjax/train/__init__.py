@@ -1,4 +1,5 @@
-"""Training: the objective, the train state, the official optimizer and schedule, the step, the loop.
+"""Training: the objective, the train state, the official optimizer and schedule, the step, the
+loop.
 
     from nsjax import models, train
     model = models.create_model("efficientnet-b0", 10, small_image=True)

@@ -157,8 +157,9 @@ def _resume(checkpoints: TrainCheckpoints, train_iter: Any, total_steps: int,
       position = checkpoints.input_position(latest) if latest is not None else None
       batches, batch = _start(train_iter, step, total_steps, cfg, teacher,
                               input_position.own(position, step))
-      fns = compile_cache.run_functions(train_model, mesh, compile_cache.hashable_config(cfg), _image_shape(batch, model),
-                           int(getattr(model, "frozen_blocks", -1)))
+      fns = compile_cache.run_functions(train_model, mesh, compile_cache.hashable_config(cfg),
+                                        _image_shape(batch, model),
+                                        int(getattr(model, "frozen_blocks", -1)))
       state = (checkpoints.restore(fns.abstract_state, fns.shardings, latest)
                if latest is not None else None)
       return latest, position, batches, batch, fns, state

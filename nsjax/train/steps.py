@@ -39,7 +39,8 @@ def tree_all_finite(tree: Any) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict[str, Any], *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: opt.Schedule,
-               loss_config: objective.LossConfig, decay_mask: Any, teacher_model: nn.Module | None = None,
+               loss_config: objective.LossConfig, decay_mask: Any,
+               teacher_model: nn.Module | None = None,
                teacher_variables: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update (pure; see `make_train_step` for the jitted, sharded version)."""
   cfg = loss_config
