@@ -69,10 +69,10 @@ def test_learning_rate_tail_of_the_students_schedule():
   assert final["base_learning_rate"] * 128 / 256 == pytest.approx(last)  # absolute lr kept
   cont = finetune.learning_rate_settings(finetune.finetune_config(64, lr_mode="continue"),
                                          student, 100, batch_size=64)
-  schedule = settings.make_schedule(settings.resolve_config(dict(
+  lr_fn = settings.make_schedule(settings.resolve_config(dict(
       cont, batch_size=64, num_labeled_examples=640, num_epochs=1.5)))
-  assert float(schedule(0)) == pytest.approx(last)
-  assert float(schedule(20)) == pytest.approx(last / 2)  # the decay goes on: 2 epochs later
+  assert float(lr_fn(0)) == pytest.approx(last)
+  assert float(lr_fn(20)) == pytest.approx(last / 2)  # the decay goes on: 2 epochs later
   with pytest.raises(ValueError, match="lr_mode='constant'"):
     finetune.learning_rate_settings(finetune.finetune_config(64), None, 0, 64)
 

@@ -138,6 +138,25 @@ def test_student_batches_hold_the_configured_ratio(smoke):
                                 np.asarray(resumed["unlabeled"]["image"]))
 
 
+def test_an_online_teacher_feeds_raw_unlabeled_images_in_both_views(smoke):
+  """students[0].online_teacher: no label stage; the previous model's export predicts in the step,
+  so unlabeled batches carry its un-noised view next to the student's noised one."""
+  config, workdir, _ = smoke
+  config = load_config("smoke")
+  config.students[0].online_teacher = True
+  assert "label-1" not in [s.name for s in pipeline.schedule(config)]
+  ctx = Context(config, workdir, pipeline.prepare_data(config, workdir), parallel.make_mesh(),
+                state=None, started=0.0)
+  cfg = train_stage.train_config(config.students[0], config, 100)
+  batches, teacher = train_stage.training_batches(pipeline.Stage("student-1", "student", 1), ctx,
+                                                  cfg)
+  assert teacher is not None and teacher.model.num_classes == 10
+  batch = next(iter(batches(0)))
+  assert batch["unlabeled"]["image"].shape == (32, 28, 28, 3)
+  assert batch["unlabeled"]["teacher_image"].shape == (32, 28, 28, 3)
+  assert "probs" not in batch["unlabeled"]
+
+
 def test_labeling_resumes_after_a_crash_with_the_same_result(smoke, tmp_path, monkeypatch):
   config, workdir, _ = smoke
   teacher = os.path.join(workdir, "teacher", "export")

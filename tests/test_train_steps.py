@@ -222,8 +222,8 @@ def test_loss_decomposition_and_joint_batchnorm_match_manual(compiled, mesh4):
   np.testing.assert_allclose(metrics["unlabeled_loss"], unlabeled, rtol=1e-5)
   np.testing.assert_allclose(metrics["weight_decay_loss"], 1e-3 * l2, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
-  accuracy = (logits[:8].argmax(-1) == batch["labeled"]["label"]).mean()
-  np.testing.assert_allclose(metrics["train_accuracy"], accuracy)
+  expected_accuracy = (logits[:8].argmax(-1) == batch["labeled"]["label"]).mean()
+  np.testing.assert_allclose(metrics["train_accuracy"], expected_accuracy)
   # BatchNorm statistics come from the 16 images of the joint forward pass.
   assert_trees_close(new_state.batch_stats, updates["batch_stats"])
   # EMA with num_updates = 2 (the new step): decay min(0.9999, 3 / 12) = 0.25.

@@ -73,15 +73,15 @@ def learning_rate_settings(ft, student: ml_collections.ConfigDict | None, studen
                            batch_size: int) -> dict[str, Any]:
   """Loop keys (base_learning_rate per 256 images, schedule, no warmup) for `ft.lr_mode`."""
   if ft.lr_mode == "constant":
-    lr, schedule = float(ft.learning_rate), "constant"
+    lr, lr_schedule = float(ft.learning_rate), "constant"
   else:
     if student is None:
       raise ValueError(f"lr_mode={ft.lr_mode!r} needs the student's schedule, but its export "
                        "has no train_config (imported?); use lr_mode='constant' with "
                        "learning_rate.")
     lr = float(settings.make_schedule(student)(student_step))
-    schedule = "constant" if ft.lr_mode == "final" else "exponential"
-  lr_settings = dict(base_learning_rate=lr * 256.0 / batch_size, lr_schedule=schedule,
+    lr_schedule = "constant" if ft.lr_mode == "final" else "exponential"
+  lr_settings = dict(base_learning_rate=lr * 256.0 / batch_size, lr_schedule=lr_schedule,
                      warmup_epochs=0.0)
   if student is not None and ft.lr_mode == "continue":
     lr_settings.update(lr_decay_epochs=student.lr_decay_epochs,

@@ -51,13 +51,13 @@ def build_model(stage_cfg, config) -> models.EfficientNet:
   return models.create_model(stage_cfg.model, config.data.num_classes,
                              small_image=config.data.small_image,
                              train_resolution=stage_cfg.resolution,
-                             test_resolution=stage_cfg.get("test_resolution") or stage_cfg.resolution,
+                             test_resolution=stage_cfg.test_resolution or stage_cfg.resolution,
                              **overrides)
 
 
 def train_config(stage_cfg, config, num_labeled: int) -> ml_collections.ConfigDict:
   return settings.resolve_config(dict(stage_cfg.train), num_labeled_examples=num_labeled,
-                             seed=int(config.seed) * 1000 + int(stage_cfg.seed_offset))
+                                 seed=int(config.seed) * 1000 + int(stage_cfg.seed_offset))
 
 
 def class_metadata(config) -> dict[str, Any]:
@@ -123,7 +123,7 @@ def _online_unlabeled(ctx: Context, stage_cfg, teacher_model, unlabeled_batch: i
   ra_cfg = views.randaugment_config(stage_cfg.noise, small, stage_cfg.resolution)
   index_dir = ctx.record_index_dir
 
-  def views(features, example_seed):
+  def both_views(features, example_seed):
     teacher_view, student_view = preprocess.teacher_and_student_views(
         features[src.image_key], example_seed, teacher_model.test_resolution, stage_cfg.resolution,
         randaugment=ra_cfg, small_image=small, cutout=int(stage_cfg.noise.cutout),
@@ -131,10 +131,10 @@ def _online_unlabeled(ctx: Context, stage_cfg, teacher_model, unlabeled_batch: i
     return {"image": student_view, "teacher_image": teacher_view}
 
   def batches(start_step, position=None):
-    # views() returns exactly {"image", "teacher_image"}: the iterator is the batches (and it
+    # both_views() returns exactly {"image", "teacher_image"}: the iterator is the batches (and it
     # reports its position, since unlabeled images may fail to decode).
     return input_pipeline.train_batches(src, global_batch_size=unlabeled_batch,
-                                        preprocess_fn=views, seed=seed + 1, start_step=start_step,
+                                        preprocess_fn=both_views, seed=seed + 1, start_step=start_step,
                                         position=position, index_dir=index_dir)
 
   return batches
