@@ -27,14 +27,17 @@ from absl import logging
 from nsjax import artifacts, config_lib, parallel, validate, workdir_lock
 from nsjax.data import folder, mnist5k
 from nsjax.run_state import RunState
-# The schedule's names, re-exported: callers (the CLI, notebooks, studies) reach them here.
-from nsjax.schedule import (Stage, export_dir, final_export_dir, fingerprint,  # noqa: F401
-                            model_stage_names, schedule, stage_config, stage_dir)
+from nsjax.schedule import (Stage, export_dir, final_export_dir, fingerprint, model_stage_names,
+                            schedule, stage_config, stage_dir)
 from nsjax.stages import registry
 from nsjax.stages import train as train_stage
 from nsjax.stages.context import Context
 from nsjax.train.preemption import Preempted, PreemptionWatch
 from nsjax.train.reporter import NonFiniteError
+
+# The schedule's names are re-exported: callers (the CLI, notebooks, studies) reach them here.
+__all__ = ["run", "prepare_data", "resolve_data", "Stage", "schedule", "stage_config", "stage_dir",
+           "export_dir", "final_export_dir", "model_stage_names", "fingerprint"]
 
 
 def prepare_data(config, workdir: str) -> str | None:

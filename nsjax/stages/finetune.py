@@ -31,7 +31,7 @@ import ml_collections
 import tensorflow as tf
 
 from nsjax import config_lib, exported_model, models, schedule
-from nsjax.data import input_pipeline, preprocess, student_input
+from nsjax.data import input_pipeline, student_input, views
 from nsjax.stages.context import Context, num_examples
 from nsjax.train import loop, settings
 
@@ -119,12 +119,13 @@ def labeled_batches(src: input_pipeline.Source, model: models.EfficientNet, batc
                     seed: int, flip: bool, mesh, index_dir: str | None = None
                     ) -> Callable[[int], Iterator[dict]]:
   """start_step -> global batches of the eval view (plus optional flips) of labeled images."""
+  eval_view = views.eval_view_fn(model.test_resolution, model.small_image, src.image_key)
+
   def view(features, example_seed):
-    image = preprocess.eval_view(features[src.image_key], model.test_resolution,
-                                 small_image=model.small_image)
+    out = eval_view(features, example_seed)
     if flip:
-      image = tf.image.stateless_random_flip_left_right(image, example_seed)
-    return {"image": image, "label": tf.cast(features["label"], tf.int32)}
+      out["image"] = tf.image.stateless_random_flip_left_right(out["image"], example_seed)
+    return out
 
   def batches(start_step: int, input_position: dict | None = None) -> Iterator[dict]:
     labeled = input_pipeline.train_batches(
