@@ -73,12 +73,12 @@ def run_functions(model: nn.Module, mesh: jax.sharding.Mesh, hashable_cfg: tuple
 
 @functools.lru_cache(maxsize=8)
 def train_step(fns: RunFunctions, teacher_model: nn.Module | None,
-                teacher_image_shape: tuple[int, ...] | None, fsdp: bool) -> Callable:
-  teacher_shardings = None
+               teacher_image_shape: tuple[int, ...] | None, fsdp: bool) -> Callable:
+  placed_teacher = None  # the teacher variables' shardings, with an online teacher
   if teacher_model is not None:
-    teacher_shardings = teacher_shardings(teacher_model, fns.mesh, fsdp, teacher_image_shape)
+    placed_teacher = teacher_shardings(teacher_model, fns.mesh, fsdp, teacher_image_shape)
   return steps.make_train_step(fns.model, fns.tx, fns.schedule, fns.loss_config, fns.mesh,
-                               fns.shardings, fns.decay_mask, teacher_model, teacher_shardings)
+                               fns.shardings, fns.decay_mask, teacher_model, placed_teacher)
 
 
 def teacher_shardings(teacher_model: nn.Module, mesh: jax.sharding.Mesh, fsdp: bool,
