@@ -48,7 +48,7 @@ def peak_rss_mb() -> float:
 
 def write_set(directory: str, n: int, label_hosts: int) -> dict:
   """Writes the set, its plan and the plan's balance.json (as the label stage would)."""
-  from nsjax import label
+  from nsjax.stages import label
   from nsjax.data import pseudo_labels, synthetic
   from nsjax.files import atomic_write_json
   began = time.perf_counter()
@@ -90,7 +90,7 @@ def epoch_bytes_host0(directory: str, plan, hosts: int) -> int:
 
 def measure_reader(directory: str) -> dict:
   """Peak RSS and bytes per host of one set's reader, in a process of its own."""
-  from nsjax import label
+  from nsjax.stages import label
   plan = label.read_plan(directory)
   first_batch_s(directory, plan, 0)
   first_batch_s(directory, plan, int(0.9 * sum(plan.block_counts)) // GLOBAL_BATCH)
@@ -102,7 +102,7 @@ def measure_reader(directory: str) -> dict:
 def measure_times(directories: list[str], rounds: int = 5) -> list[dict]:
   """start_s and resume_90_s of every set, alternated over `rounds` in one process (this VM's
   speed drifts by 10-20% within minutes; alternating puts the drift on every size alike)."""
-  from nsjax import label
+  from nsjax.stages import label
   plans = [label.read_plan(d) for d in directories]
   first_batch_s(directories[0], plans[0], 0)  # TF's one-time start-up (tracing, thread pools)
   times = [{"start_s": [], "resume_90_s": []} for _ in directories]

@@ -8,17 +8,17 @@ Measures, for one model / resolution / batch size (default EfficientNet-B0, 224 
                           the non-finite guard; state donated as in the loop) on a device-resident
                           labeled batch. Median over the timed steps, after warm-up.
   nsjax_infer_img_s       the jitted inference step the pseudo-labeling stage uses
-                          (`steps.make_pseudo_label_step`: eval-mode softmax plus the record
+                          (`label.make_pseudo_label_step`: eval-mode softmax plus the record
                           fields, label, confidence and float16 probabilities) on a
                           device-resident batch.
   nsjax_infer_only_img_s  the labeling loop's per-batch work without the input pipeline: a host
-                          (numpy) batch already in memory -> `steps.to_global_batch` -> that step
+                          (numpy) batch already in memory -> `parallel.to_global_batch` -> that step
                           -> its outputs back on the host (`parallel.process_local_rows`). Timed
                           like the labeling pass it is compared with: as many batches, back to
                           back, wall time over all of them, just before that pass (a per-step
                           median would leave out the hiccups a long pass pays; it is kept as
                           nsjax_infer_only_median_img_s). With --skip_label, the median.
-  label_e2e_img_s         `nsjax.label.label_unlabeled` end to end on a TFDS dataset built locally
+  label_e2e_img_s         `nsjax.stages.label.label_unlabeled` end to end on a TFDS dataset built locally
                           from a folder of synthetic JPEGs (`nsjax.data.folder`): read -> decode
                           -> centre crop + resize -> infer -> write pseudo-label shards, with
                           the predict step compiled above; the reported number is the second of
@@ -218,14 +218,14 @@ def _random_variables(model) -> Any:
   """normal(0, 0.05) weights (BatchNorm variances 1) of the model's shapes, without compiling."""
   import jax
   import numpy as np
-  from nsjax import checkpoint
+  from nsjax import exported_model
   rng = np.random.default_rng(0)
 
   def fill(path, leaf):
     if jax.tree_util.keystr(path).endswith("['var']"):
       return np.ones(leaf.shape, np.float32)
     return (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-  return jax.tree_util.tree_map_with_path(fill, checkpoint.abstract_variables(model))
+  return jax.tree_util.tree_map_with_path(fill, exported_model.abstract_variables(model))
 
 
 def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -234,14 +234,15 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   import numpy as np
 
   from nsjax import parallel
-  from nsjax.train import loop, steps
+  from nsjax.stages import label
+  from nsjax.train import compile_cache, loop, settings, steps
 
   out: dict[str, Any] = {}
   mesh = parallel.make_mesh()
   model = _nsjax_model(args)
   res, batch_size = args.resolution, args.batch_size
   image_shape = (res, res, 3)
-  cfg = loop.resolve_config(dict(batch_size=batch_size, steps_per_epoch=1000,
+  cfg = settings.resolve_config(dict(batch_size=batch_size, steps_per_epoch=1000,
                                  num_train_steps=10**6, optimizer=args.optimizer))
   rng = np.random.default_rng(0)
   images = rng.standard_normal((batch_size,) + image_shape).astype(np.float32)
@@ -249,7 +250,7 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
 
   # The loop's own (cached) run functions: optimizer, schedule, shardings, init, train step.
   t = time.perf_counter()
-  fns = loop._run_functions(model, mesh, loop._hashable_config(cfg), image_shape,
+  fns = compile_cache.run_functions(model, mesh, compile_cache.hashable_config(cfg), image_shape,
                             int(model.frozen_blocks))
   if args.fast_compile:  # skip compiling the init: random variables through the loop's
     state = loop._state_from_variables(fns, _random_variables(model))  # initial_variables path
@@ -257,8 +258,8 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
     state = fns.init(steps.init_key(cfg.seed))
   state = jax.block_until_ready(state)
   out["nsjax_init_s"] = time.perf_counter() - t
-  step_fn = loop._train_step(fns, None, None, cfg.fsdp)
-  batch = steps.to_global_batch({"labeled": {"image": images, "label": labels}}, mesh)
+  step_fn = compile_cache.train_step(fns, None, None, cfg.fsdp)
+  batch = parallel.to_global_batch({"labeled": {"image": images, "label": labels}}, mesh)
 
   t = time.perf_counter()
   train = step_fn.lower(state, batch).compile(compiler_options=_compiler_options(args))
@@ -281,8 +282,8 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   variables = jax.block_until_ready(jax.tree.map(lambda a: a.copy(), state.ema_variables))
   # As the labeling stage runs it: eval views in pixel units, normalised inside the step.
   pixels = rng.uniform(0.0, 255.0, images.shape).astype(np.float32)
-  predict = steps.make_pseudo_label_step(model, mesh)
-  device_images = steps.to_global_batch(pixels, mesh)
+  predict = label.make_pseudo_label_step(model, mesh)
+  device_images = parallel.to_global_batch(pixels, mesh)
   t = time.perf_counter()
   infer = predict.lower(variables, device_images).compile(compiler_options=_compiler_options(args))
   out["nsjax_infer_compile_s"] = time.perf_counter() - t
@@ -297,7 +298,7 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   # `infer` is the predict step compiled for exactly the shapes and shardings the loop feeds it,
   # so it stands in for the jitted `predict` here and in the labeling stage (one compilation).
   def infer_only():
-    for field in infer(variables, steps.to_global_batch(pixels, mesh)).values():
+    for field in infer(variables, parallel.to_global_batch(pixels, mesh)).values():
       parallel.process_local_rows(field)
 
   times = _time_calls(infer_only, args.warmup, args.steps)
@@ -329,11 +330,11 @@ def _write_jpegs(folder: str, count: int, resolution: int) -> None:
 
 
 def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str) -> dict[str, Any]:
-  """`nsjax.label.label_unlabeled` end to end over a locally built TFDS (folder) dataset, and
+  """`nsjax.stages.label.label_unlabeled` end to end over a locally built TFDS (folder) dataset, and
   `infer_only` over as many batches, alternating, `--rounds` passes of each."""
-  from nsjax import checkpoint, label
+  from nsjax import exported_model
   from nsjax.data import folder, input_pipeline
-  from nsjax.train import steps
+  from nsjax.stages import label
 
   out: dict[str, Any] = {}
   t = time.perf_counter()
@@ -343,13 +344,13 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
   out["label_dataset_build_s"] = time.perf_counter() - t
   source = input_pipeline.Source(built["name"], folder.SPLIT, data_dir=built["data_dir"])
   teacher = os.path.join(workdir, "teacher")
-  checkpoint.export_model(teacher, model, variables)
+  exported_model.export_model(teacher, model, variables)
 
   # label_unlabeled builds (and compiles) its predict step afresh on each call; hand it the one
   # compiled above (same model, mesh, shapes and shardings: a mismatch would raise), so the
   # passes measure labeling, not compilation. A first pass over two batches pays the process's
   # one-time costs (tf.data, Orbax start-up); the passes over all images after it are reported.
-  original = steps.make_pseudo_label_step
+  original = label.make_pseudo_label_step
   fresh = []
 
   def shared_predict_step(m, mesh_, top_k=0):
@@ -379,7 +380,7 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
   # The passes alternate A B B A ... (inference alone, labeling, labeling, inference alone, ...):
   # the machine's drift over the minutes they take falls on both sides of the ratio.
   infer_s, label_s = [], []
-  steps.make_pseudo_label_step = shared_predict_step
+  label.make_pseudo_label_step = shared_predict_step
   try:
     t = time.perf_counter()
     warmup = input_pipeline.Source(built["name"], f"{folder.SPLIT}[:{2 * args.batch_size}]",
@@ -394,7 +395,7 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
         label_s.append(label_pass(f"labels_{r}"))
         infer_s.append(infer_pass())
   finally:
-    steps.make_pseudo_label_step = original
+    label.make_pseudo_label_step = original
   images = num_batches * args.batch_size
   out["nsjax_infer_only_pass_s"] = sum(infer_s) / len(infer_s)
   out["nsjax_infer_only_img_s"] = images / out["nsjax_infer_only_pass_s"]

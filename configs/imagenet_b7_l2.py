@@ -21,7 +21,8 @@ devices. Published (REFERENCE.md section 3): B7 -> L0 -> L1 -> L2
 reached 87.4% top-1 (paper v1); released L2 at 800 px 88.4%; ImageNet-A 61.0 -> 83.7%,
 ImageNet-C mCE 45.7 -> 28.3, ImageNet-P mFR 27.8 -> 12.2.
 """
-from nsjax import config_lib, finetune
+from nsjax import config_lib
+from nsjax.stages import finetune
 
 UNLABELED = "imagenet2012"  # replace: JFT-300M is not public (any prepared TFDS image dataset)
 UNLABELED_SPLIT = "train"

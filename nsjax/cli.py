@@ -52,7 +52,7 @@ SUBCOMMANDS = (
                "Export a trained model for serving: TF SavedModel or TFLite, or the backbone.",
                "nsjax export --export=/tmp/nsjax-smoke/student-1/export --format=saved_model "
                "--output=/tmp/nsjax-serving"),
-    Subcommand("memory", "nsjax.tools.memory", "absl",
+    Subcommand("memory", "nsjax.tools.device_memory", "absl",
                "Per-device memory of a schedule's models, replicated vs FSDP, before running.",
                "nsjax memory --config=smoke --num_devices=8"),
     Subcommand("model-table", "nsjax.tools.model_table", "argparse",

@@ -6,9 +6,12 @@ nsjax.train.loop reads) and its fine-tuning (`finetune_config`) -- plus a few ke
 add that stay out of the defaults (`OPTIONAL`). `schema()` assembles them into the tree of
 accepted keys that nsjax.validate checks every config against, so a key added here is accepted
 everywhere and a key not added here is refused before any compute (with the nearest valid name).
+`with_defaults(config)` fills in every key a config leaves out, so no reader repeats a default;
+`python -m nsjax.config_lib --markdown` writes docs/configuration.md from the same definitions.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import ml_collections
@@ -73,7 +76,7 @@ def finetune_config(resolution: int, epochs: float = 1.5, frozen_blocks: int = 0
                     batch_size: int = 0, lr_mode: str = "final", learning_rate: float = 0.0,
                     flip: bool = False, train: dict[str, Any] | None = None
                     ) -> ml_collections.ConfigDict:
-  """The `finetune` entry of a student (nsjax/finetune.py's docstring explains each key);
+  """The `finetune` entry of a student (nsjax/stages/finetune.py's docstring explains each key);
   `train` holds further train_defaults() overrides."""
   return ml_collections.ConfigDict(dict(
       resolution=resolution, epochs=epochs, frozen_blocks=frozen_blocks, batch_size=batch_size,
@@ -152,3 +155,238 @@ def _keys(node) -> dict[str, Any]:
   """A ConfigDict of defaults as a schema: its keys, nested sections as their own schemas."""
   return {k: (_keys(v) if isinstance(v, (dict, ml_collections.ConfigDict)) else None)
           for k, v in node.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# A config with every default filled in.
+
+# Stage keys a config must set itself (no default), or that derive from others.
+_STAGE_REQUIRED = ("model", "resolution", "test_resolution", "train", "noise")
+
+
+def with_defaults(config) -> ml_collections.ConfigDict:
+  """A copy of `config` with every key it leaves out set to its default here: readers then read
+  `config.eval.severities`, never `config.eval.get("severities", [1, 2, 3, 4, 5])`.
+
+  A stage's `train` gets train_defaults() (the loop resolves its settings from the same), its
+  `noise` noise(); a fine-tune's `train` stays as written (it overrides the student's settings).
+  The config fingerprint of a workdir is of the config as written, taken before this."""
+  full = _copy(config)
+  _fill(full, base_config())
+  for role in DATA_SOURCES:
+    if full.data.get(role) is not None:
+      _fill(full.data[role], {k: v for k, v in data_source("-", "-").items()
+                              if k not in ("name", "split")})
+  for stage in [full.teacher, full.baseline, *full.students]:
+    if stage is not None:
+      _fill_stage(stage)
+  return full
+
+
+def _fill_stage(stage: ml_collections.ConfigDict) -> None:
+  defaults = model_stage("efficientnet-b0", 1, train={})
+  _fill(stage, {k: v for k, v in defaults.items() if k not in _STAGE_REQUIRED})
+  _fill(stage, dict(train={}, noise=noise()))
+  _fill(stage.train, train_defaults())
+  _fill(stage.noise, noise())
+  if stage.get("finetune"):
+    _fill(stage.finetune, {k: v for k, v in finetune_config(1).items()
+                           if k not in ("resolution", "train")})
+
+
+def _fill(node, defaults) -> None:
+  """Adds the keys of `defaults` that `node` lacks (sections recursively), keeping node's values."""
+  for key, value in defaults.items():
+    if key not in node:
+      node[key] = _copy(value)
+    elif isinstance(value, (dict, ml_collections.ConfigDict)) and node[key] is not None:
+      _fill(node[key], value)
+
+
+def _copy(node):
+  """A deep, unlocked copy (ConfigDict's own copies keep the lock and share stages in lists)."""
+  if isinstance(node, (dict, ml_collections.ConfigDict)):
+    return ml_collections.ConfigDict({k: _copy(v) for k, v in node.items()}, type_safe=False)
+  if isinstance(node, (list, tuple)):
+    return type(node)(_copy(v) for v in node)
+  return copy.deepcopy(node)
+
+
+# ------------------------------------------------------------------------------------------------
+# What each key means: docs/configuration.md is generated from these and the defaults above
+# (`python -m nsjax.config_lib --markdown > docs/configuration.md`; tests/test_config_keys.py
+# checks that every accepted key has a meaning and that the committed page is current).
+# "stage" stands for teacher, students[i] and baseline; "source" for data.labeled/unlabeled/test.
+
+MEANINGS = {
+    "seed": "the run's seed: stage seeds derive from it (seed * 1000 + stage.seed_offset)",
+    "data.num_classes": "classes of the labeled data; 0 takes it from an image folder's classes",
+    "data.small_image": "32 px-style inputs (MNIST, CIFAR, SVHN): small-image stem and views",
+    "data.data_dir": "TFDS data_dir for every source ('' = TFDS's default; the embedded mnist5k "
+                     "is built into <workdir>/tensorflow_datasets)",
+    "data.folder_cache_dir": "where image folders are converted to TFDS datasets ('' = "
+                             "<workdir>/folder_cache)",
+    "data.class_names": "filled in at run time from a labeled image folder; not set by hand",
+    "data.labeled": "the labeled training data (a source, below)",
+    "data.unlabeled": "the unlabeled data the teacher labels (a source)",
+    "data.test": "the test data every model is evaluated on (a source)",
+    "source.name": "TFDS dataset name, with an optional '/config' (or set folder)",
+    "source.split": "TFDS split, slices allowed ('train[:90%]'); a folder's default is 'train'",
+    "source.data_dir": "this source's TFDS data_dir ('' = data.data_dir)",
+    "source.image_key": "the feature holding the image",
+    "source.folder": "an image folder, local or gs:// (instead of name and split)",
+    "source.kind": "a folder's layout: 'labeled' (one subfolder per class) or 'unlabeled'",
+    "label.batch_size": "GLOBAL batch size of the labeling pass",
+    "label.shard_bytes": "pseudo-label shards are cut at the first batch that brings them to "
+                         "this size",
+    "label.top_k": "store the teacher's top-k probabilities per image (0 = all classes)",
+    "balance.num_image_per_class": "images per class after filtering and balancing (0 = "
+                                   "unlabeled images / classes; -1 = every image once, "
+                                   "neither filtered nor balanced)",
+    "balance.min_threshold": "a pseudo label below this confidence is never kept",
+    "eval.batch_size": "GLOBAL batch size of every evaluation",
+    "eval.corruptions": "offline corruption suite: names from nsjax.evaluate.corruptions",
+    "eval.severities": "corruption severities to evaluate (1..5)",
+    "eval.max_corruption_examples": "test images the corruption suite uses (0 = all)",
+    "teacher": "the first model (a stage, below)",
+    "students": "the noisy students, one stage each, in order; each learns from the one before",
+    "baseline": "optional: a stage trained on the labeled data only, for comparison",
+    "stage.model": "EfficientNet name, e.g. 'efficientnet-b0' .. 'efficientnet-l2'",
+    "stage.resolution": "training image size",
+    "stage.test_resolution": "evaluation and labeling image size (0 = resolution)",
+    "stage.model_overrides": "model settings to change (below); the model's own otherwise",
+    "stage.train": "training settings (below)",
+    "stage.noise": "input and model noise (below)",
+    "stage.online_teacher": "a student only: the previous model predicts inside each step "
+                            "instead of a label stage",
+    "stage.checkpoint": "the teacher only: an exported model to import instead of training",
+    "stage.seed_offset": "added to seed * 1000 for this stage's seed",
+    "stage.finetune": "a student only: test-resolution fine-tuning after it trains (below)",
+    "noise.randaugment_magnitude": "RandAugment magnitude (0 = off)",
+    "noise.randaugment_layers": "RandAugment operations per image",
+    "noise.dropout_rate": "dropout before the classifier (None = the model's)",
+    "noise.stochastic_depth_rate": "stochastic depth drop rate (None = the model's, 0.2)",
+    "noise.cutout": "cutout square side in pixels (0 = off)",
+    "noise.flip": "random horizontal flips (None = on unless data.small_image)",
+    "train.seed": "init, dropout and stochastic-depth randomness (set from the run's seed)",
+    "train.batch_size": "GLOBAL labeled batch size (required; scales the learning rate)",
+    "train.num_train_steps": "run length in updates; or",
+    "train.num_epochs": "run length in labeled epochs",
+    "train.steps_per_epoch": "updates per pass over the labeled set (default: from its size)",
+    "train.num_labeled_examples": "labeled set size (set from the data)",
+    "train.optimizer": "'rmsprop' (TF1 RMSProp, official), 'adamw' or 'sgd'",
+    "train.base_learning_rate": "per 256 labeled images: peak lr = it * batch_size / 256",
+    "train.lr_schedule": "'exponential' (staircase), 'constant' or 'cosine'",
+    "train.warmup_epochs": "linear warmup from 0, in labeled epochs",
+    "train.lr_decay_epochs": "staircase interval (4.8 for 700-epoch runs)",
+    "train.lr_decay_factor": "staircase factor",
+    "train.rmsprop_decay": "RMSProp's moving-average decay",
+    "train.momentum": "RMSProp / SGD momentum",
+    "train.rmsprop_epsilon": "inside the square root (TF1)",
+    "train.adamw_weight_decay": "decoupled decay, only for optimizer='adamw'",
+    "train.weight_decay": "L2 in the loss, wd * sum(w^2) / 2, all params but BatchNorm's",
+    "train.label_smoothing": "on labels and on hard pseudo labels",
+    "train.unlabeled_ratio": "unlabeled images per labeled one in a batch, and the weight of "
+                             "their mean cross-entropy",
+    "train.pseudo_labels": "'soft' (teacher probabilities ^ 1/T) or 'hard' (argmax, smoothed)",
+    "train.temperature": "T of the soft pseudo labels",
+    "train.ema_decay": "EMA of the weights: min(decay, (1 + t) / (10 + t)); the EMA is exported",
+    "train.compute_dtype": "'bfloat16' trains with bf16 activations; '' keeps the model's",
+    "train.fsdp": "shard params, EMA and optimizer slots over the devices",
+    "train.log_every_steps": "scalars (means over the window) to TensorBoard and the console",
+    "train.checkpoint_every_steps": "periodic checkpoints under <stage>/checkpoints",
+    "train.keep_checkpoints": "checkpoints kept",
+    "train.eval_every_steps": "test evaluation during training (0 = only at the end)",
+    "train.export": "export the EMA variables + model.json at the end",
+    "train.export_dir": "'' = <stage>/export",
+    "finetune.resolution": "the test resolution to fine-tune at (required)",
+    "finetune.epochs": "labeled epochs",
+    "finetune.frozen_blocks": "k: the stem and blocks 0..k-1 frozen (-1 = none)",
+    "finetune.batch_size": "0 = the student's labeled batch size",
+    "finetune.lr_mode": "'final' (the student's last rate), 'continue' (its decay, continued) or "
+                        "'constant' (learning_rate)",
+    "finetune.learning_rate": "the rate for lr_mode='constant' (absolute, not per 256 images)",
+    "finetune.flip": "random horizontal flips (False = the plain eval view)",
+    "finetune.train": "train settings (as stage.train) overriding the student's, e.g. ema_decay",
+    "model_overrides.width": "width multiplier",
+    "model_overrides.depth": "depth multiplier",
+    "model_overrides.dropout_rate": "dropout before the classifier (noise.dropout_rate wins)",
+    "model_overrides.stochastic_depth_rate": "stochastic depth (noise.stochastic_depth_rate wins)",
+    "model_overrides.small_image": "set from data.small_image",
+    "model_overrides.dtype": "'float32' or 'bfloat16' parameters and activations",
+    "model_overrides.depthwise_impl": "depthwise convolution kernel ('auto' picks per backend)",
+    "model_overrides.stem_impl": "stem convolution kernel ('auto' picks per backend)",
+    "model_overrides.frozen_blocks": "set by fine-tuning",
+    "model_overrides.train_resolution": "set from resolution",
+    "model_overrides.test_resolution": "set from test_resolution",
+    "model_overrides.resolution": "both resolutions at once",
+}
+_REQUIRED = object()  # a key without a default: the reference page says "required"
+# The sections of the reference page: (title, key prefix in MEANINGS, the section's defaults).
+_SECTIONS = (
+    ("Top level", "", lambda: {k: v for k, v in base_config().items()
+                               if k in ("seed", "teacher", "students", "baseline")}),
+    ("data", "data.", lambda: dict(base_config().data, **OPTIONAL["data"],
+                                   **dict.fromkeys(DATA_SOURCES))),
+    ("A data source (`data_source(...)`: data.labeled, data.unlabeled, data.test)", "source.",
+     lambda: dict(data_source("-", "-"), name=_REQUIRED, split=_REQUIRED, folder="",
+                  kind="labeled")),
+    ("label", "label.", lambda: base_config().label),
+    ("balance", "balance.", lambda: base_config().balance),
+    ("eval", "eval.", lambda: base_config().eval),
+    ("A stage (`model_stage(...)`: teacher, students[i], baseline)", "stage.",
+     lambda: dict(model_stage("", 0, train={}), model=_REQUIRED, resolution=_REQUIRED,
+                  **OPTIONAL["stage"])),
+    ("stage.noise (`noise(...)`)", "noise.", noise),
+    ("stage.train (and finetune.train): the training settings", "train.", train_defaults),
+    ("stage.finetune (`finetune_config(...)`)", "finetune.",
+     lambda: dict(finetune_config(0), resolution=_REQUIRED)),
+    ("stage.model_overrides (defaults: the model's own)", "model_overrides.", None),
+)
+
+
+def documented_keys() -> set[str]:
+  """Every key of the reference page, as MEANINGS names them."""
+  keys = set()
+  for _, prefix, defaults in _SECTIONS:
+    if defaults is not None:
+      keys |= {prefix + k for k in defaults()}
+  return keys
+
+
+def markdown(model_override_keys=()) -> str:
+  """docs/configuration.md: every key, its default and its meaning, from this module."""
+  lines = ["# Configuration reference", "",
+           "Generated by `python -m nsjax.config_lib --markdown > docs/configuration.md` from",
+           "nsjax/config_lib.py, the one home of every default (a test keeps this page current).",
+           "A config is `config_lib.base_config()` plus data sources and stages; configs/*.py are",
+           "examples. Keys not listed here are refused before anything runs.", ""]
+  for title, prefix, defaults in _SECTIONS:
+    lines += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
+    values = (defaults() if defaults is not None
+              else dict.fromkeys(tuple(model_override_keys) + ("resolution",), "-"))
+    for key, value in values.items():
+      lines.append(f"| `{key}` | {_format_default(value)} | {MEANINGS[prefix + key]} |")
+    lines.append("")
+  lines += ["## Removed keys", "", "| key | what replaced it |", "|---|---|"]
+  lines += [f"| `{key}` | {fix} |" for key, fix in REMOVED.items()]
+  return "\n".join(lines) + "\n"
+
+
+def _format_default(value) -> str:
+  if value is _REQUIRED:
+    return "required"
+  if isinstance(value, str) and value == "-":
+    return "-"
+  if isinstance(value, (dict, ml_collections.ConfigDict)):
+    return "see below" if value else "`{}`"
+  return f"`{value!r}`"
+
+
+if __name__ == "__main__":
+  import sys  # noqa: E402  (the command line only)
+
+  from nsjax import models  # noqa: E402  (models imports jax; the config helpers do not)
+  if sys.argv[1:] != ["--markdown"]:
+    sys.exit("usage: python -m nsjax.config_lib --markdown > docs/configuration.md")
+  sys.stdout.write(markdown(models.OVERRIDABLE))

@@ -15,6 +15,7 @@ intact, so a rerun after freeing space resumes); 1 anything else (with a traceba
 """
 from __future__ import annotations
 
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -57,12 +58,14 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required, e.g. "
                          "python -m nsjax.main --config=configs/demo.py --workdir=/tmp/nsjax-demo")
-  import logging as py_logging
   py_logging.getLogger("absl").addFilter(_QuietLibraries())
   # Before JAX's first computation starts its thread pools (see nsjax.host_memory).
   if host_memory.worth_retaining(pixels_per_step(_CONFIG.value)) and \
       host_memory.retain_freed_memory():
     logging.info("Large steps on the CPU: freed host memory is kept for reuse (nsjax.host_memory).")
+  # JAX, TensorFlow and everything that imports them come only now, in this order: host memory
+  # settings must precede JAX's thread pools, and jax.distributed must start before any computation
+  # (module-level imports would run before both, and make `--help` slow).
   import jax
   if _COORDINATOR.value or _DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -71,13 +74,13 @@ def main(argv):
   tf.config.set_visible_devices([], "GPU")  # TF only feeds the host
   tfds.disable_progress_bar()
   from nsjax import parallel, pipeline, validate, workdir_lock
-  from nsjax.train import loop
+  from nsjax.train import preemption, reporter
   parallel.enable_compilation_cache()
   logging.info("JAX process %d/%d, %d devices.", jax.process_index(), jax.process_count(),
                jax.device_count())
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value)
-  except loop.Preempted as error:
+  except preemption.Preempted as error:
     _exit(EXIT_PREEMPTED, f"Stage {getattr(error, 'stage', '?')}: {error}.")
   except validate.ConfigError as error:
     _exit(EXIT_BAD_CONFIG, f"Config error: {error}")
@@ -87,7 +90,7 @@ def main(argv):
     _exit(EXIT_DISK_FULL, f"Disk full: {error}")
   except artifacts.ArtifactError as error:
     _exit(EXIT_BAD_CONFIG, f"Damaged or missing artifact: {error}")
-  except loop.NonFiniteError as error:
+  except reporter.NonFiniteError as error:
     _exit(EXIT_NON_FINITE, f"Stage {getattr(error, 'stage', '?')} stopped: {error}")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax._src import distributed  # the coordination client; no public API for its barrier
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nsjax import cpu_features
@@ -119,7 +120,6 @@ def to_global_batch(batch: Any, mesh: Mesh) -> Any:
 def sync(name: str) -> None:
   """A barrier across hosts (no-op on one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 

@@ -41,11 +41,18 @@ def _save_figure(fig, path: str) -> None:
   atomic_write(path, write)
 
 
-def plot_accuracy(rows: Sequence[dict[str, Any]], path: str) -> None:
-  """Test top-1 per iteration (students as a line, baseline as a dashed level)."""
+def _pyplot():
+  """matplotlib.pyplot on the Agg backend. Imported on first use, not with this module: setting
+  the backend is process-wide, and importing nsjax (e.g. in a notebook) must not change it."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_accuracy(rows: Sequence[dict[str, Any]], path: str) -> None:
+  """Test top-1 per iteration (students as a line, baseline as a dashed level)."""
+  plt = _pyplot()
   chain = [r for r in rows if r["role"] in ("teacher", "student")]
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
   ax.plot([r["iteration"] for r in chain], [100 * r["test_top1"] for r in chain], "o-",
@@ -67,9 +74,7 @@ def plot_accuracy(rows: Sequence[dict[str, Any]], path: str) -> None:
 
 def plot_corruptions(rows: Sequence[dict[str, Any]], path: str) -> None:
   """Per-corruption accuracy (mean over severities), one bar group per corruption."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   rows = [r for r in rows if r.get("corruptions")]
   if not rows:
     return
@@ -89,9 +94,7 @@ def plot_corruptions(rows: Sequence[dict[str, Any]], path: str) -> None:
 
 def plot_balance(stats: dict[str, Any], path: str) -> None:
   """Class counts before/after filtering+balancing and the top-1 confidence histogram."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = _pyplot()
   hist = np.asarray(stats["histogram"])
   fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.4))
   classes = np.arange(hist.shape[0])

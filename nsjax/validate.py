@@ -7,7 +7,7 @@ batch sizes against the device count, ranges, each stage's training settings, th
 "Stages chain" means each stage can consume what the previous one produces:
   - an imported teacher (teacher.checkpoint) predicts config.data.num_classes, and teacher.model
     names the checkpoint's architecture (the checkpoint decides it; a different name is a typo);
-  - every stage's `train` settings resolve in nsjax.train.loop (known keys, a run length), so a
+  - every stage's `train` settings resolve in nsjax.train.settings (known keys, a run length), so a
     typo in the last student fails now, not after hours of teacher training;
   - a student is not smaller than its teacher (a warning: Noisy Student expects equal or larger);
   - the datasets' label features have config.data.num_classes classes (`check_datasets`);
@@ -25,9 +25,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from nsjax import checkpoint, config_lib, finetune, models
-from nsjax.data import balance, input_pipeline, pseudo_labels
-from nsjax.train import loop
+from nsjax import config_lib, exported_model, models, schedule
+from nsjax.data import balance, folder, input_pipeline, pseudo_labels
+from nsjax.stages import finetune
+from nsjax.train import settings
 
 
 class ConfigError(ValueError):
@@ -97,81 +98,100 @@ def check_workdir(workdir: str) -> None:
 def validate_config(config, workdir: str) -> None:
   """Raises ConfigError for the first problem found; warns for a student smaller than its teacher."""
   check_keys(config)
+  config = config_lib.with_defaults(config)
   if not config.students:
     raise ConfigError("config.students is empty: a Noisy Student schedule needs at least one "
                       "student.")
-  num_devices = jax.device_count()
-  num_classes = config.data.num_classes
-  previous = None
+  previous = None  # (where, model) of the latest teacher or student
   for where, stage in _model_stages(config):
-    if where == "teacher" and stage.get("checkpoint"):
-      path = stage.checkpoint
-      if not checkpoint.is_exported(path):
-        raise ConfigError(f"teacher.checkpoint {path} holds no exported model (model.json + "
-                          "variables/). Convert an official checkpoint with `python -m "
-                          "nsjax.tools.convert_checkpoint`, or point to a stage's export/ folder.")
-      teacher = checkpoint.read_description(path)["model"]
-      check_teacher_classes(f"teacher.checkpoint {path}", teacher["num_classes"], num_classes,
-                            "config.data.num_classes")
-      if stage.get("model") and stage.model != teacher["model_name"]:
-        raise ConfigError(f"teacher.model is {stage.model!r} but teacher.checkpoint {path} holds "
-                          f"{teacher['model_name']!r}; the checkpoint decides the architecture, so "
-                          f"set teacher.model = {teacher['model_name']!r}.")
-      previous = (where, models.model_from_config(teacher))
+    if where == "teacher" and stage.checkpoint:
+      previous = (where, _check_imported_teacher(stage, config.data.num_classes))
       continue
-    if stage.model not in models.MODEL_SPECS:
-      raise ConfigError(f"{where}.model: unknown model {stage.model!r}. Valid models: "
-                        f"{', '.join(models.MODEL_SPECS)}.")
-    train = stage.train
-    batch = int(train.batch_size)
-    if batch % num_devices:
-      raise ConfigError(f"{where}.train.batch_size = {batch} is not divisible by the {num_devices} "
-                        f"devices; use a multiple of {num_devices}.")
-    ratio = float(train.get("unlabeled_ratio", 1.0))
-    _check_range(where, "train.unlabeled_ratio", ratio, 0.0, 1000.0)
-    if where.startswith("students"):
-      if ratio <= 0:
-        raise ConfigError(f"{where}.train.unlabeled_ratio must be > 0 for a student.")
-      unlabeled_batch = round(ratio * batch)
-      if unlabeled_batch % num_devices:
-        raise ConfigError(f"{where}: the unlabeled batch ({ratio} x {batch} = {unlabeled_batch}) "
-                          f"is not divisible by the {num_devices} devices.")
-    _check_train_settings(where, train)  # temperature, label smoothing, soft/hard included
-    try:
-      model = models.create_model(stage.model, num_classes,
-                                  **dict(stage.get("model_overrides", {}) or {}))
-    except ValueError as error:
-      raise ConfigError(f"{where}: {error}") from error
-    if stage.get("finetune"):
-      try:
-        finetune.check_config(stage.finetune, num_devices, f"{where}.finetune")
-      except ValueError as error:
-        raise ConfigError(str(error)) from error
+    model = _check_trained_stage(where, stage, config.data.num_classes)
     if where.startswith("students") and previous is not None:
-      warn_if_smaller(previous, (where, model))
+      warn_if_smaller(previous, (where, model))  # the one place this warning is given
     if not where == "baseline":
       previous = (where, model)
+  _check_sections(config)
+  check_workdir(workdir)
+
+
+def check_divisible(where: str, value: int, what: str = "") -> None:
+  """The one check that a global batch splits evenly over this run's devices."""
+  num_devices = jax.device_count()
+  if int(value) % num_devices:
+    raise ConfigError(f"{where}{what or f' = {value}'} is not divisible by the {num_devices} "
+                      f"devices; use a multiple of {num_devices}.")
+
+
+def _check_imported_teacher(stage, num_classes: int) -> models.EfficientNet:
+  """teacher.checkpoint holds an export predicting num_classes; returns its model."""
+  path = stage.checkpoint
+  if not exported_model.is_exported(path):
+    raise ConfigError(f"teacher.checkpoint {path} holds no exported model (model.json + "
+                      "variables/). Convert an official checkpoint with `python -m "
+                      "nsjax.tools.convert_checkpoint`, or point to a stage's export/ folder.")
+  teacher = exported_model.read_description(path)["model"]
+  check_teacher_classes(f"teacher.checkpoint {path}", teacher["num_classes"], num_classes,
+                        "config.data.num_classes")
+  if stage.get("model") and stage.model != teacher["model_name"]:
+    raise ConfigError(f"teacher.model is {stage.model!r} but teacher.checkpoint {path} holds "
+                      f"{teacher['model_name']!r}; the checkpoint decides the architecture, so "
+                      f"set teacher.model = {teacher['model_name']!r}.")
+  return models.model_from_config(teacher)
+
+
+def _check_trained_stage(where: str, stage, num_classes: int) -> models.EfficientNet:
+  """A stage that trains: its model, batch sizes, training and fine-tuning settings."""
+  if stage.model not in models.MODEL_SPECS:
+    raise ConfigError(f"{where}.model: unknown model {stage.model!r}. Valid models: "
+                      f"{', '.join(models.MODEL_SPECS)}.")
+  train = stage.train
+  batch = int(train.batch_size)
+  check_divisible(f"{where}.train.batch_size", batch)
+  ratio = float(train.unlabeled_ratio)
+  _check_range(where, "train.unlabeled_ratio", ratio, 0.0, 1000.0)
+  if where.startswith("students"):
+    if ratio <= 0:
+      raise ConfigError(f"{where}.train.unlabeled_ratio must be > 0 for a student.")
+    check_divisible(where, round(ratio * batch),
+                    f": the unlabeled batch ({ratio} x {batch} = {round(ratio * batch)})")
+  _check_train_settings(where, train)  # temperature, label smoothing, soft/hard included
+  try:
+    model = models.create_model(stage.model, num_classes, **dict(stage.model_overrides or {}))
+  except ValueError as error:
+    raise ConfigError(f"{where}: {error}") from error
+  if stage.get("finetune"):
+    _check_finetune(f"{where}.finetune", stage.finetune)
+  return model
+
+
+def _check_finetune(where: str, ft) -> None:
+  try:
+    finetune.check_config(ft, where)
+  except ValueError as error:
+    raise ConfigError(str(error)) from error
+  check_divisible(f"{where}.batch_size", int(ft.batch_size))
+
+
+def _check_sections(config) -> None:
+  """The label, balance and eval sections."""
   _check_range("balance", "min_threshold", float(config.balance.min_threshold), 0.0, 1.0,
                high_open=True)
   if int(config.balance.num_image_per_class) < balance.KEEP_ALL:
     raise ConfigError(f"balance.num_image_per_class = {config.balance.num_image_per_class}: use a "
                       "count >= 1, 0 (unlabeled images / classes) or -1 (every image once, "
                       "unbalanced).")
-  if config.label.batch_size % num_devices:
-    raise ConfigError(f"label.batch_size = {config.label.batch_size} is not divisible by the "
-                      f"{num_devices} devices.")
+  check_divisible("label.batch_size", config.label.batch_size)
   if not 1 <= int(config.label.shard_bytes) <= pseudo_labels.MAX_SHARD_BYTES:
     raise ConfigError(f"label.shard_bytes = {config.label.shard_bytes}: use 1 .. 2**31 bytes "
                       "(record offsets are stored as 32-bit numbers; 256 MiB is the default).")
-  if config.eval.batch_size % num_devices:
-    raise ConfigError(f"eval.batch_size = {config.eval.batch_size} is not divisible by the "
-                      f"{num_devices} devices.")
-  check_workdir(workdir)
+  check_divisible("eval.batch_size", config.eval.batch_size)
 
 
 def _check_train_settings(where: str, train) -> None:
   try:  # the labeled set size is only known once the data is there; any size checks the rest
-    loop.resolve_config(dict(train), num_labeled_examples=int(train.batch_size))
+    settings.resolve_config(dict(train), num_labeled_examples=int(train.batch_size))
   except ValueError as error:
     raise ConfigError(f"{where}.train: {error}") from error
 
@@ -193,31 +213,25 @@ def check_datasets(config, data_dir: str | None) -> None:
                         f"config.data.num_classes is {num_classes}; make them agree.")
 
 
-def stage_inputs(stage_name: str, config) -> list[str]:
-  """The stages whose artifacts `stage_name` reads."""
-  from nsjax import pipeline
-  stages = {s.name: s for s in pipeline.schedule(config)}
-  stage = stages[stage_name]
-  previous = "teacher" if stage.iteration == 1 else f"student-{stage.iteration - 1}"
-  if stage.kind == "label":
-    return [previous]
-  if stage.kind == "student":
-    return [previous] + ([f"label-{stage.iteration}"] if f"label-{stage.iteration}" in stages
-                         else [])
-  if stage.kind == "eval":
-    return [stage_name[len("eval-"):]]
-  if stage.kind == "summary":
-    return [n for n in stages if n.startswith(("eval-", "label-"))]
-  return []
-
-
 def check_stage_inputs(stage_name: str, config, completed) -> None:
   """A stage run alone (--stage) needs the stages it reads to be complete in this workdir."""
-  missing = [n for n in stage_inputs(stage_name, config) if n not in completed]
+  missing = [n for n in schedule.stage_inputs(stage_name, config) if n not in completed]
   if missing:
     raise ConfigError(f"Stage {stage_name} reads the output of {', '.join(missing)}, which "
                       "this workdir has not completed; run those stages first (or run the whole "
                       "schedule without --stage).")
+
+
+def check_teacher_export(teacher_dir: str, num_classes: int, class_names, student: str) -> None:
+  """The check, when a stage has the teacher's export at hand, that it predicts what `student`
+  (e.g. "the student's labeled data") learns: the class count, and the class names when both
+  sides know them (image folders)."""
+  description = exported_model.read_description(teacher_dir)
+  folder.check_class_names(description["metadata"].get("class_names"), class_names,
+                           f"the teacher at {teacher_dir}", student,
+                           "Use a teacher trained on these classes (or a new workdir).")
+  check_teacher_classes(f"The teacher at {teacher_dir}", description["model"]["num_classes"],
+                        num_classes, "config.data.num_classes")
 
 
 def check_teacher_classes(teacher: str, teacher_classes: int, num_classes: int,
@@ -231,7 +245,7 @@ def check_teacher_classes(teacher: str, teacher_classes: int, num_classes: int,
 
 def count_params(model: models.EfficientNet) -> int:
   """Trainable parameters, from shapes alone (nothing is allocated)."""
-  abstract = checkpoint.abstract_variables(model, resolution=32)
+  abstract = exported_model.abstract_variables(model, resolution=32)
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
 
 

@@ -16,10 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from nsjax import artifacts, checkpoint, files, pipeline
+from nsjax import artifacts, exported_model, files, pipeline
 from nsjax.data import pseudo_labels
 from nsjax.run_state import RunState
-from nsjax.train.checkpointing import TrainCheckpoints
+from nsjax.train.run_checkpoints import TrainCheckpoints
 from test_pipeline import ROOT, load_config
 
 
@@ -55,7 +55,7 @@ def truncate_files(pattern, size=100):
 
 
 def export_sha(directory):
-  return checkpoint.params_sha256(checkpoint.load_exported(directory)[1]["params"])
+  return exported_model.params_sha256(exported_model.load_exported(directory)[1]["params"])
 
 
 LATER = ("student-1", "eval-teacher", "eval-student-1", "summary")
@@ -88,9 +88,9 @@ def test_a_damaged_model_json_and_a_missing_export_name_the_path(smoke, tmp_path
     f.write('{"model": {"model_name": "efficient')
   with pytest.raises(artifacts.DamagedArtifact, match=r"export/model.json: the export's "
                      r"description cannot be read .*stage student-1: delete .*/w/student-1"):
-    checkpoint.load_exported(export)
+    exported_model.load_exported(export)
   with pytest.raises(artifacts.MissingArtifact, match="no exported model here"):
-    checkpoint.read_description(str(tmp_path / "nothing"))
+    exported_model.read_description(str(tmp_path / "nothing"))
 
 
 def test_a_damaged_export_in_the_schedule_names_the_stage_and_the_fix_works(smoke, tmp_path):
@@ -262,7 +262,7 @@ def test_a_full_disk_while_exporting_keeps_the_checkpoints_and_a_rerun_exports(
     pipeline.run(config, work, stage="student-1")
   monkeypatch.undo()
   assert sorted(os.listdir(checkpoints)) == ["12", "6"]
-  assert not checkpoint.is_exported(os.path.join(work, "student-1", "export"))
+  assert not exported_model.is_exported(os.path.join(work, "student-1", "export"))
   pipeline.run(config, work, stage="student-1")  # resumes at the last step: only exports
   assert export_sha(os.path.join(work, "student-1", "export")) == export_sha(
       os.path.join(smoke[1], "student-1", "export"))

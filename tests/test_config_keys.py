@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from nsjax import config_lib, finetune, models, validate
+from nsjax import config_lib, models, validate
+from nsjax.stages import finetune
 from nsjax.validate import ConfigError
 from test_configs import load_config
 from test_validate import ROOT, smoke_config
@@ -171,3 +172,47 @@ def test_the_command_line_refuses_a_typo_with_exit_2_before_any_compute(tmp_path
   assert "did you mean label.shard_bytes?" in done.stderr
   assert "Traceback" not in done.stderr
   assert not (workdir / "tensorflow_datasets").exists()  # nothing was built
+
+
+def _meaning_names(schema) -> set[str]:
+  """The schema's keys as config_lib.MEANINGS names them ("stage.", "source.", ... prefixes)."""
+  stage = schema["teacher"]
+  sections = ("data", "label", "balance", "eval")  # each a table of the page, not a row
+  names = {k for k in schema if k not in sections}
+  names |= {f"{section}.{k}" for section in sections for k in schema[section]}
+  names |= {f"source.{k}" for k in schema["data"]["labeled"]}
+  names |= {f"stage.{k}" for k in stage}
+  for section in ("noise", "train", "finetune", "model_overrides"):
+    names |= {f"{section}.{k}" for k in stage[section]}
+  return names
+
+
+def test_every_accepted_key_has_a_meaning():
+  accepted = _meaning_names(config_lib.schema(models.OVERRIDABLE + ("resolution",)))
+  assert set(config_lib.MEANINGS) == accepted
+
+
+def test_the_configuration_reference_is_generated_from_config_lib():
+  """docs/configuration.md is `python -m nsjax.config_lib --markdown`: regenerate it with that
+  command after changing a default or a meaning."""
+  with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
+    committed = f.read()
+  assert committed == config_lib.markdown(models.OVERRIDABLE)
+  out = subprocess.run([sys.executable, "-m", "nsjax.config_lib", "--markdown"], cwd=ROOT,
+                       capture_output=True, text=True, check=True)
+  assert out.stdout == committed
+
+
+def test_with_defaults_fills_every_left_out_key_and_keeps_the_rest():
+  sparse = smoke_config()
+  del sparse.eval["severities"]
+  del sparse.students[0].noise["cutout"]
+  sparse.lock()
+  written = sparse.to_json(sort_keys=True)
+  full = config_lib.with_defaults(sparse)
+  assert sparse.to_json(sort_keys=True) == written  # the original (and its fingerprint) untouched
+  assert list(full.eval.severities) == [1, 2, 3, 4, 5] and full.students[0].noise.cutout == 0
+  assert full.students[0].train.batch_size == sparse.students[0].train.batch_size  # kept
+  assert full.teacher.train.ema_decay == 0.9 and full.teacher.train.momentum == 0.9
+  full.students[0].seed_offset = 7  # a copy: the original's stages are not shared
+  assert sparse.students[0].seed_offset == 1

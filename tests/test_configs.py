@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from nsjax import pipeline, validate
+from nsjax.stages import train as train_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
@@ -61,7 +62,7 @@ def test_config_is_consistent(name, tmp_path):
 
   previous_params = None
   for stage_name, stage in model_stages(config):
-    model = pipeline.build_model(stage, config)
+    model = train_stage.build_model(stage, config)
     finetune = stage.get("finetune")
     test_resolution = finetune.resolution if finetune else stage.test_resolution
     variables, logits = abstract_init_and_forward(model, stage.resolution, test_resolution)
@@ -90,11 +91,11 @@ def test_config_is_consistent(name, tmp_path):
 
 
 def test_svhn_learning_rate_reaches_the_published_final_value():
-  from nsjax.train import loop
+  from nsjax.train import settings
   module, config = load_config("svhn_b0")
-  cfg = pipeline.train_config(config.teacher, config, module.NUM_LABELED)
-  schedule = loop.make_schedule(cfg)
-  assert loop.num_train_steps(cfg) == 109_474
+  cfg = train_stage.train_config(config.teacher, config, module.NUM_LABELED)
+  schedule = settings.make_schedule(cfg)
+  assert settings.num_train_steps(cfg) == 109_474
   assert float(schedule(10_000)) == pytest.approx(0.008 * 0.97 ** 11, rel=1e-5)
   assert float(schedule(109_473)) == pytest.approx(2e-4, rel=0.03)  # one staircase step
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from nsjax import checkpoint, models
+from nsjax import exported_model, models
 from nsjax.models import convert
 from nsjax.tools import convert_checkpoint
 
@@ -25,7 +25,7 @@ def random_variables(model, seed):
   wrongly mapped or skipped tensor changes the logits. numpy only: no init to compile."""
   rng = np.random.default_rng(seed)
   out = {}
-  for path, leaf in traverse_util.flatten_dict(checkpoint.abstract_variables(model)).items():
+  for path, leaf in traverse_util.flatten_dict(exported_model.abstract_variables(model)).items():
     shape = leaf.shape
     if path[-1] == "var":
       value = rng.uniform(0.5, 2.0, shape)
@@ -94,7 +94,7 @@ def test_cli_converts_teacher_scope_preferring_ema_and_skipping_slots(tmp_path):
   rc = convert_checkpoint.main(["--tf_checkpoint", str(tmp_path / "run"), "--model",
                                 "efficientnet-b0", "--output", str(export_dir)] + TINY_FLAGS)
   assert rc == 0
-  loaded_model, loaded, metadata = checkpoint.load_exported(export_dir)
+  loaded_model, loaded, metadata = exported_model.load_exported(export_dir)
 
   assert loaded_model.num_classes == 10  # read from head/dense
   assert loaded_model.small_image and loaded_model.test_resolution == 32
@@ -108,7 +108,7 @@ def test_cli_converts_teacher_scope_preferring_ema_and_skipping_slots(tmp_path):
   n_variables = len(convert.official_shapes(model))
   assert source["ignored_variables"] == 2 * n_variables + 1  # two slots per variable, global_step
   assert source["path"] == str(tmp_path / "run")
-  assert metadata["params_sha256"] == checkpoint.params_sha256(loaded["params"])
+  assert metadata["params_sha256"] == exported_model.params_sha256(loaded["params"])
   assert n_variables == len(jax.tree.leaves(loaded))
 
 

@@ -152,7 +152,7 @@ def test_bad_input_is_rejected():
 
 
 def test_corrupted_sets_are_reused_per_key_within_a_byte_budget(digits):
-  from nsjax.evaluate import stage
+  from nsjax.evaluate import corruption_suite as stage
   images = digits[:6]
   cache = stage.CorruptedSets(max_bytes=2 * images.nbytes)
   first = cache.get(("src", 6), images, "gaussian_noise", 3, 0, 0)

@@ -3,7 +3,7 @@
 Two models with random weights (random BatchNorm statistics too, so a misplaced tensor shows): the
 smoke config's student (small-image view, 28 px, grey digits) and EfficientNet-B0 with 1000
 classes at 64 px (centre crop + bicubic resize, RGB and grey). The reference is what nsjax's
-evaluation does: `checkpoint.load_exported`, the eval stage's `batch_view` (preprocess.eval_view
+evaluation does: `exported_model.load_exported`, the eval stage's `batch_view` (preprocess.eval_view
 per image), `model.apply(train=False)`, softmax. The SavedModels and TFLite files are run in a
 subprocess that refuses to import JAX, on batches of 1 and 3 images of another size than the
 model's.
@@ -26,9 +26,10 @@ import pytest
 import tensorflow as tf
 from flax import traverse_util
 
-from nsjax import checkpoint, models, pipeline
+from nsjax import exported_model, models
+from nsjax.stages import train as train_stage
 from nsjax.data import preprocess
-from nsjax.evaluate import stage as eval_stage
+from nsjax.evaluate import corruption_suite as eval_stage
 from nsjax.export import __main__ as export_cli
 from nsjax.export import preprocessing, saved_model, tflite
 from nsjax.models import layers
@@ -87,7 +88,7 @@ def smoke_student():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  return pipeline.build_model(config.students[0], config)
+  return train_stage.build_model(config.students[0], config)
 
 
 def calibrated_variables(model, seed, views, logit_std=2.0):
@@ -99,7 +100,7 @@ def calibrated_variables(model, seed, views, logit_std=2.0):
   from other random images they blow up (logits spread over hundreds): either would make the
   comparisons blind or chaotic."""
   rng = np.random.default_rng(seed)
-  abstract = checkpoint.abstract_variables(model)
+  abstract = exported_model.abstract_variables(model)
   params = {}
   for path, leaf in traverse_util.flatten_dict(abstract["params"]).items():
     if len(leaf.shape) == 1:  # BatchNorm scale 1, every bias and offset 0
@@ -171,9 +172,9 @@ def exported(tmp_path_factory):
     metadata = {"class_names": names} if names else {}
     images = [x.astype(np.uint8) for x in make_images(np.random.default_rng(0))]
     views = np.concatenate([nsjax_views(model, x) for x in images])
-    checkpoint.export_model(export_dir, model, calibrated_variables(model, len(name), views),
+    exported_model.export_model(export_dir, model, calibrated_variables(model, len(name), views),
                             metadata)
-    model, variables, metadata = checkpoint.load_exported(export_dir)
+    model, variables, metadata = exported_model.load_exported(export_dir)
     # Exports compute in float32; on a CPU with AMX-bf16 nsjax's own eval would give its large
     # 1x1 convolutions bfloat16 operands (tests/test_matmul_operands.py), so the reference is the
     # float32 path.

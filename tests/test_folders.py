@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nsjax import checkpoint, config_lib, pipeline
+from nsjax import config_lib, exported_model, parallel, pipeline, validate
 from nsjax.data import folder, input_pipeline, pseudo_labels
+from nsjax.stages import evaluate as eval_stage
+from nsjax.stages import train as train_stage
+from nsjax.stages.context import Context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = {"cat": (200, 40, 40), "dog": (40, 200, 40), "emu": (40, 40, 200)}
@@ -100,7 +103,7 @@ def test_folder_example_runs_the_whole_schedule(example_run):
 def test_class_names_and_count_travel_with_the_exports(example_run):
   _, workdir, _, _ = example_run
   for stage in ("teacher", "student-1"):
-    description = checkpoint.read_description(pipeline.export_dir(workdir, stage))
+    description = exported_model.read_description(pipeline.export_dir(workdir, stage))
     assert description["model"]["num_classes"] == 3
     assert description["metadata"]["class_names"] == ["cat", "dog", "emu"]
 
@@ -182,14 +185,14 @@ def test_bad_labeled_layouts_get_clear_errors(tmp_path):
 def test_class_mismatch_between_teacher_and_data_is_an_error(example_run, tmp_path):
   config, workdir, _, data = example_run
   teacher_dir = pipeline.export_dir(workdir, "teacher")
-  student = pipeline.build_model(config.students[0], pipeline.resolve_data(config, workdir)[0])
+  student = train_stage.build_model(config.students[0], pipeline.resolve_data(config, workdir)[0])
   with pytest.raises(folder.ClassMismatchError,
                      match=r"only in the teacher at .*\['emu'\]; only in the student's labeled "
                            r"data: \['fox'\]"):
-    pipeline.check_teacher_compatible(teacher_dir, student, config.students[0],
-                                      ["cat", "dog", "fox"])
-  pipeline.check_teacher_compatible(teacher_dir, student, config.students[0],
-                                    ["cat", "dog", "emu"])  # the same classes pass
+    validate.check_teacher_export(teacher_dir, student.num_classes, ["cat", "dog", "fox"],
+                                  "the student's labeled data")
+  validate.check_teacher_export(teacher_dir, student.num_classes, ["cat", "dog", "emu"],
+                                "the student's labeled data")  # the same classes pass
   # An eval whose test classes differ from the model's.
   other = make_labeled(str(tmp_path / "other"), classes={"ant": (1, 2, 3), "bee": (4, 5, 6),
                                                          "cat": (7, 8, 9)}, per_class=1)
@@ -200,8 +203,8 @@ def test_class_mismatch_between_teacher_and_data_is_an_error(example_run, tmp_pa
   resolved, data_dir = pipeline.resolve_data(changed, str(tmp_path / "work"))
   with pytest.raises(folder.ClassMismatchError,
                      match=r"only in the teacher model: \['dog', 'emu'\]"):
-    pipeline.eval_stage(pipeline.Stage("eval-teacher", "eval", 0), resolved, workdir, data_dir,
-                        pipeline.parallel.make_mesh())
+    eval_stage.run(pipeline.Stage("eval-teacher", "eval", 0),
+                   Context(resolved, workdir, data_dir, parallel.make_mesh(), None, 0.0))
 
 
 def test_labeled_and_test_folders_must_share_classes(tmp_path):

@@ -1,4 +1,4 @@
-"""The README's model table is computed from the code and agrees with the published counts."""
+"""The model table (docs/models.md) is computed from the code and agrees with the published counts."""
 from __future__ import annotations
 
 from nsjax import models

@@ -137,8 +137,8 @@ def runs(tmp_path_factory):
 
 
 def _params(workdir, stage):
-  from nsjax import checkpoint
-  _, variables, _ = checkpoint.load_exported(os.path.join(workdir, stage, "export"))
+  from nsjax import exported_model
+  _, variables, _ = exported_model.load_exported(os.path.join(workdir, stage, "export"))
   return variables
 
 
@@ -196,7 +196,7 @@ def test_two_hosts_match_one_host(runs):
     for key, slack in (("top1", 2 / 128), ("top5", 12 / 128), ("corruption_top1", 2 / 64)):
       assert abs(ea[key] - eb[key]) <= slack + 1e-9, (model, key, ea[key], eb[key])
   # The multi-host evaluation of an export equals this (4-device, one-process) evaluation of it.
-  from nsjax.evaluate import stage as eval_lib
+  from nsjax.evaluate import corruption_suite as eval_lib
   from nsjax import parallel
   for model in ("teacher", "student-1"):
     again = eval_lib.evaluate_export(
@@ -226,7 +226,7 @@ def test_two_hosts_match_one_host(runs):
 # ------------------------------------------------------------------------------------------------
 # Preemption on several hosts: jax.distributed starts jax's preemption service, which catches
 # SIGTERM on whichever process gets it and makes `reached_preemption_sync_point` true on every
-# process at the same step (nsjax.train.loop.PreemptionWatch); both save that step and exit 75.
+# process at the same step (nsjax.train.preemption.PreemptionWatch); both save that step and exit 75.
 
 def _wait_for(path, text, procs, timeout=600):
   import time
@@ -320,14 +320,14 @@ def _workdir_with_teacher(workdir):
   import importlib.util
   import jax
   import jax.numpy as jnp
-  from nsjax import checkpoint, models, pipeline
+  from nsjax import exported_model, models, pipeline
   spec = importlib.util.spec_from_file_location("nsjax_multihost_config", CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   model = models.create_model("efficientnet-b0", 10, width=0.1, depth=0.1, small_image=True,
                               resolution=28)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3))))()
-  checkpoint.export_model(os.path.join(workdir, "teacher", "export"), model, variables)
+  exported_model.export_model(os.path.join(workdir, "teacher", "export"), model, variables)
   state = {"config_fingerprint": pipeline.fingerprint(module.get_config()),
            "completed": {"teacher": {}}}
   json.dump(state, open(os.path.join(workdir, "state.json"), "w"))

@@ -15,8 +15,8 @@ import tokenize
 
 import pytest
 
-from nsjax import pipeline
-from nsjax.train import loop
+from nsjax.stages import train as train_stage
+from nsjax.train import settings
 from test_configs import CONFIGS, ROOT, load_config
 
 RECIPE = {  # REFERENCE.md section 2, the official ImageNet recipe, every model stage
@@ -109,15 +109,15 @@ def resolved(config) -> dict:
     for key, value in flatten(stage).items():
       if not key.startswith("train."):
         values[f"{where}.{key}"] = value
-    cfg = loop.resolve_config(dict(stage.train), num_labeled_examples=stage.train.batch_size)
+    cfg = settings.resolve_config(dict(stage.train), num_labeled_examples=stage.train.batch_size)
     values.update({f"{where}.train.{k}": v for k, v in cfg.items()})
-    schedule = loop.make_schedule(loop.resolve_config(
+    schedule = settings.make_schedule(settings.resolve_config(
         dict(stage.train), num_labeled_examples=labeled_examples(config)))
-    steps = loop.num_train_steps(loop.resolve_config(
+    steps = settings.num_train_steps(settings.resolve_config(
         dict(stage.train), num_labeled_examples=labeled_examples(config)))
     values[f"{where}.train.peak_learning_rate"] = cfg.base_learning_rate * cfg.batch_size / 256
     values[f"{where}.train.final_learning_rate"] = float(schedule(steps - 1))
-    model = pipeline.build_model(stage, config)
+    model = train_stage.build_model(stage, config)
     values[f"{where}.dropout_rate"] = model.dropout_rate
     values[f"{where}.stochastic_depth_rate"] = model.stochastic_depth_rate
   return values

@@ -8,8 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from nsjax import checkpoint, label, pipeline
+from nsjax import exported_model, parallel, pipeline
 from nsjax.data import preprocess, pseudo_labels
+from nsjax.stages import context, label
+from nsjax.stages import train as train_stage
+from nsjax.stages.context import Context
+from nsjax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +68,7 @@ def test_pseudo_labels_are_the_teachers_softmax_on_the_normalised_eval_view(smok
   """The stage ships pixels and normalises on the device; the labels must be what the exported
   teacher gives on the host-normalised eval view (the input every other stage feeds it)."""
   _, workdir, _ = smoke
-  model, variables, _ = checkpoint.load_exported(os.path.join(workdir, "teacher", "export"))
+  model, variables, _ = exported_model.load_exported(os.path.join(workdir, "teacher", "export"))
   records = list(pseudo_labels.read_dataset(os.path.join(workdir, "label-1")).take(64)
                  .as_numpy_iterator())
   views = np.stack([
@@ -82,8 +86,8 @@ def test_rerun_skips_finished_stages(smoke, monkeypatch):
   config, workdir, state = smoke
   def must_not_train(*args, **kwargs):
     raise AssertionError("a finished stage ran again")
-  monkeypatch.setattr(pipeline.loop, "train", must_not_train)
-  monkeypatch.setattr(pipeline.label, "label_unlabeled", must_not_train)
+  monkeypatch.setattr(loop, "train", must_not_train)
+  monkeypatch.setattr(label, "label_unlabeled", must_not_train)
   again = pipeline.run(config, workdir)
   assert again["completed"] == state["completed"]
 
@@ -118,9 +122,9 @@ def test_student_batches_hold_the_configured_ratio(smoke):
   config.students[0].train.unlabeled_ratio = 3.0
   stage = pipeline.Stage("student-1", "student", 1)
   data_dir = pipeline.prepare_data(config, workdir)
-  cfg = pipeline.train_config(config.students[0], config, 100)
-  batches, teacher = pipeline.training_batches(stage, config, workdir, data_dir,
-                                               pipeline.parallel.make_mesh(), cfg)
+  cfg = train_stage.train_config(config.students[0], config, 100)
+  ctx = Context(config, workdir, data_dir, parallel.make_mesh(), state=None, started=0.0)
+  batches, teacher = train_stage.training_batches(stage, ctx, cfg)
   assert teacher is None
   batch = next(iter(batches(0)))
   assert batch["labeled"]["image"].shape == (32, 28, 28, 3)
@@ -134,11 +138,30 @@ def test_student_batches_hold_the_configured_ratio(smoke):
                                 np.asarray(resumed["unlabeled"]["image"]))
 
 
+def test_an_online_teacher_feeds_raw_unlabeled_images_in_both_views(smoke):
+  """students[0].online_teacher: no label stage; the previous model's export predicts in the step,
+  so unlabeled batches carry its un-noised view next to the student's noised one."""
+  config, workdir, _ = smoke
+  config = load_config("smoke")
+  config.students[0].online_teacher = True
+  assert "label-1" not in [s.name for s in pipeline.schedule(config)]
+  ctx = Context(config, workdir, pipeline.prepare_data(config, workdir), parallel.make_mesh(),
+                state=None, started=0.0)
+  cfg = train_stage.train_config(config.students[0], config, 100)
+  batches, teacher = train_stage.training_batches(pipeline.Stage("student-1", "student", 1), ctx,
+                                                  cfg)
+  assert teacher is not None and teacher.model.num_classes == 10
+  batch = next(iter(batches(0)))
+  assert batch["unlabeled"]["image"].shape == (32, 28, 28, 3)
+  assert batch["unlabeled"]["teacher_image"].shape == (32, 28, 28, 3)
+  assert "probs" not in batch["unlabeled"]
+
+
 def test_labeling_resumes_after_a_crash_with_the_same_result(smoke, tmp_path, monkeypatch):
   config, workdir, _ = smoke
   teacher = os.path.join(workdir, "teacher", "export")
-  src = pipeline.source(config.data.unlabeled, pipeline.prepare_data(config, workdir))
-  mesh = pipeline.parallel.make_mesh()
+  src = context.source(config.data.unlabeled, pipeline.prepare_data(config, workdir))
+  mesh = parallel.make_mesh()
   kwargs = dict(global_batch_size=64, mesh=mesh, small_image=True, shard_bytes=1)
   crashed = str(tmp_path / "crashed")
   original_write = pseudo_labels.HostShardWriter.write_shard

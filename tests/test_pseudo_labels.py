@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from nsjax.data import balance, pseudo_labels, student_input
-from nsjax.train import steps
+from nsjax.stages import label
 
 
 def random_probs(n, num_classes, seed=0):
@@ -18,7 +18,7 @@ def random_probs(n, num_classes, seed=0):
 
 def fields(probs, top_k=0):
   """What the labeling step hands the writer for these probabilities."""
-  return jax.device_get(steps.pseudo_label_fields(np.asarray(probs, np.float32), top_k))
+  return jax.device_get(label.pseudo_label_fields(np.asarray(probs, np.float32), top_k))
 
 
 def write_host(directory, host, probs, shard_size, top_k=0, num_classes=None):

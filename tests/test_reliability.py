@@ -23,10 +23,14 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from nsjax import artifacts, checkpoint, config_lib, models, pipeline, workdir_lock
+from nsjax import (artifacts, config_lib, exported_model, models, parallel, pipeline,
+                   workdir_lock)
 from nsjax.data import input_pipeline, pseudo_labels
-from nsjax.train import loop
-from nsjax.train.checkpointing import TrainCheckpoints
+from nsjax.stages import label
+from nsjax.stages import train as train_stage
+from nsjax.stages.context import Context
+from nsjax.train import loop, preemption, reporter
+from nsjax.train.run_checkpoints import TrainCheckpoints
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +41,7 @@ import os, signal, sys
 from absl import app
 from nsjax import main
 from nsjax.data import input_pipeline, pseudo_labels
-from nsjax.train import loop
+from nsjax.train import reporter
 
 kill = os.environ.get("NSJAX_TEST_KILL")
 if kill:
@@ -54,13 +58,13 @@ if kill:
       return name
     pseudo_labels.HostShardWriter.write_shard = write_then_die
   else:
-    add = loop._Reporter.add
+    add = reporter.Reporter.add
     def add_then_die(self, step, metrics):
       add(self, step, metrics)
       if self.checkpoints.directory.parent.name == stage and step == n:
         self.checkpoints.wait()
         die()
-    loop._Reporter.add = add_then_die
+    reporter.Reporter.add = add_then_die
 app.run(main.main)
 """
 
@@ -125,8 +129,8 @@ def test_sigkill_in_teacher_labeling_and_student_resumes_bitwise(tmp_path):
   # moving; the BatchNorm statistics keep following the data, so a replay of the wrong batches
   # after the restart shows there.
   for stage in ("teacher", "student-1"):
-    ours = checkpoint.load_exported(str(killed / stage / "export"))[1]
-    theirs = checkpoint.load_exported(str(reference / stage / "export"))[1]
+    ours = exported_model.load_exported(str(killed / stage / "export"))[1]
+    theirs = exported_model.load_exported(str(reference / stage / "export"))[1]
     jax.tree.map(np.testing.assert_array_equal, ours, theirs)
 
 
@@ -170,7 +174,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigterm_checkpoints_the_step_stops_and_resumes_exactly(uninterrupted, tmp_path):
   before = signal.getsignal(signal.SIGTERM)
-  with pytest.raises(loop.Preempted) as error:
+  with pytest.raises(preemption.Preempted) as error:
     loop.train(TRAIN, SmallNet(), lambda s: tiny_batches(s, sigterm_at=6), tmp_path)
   assert error.value.step == 7  # the update in flight (6 -> 7) finished and was saved
   assert str(error.value) == (f"preempted at step 7 (checkpoint {tmp_path / 'checkpoints' / '7'}); "
@@ -186,7 +190,7 @@ def test_sigterm_checkpoints_the_step_stops_and_resumes_exactly(uninterrupted, t
 
 
 def test_sigterm_on_a_periodic_checkpoint_step_saves_it_once(tmp_path):
-  with pytest.raises(loop.Preempted) as error:
+  with pytest.raises(preemption.Preempted) as error:
     loop.train(dict(TRAIN, num_train_steps=6), SmallNet(), lambda s: tiny_batches(s, sigterm_at=3),
                tmp_path)
   assert error.value.step == 4
@@ -197,15 +201,15 @@ def test_a_sigterm_nobody_acts_on_reaches_the_previous_handler():
   received = []
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
   try:
-    outer = loop.PreemptionWatch().start()
-    inner = loop.PreemptionWatch().start()  # nested (pipeline + train): one handler
+    outer = preemption.PreemptionWatch().start()
+    inner = preemption.PreemptionWatch().start()  # nested (pipeline + train): one handler
     os.kill(os.getpid(), signal.SIGTERM)
     assert inner.requested and inner.should_stop(1) and received == []
     inner.stop()
     assert outer.requested  # the outer watch still sees it
     outer.stop()
     assert received == [signal.SIGTERM]  # re-raised once the last watch ends
-    assert not loop.PreemptionWatch().requested
+    assert not preemption.PreemptionWatch().requested
   finally:
     signal.signal(signal.SIGTERM, previous)
 
@@ -251,7 +255,7 @@ def export_random_teacher(directory):
                               resolution=28)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)),
                                          train=False))()
-  checkpoint.export_model(directory, model, variables)
+  exported_model.export_model(directory, model, variables)
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +282,7 @@ def label_corrupt(data_dir, workdir):
   config.balance.num_image_per_class = 4
   export_random_teacher(os.path.join(workdir, "teacher", "export"))
   stage = pipeline.Stage("label-1", "label", 1)
-  return pipeline.label_stage(stage, config, str(workdir), data_dir, pipeline.parallel.make_mesh())
+  return label.run(stage, Context(config, str(workdir), data_dir, parallel.make_mesh(), None, 0.0))
 
 
 def test_undecodable_unlabeled_images_are_skipped_and_counted(corrupt_data_dirs, tmp_path):
@@ -310,10 +314,10 @@ def test_a_truncated_record_file_does_not_stall_training_batches(corrupt_data_di
 # --- Command line: one clear line and a documented exit code ------------------------------------
 
 @pytest.mark.parametrize("error, code, line", [
-    (loop.Preempted(7, "checkpoint W/student-1/checkpoints/7"), 75,
+    (preemption.Preempted(7, "checkpoint W/student-1/checkpoints/7"), 75,
      "Stage student-1: preempted at step 7 (checkpoint W/student-1/checkpoints/7); rerun the same "
      "command to resume."),
-    (loop.NonFiniteError("Training step 3 (...) Last good checkpoint: none."), 3,
+    (reporter.NonFiniteError("Training step 3 (...) Last good checkpoint: none."), 3,
      "Stage student-1 stopped: Training step 3 (...) Last good checkpoint: none."),
     (artifacts.DamagedArtifact("W/label-1/manifest.json", "not valid JSON"), 2,
      "Damaged or missing artifact: W/label-1/manifest.json: not valid JSON. It was written by "
@@ -366,7 +370,7 @@ class SimulatedCrash(Exception):
 
 def crash_after_step(monkeypatch, stage, n):
   """Like the SIGKILL wrapper, in process: the run dies right after step n (checkpoints flushed)."""
-  add = loop._Reporter.add
+  add = reporter.Reporter.add
 
   def add_then_crash(self, step, metrics):
     add(self, step, metrics)
@@ -374,19 +378,19 @@ def crash_after_step(monkeypatch, stage, n):
       self.checkpoints.wait()
       raise SimulatedCrash(f"{stage} step {n}")
 
-  monkeypatch.setattr(loop._Reporter, "add", add_then_crash)
+  monkeypatch.setattr(reporter.Reporter, "add", add_then_crash)
 
 
 def train_teacher(config, workdir):
   stage = pipeline.Stage("teacher", "teacher", 0)
-  return pipeline.train_model_stage(stage, config, str(workdir), None,
-                                    pipeline.parallel.make_mesh())
+  return train_stage.run(stage, Context(config, str(workdir), None, parallel.make_mesh(), None,
+                                        0.0))
 
 
 def export_sha256(workdir, stage="teacher"):
   """Of the exported params AND batch-norm statistics (both depend on every batch)."""
-  _, variables, _ = checkpoint.load_exported(os.path.join(workdir, stage, "export"))
-  return checkpoint.params_sha256(variables)
+  _, variables, _ = exported_model.load_exported(os.path.join(workdir, stage, "export"))
+  return exported_model.params_sha256(variables)
 
 
 def test_resume_with_undecodable_labeled_images_is_bitwise_exact(corrupt_data_dirs, tmp_path,

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from etils import epath
 
-from nsjax import checkpoint, models, parallel
-from nsjax.train import loop, steps
+from nsjax import exported_model, models, parallel
+from nsjax.evaluate import accuracy
+from nsjax.train import loop, reporter, settings
 
 NUM_CLASSES = 10
 SIZE = 16
@@ -80,7 +81,7 @@ def read_scalars(workdir):
 def runs(tmp_path_factory):
   mesh = parallel.make_mesh()
   assert mesh.size == 4
-  eval_fn = steps.make_eval_fn(MODEL, mesh, eval_batches)
+  eval_fn = accuracy.make_eval_fn(MODEL, mesh, eval_batches)
   root = tmp_path_factory.mktemp("loop")
   full = loop.train(dict(CONFIG, num_train_steps=NUM_STEPS), MODEL, batches, root / "full",
                     eval_fn=eval_fn, mesh=mesh)
@@ -110,7 +111,7 @@ def test_resume_after_restore_is_bitwise_identical(runs):
   assert len(a) == len(b)
   for (path, x), y in zip(a, b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-  assert checkpoint.params_sha256(full.state.ema_params) == checkpoint.params_sha256(
+  assert exported_model.params_sha256(full.state.ema_params) == exported_model.params_sha256(
       resumed.state.ema_params)
   # The second call really resumed: it logged only the steps after the restored one.
   resumed_loss = read_scalars(runs["root"] / "resumed")["train/loss"]
@@ -146,7 +147,7 @@ def test_event_file_holds_logged_scalars(runs):
 
 def test_export_holds_ema_variables(runs):
   full = runs["full"]
-  model, variables, metadata = checkpoint.load_exported(full.export_dir)
+  model, variables, metadata = exported_model.load_exported(full.export_dir)
   assert models.describe(model) == models.describe(MODEL)
   assert metadata["step"] == NUM_STEPS
   assert metadata["train_config"]["batch_size"] == BATCH
@@ -164,7 +165,7 @@ def test_export_holds_ema_variables(runs):
 
 def test_non_finite_batch_stops_before_saving(runs, tmp_path):
   config = dict(CONFIG, num_train_steps=NUM_STEPS, eval_every_steps=0, export=False)
-  with pytest.raises(loop.NonFiniteError) as err:
+  with pytest.raises(reporter.NonFiniteError) as err:
     loop.train(config, MODEL, lambda s: batches(s, nan_at=9), tmp_path, mesh=runs["mesh"])
   message = str(err.value)
   assert "Training step 10 (state.step 9 -> 10)" in message
@@ -175,14 +176,14 @@ def test_non_finite_batch_stops_before_saving(runs, tmp_path):
 
 def test_config_errors_are_clear(tmp_path):
   with pytest.raises(ValueError, match="Unknown training config key"):
-    loop.resolve_config(dict(CONFIG, num_train_steps=4, learning_rate=0.1))
+    settings.resolve_config(dict(CONFIG, num_train_steps=4, learning_rate=0.1))
   with pytest.raises(ValueError, match="batch_size"):
-    loop.resolve_config(dict(num_train_steps=4, steps_per_epoch=2))
+    settings.resolve_config(dict(num_train_steps=4, steps_per_epoch=2))
   with pytest.raises(ValueError, match="steps_per_epoch or config.num_labeled_examples"):
-    loop.resolve_config(dict(batch_size=8, num_train_steps=4))
-  cfg = loop.resolve_config(dict(batch_size=128, num_labeled_examples=69_257, num_epochs=2))
-  assert loop.steps_per_epoch(cfg) == 69_257 / 128
-  assert loop.num_train_steps(cfg) == int(np.ceil(2 * 69_257 / 128))
+    settings.resolve_config(dict(batch_size=8, num_train_steps=4))
+  cfg = settings.resolve_config(dict(batch_size=128, num_labeled_examples=69_257, num_epochs=2))
+  assert settings.steps_per_epoch(cfg) == 69_257 / 128
+  assert settings.num_train_steps(cfg) == int(np.ceil(2 * 69_257 / 128))
   with pytest.raises(ValueError, match="GLOBAL batches"):
     loop.train(dict(CONFIG, num_train_steps=4, batch_size=16), MODEL, batches, tmp_path)
 

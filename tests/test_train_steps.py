@@ -5,6 +5,7 @@ does not care which model it runs, and this one compiles in a second instead of 
 dense kernel (2048 x 10) is big enough for FSDP to shard it. EfficientNet itself goes through
 the step in tests/test_train_loop.py.
 """
+import dataclasses
 import functools
 from typing import Any
 
@@ -17,6 +18,9 @@ from jax.sharding import PartitionSpec as P
 
 from nsjax import models, parallel
 from nsjax.models import inputs as model_inputs
+from nsjax.evaluate import accuracy, inference
+from nsjax.stages import label
+from nsjax.train import objective
 from nsjax.train import optimizer as opt
 from nsjax.train import state as state_lib
 from nsjax.train import steps
@@ -38,7 +42,7 @@ class TinyNet(nn.Module):
 
 
 IMAGE_SHAPE = (8, 8, 3)
-LOSS = steps.LossConfig(num_classes=NUM_CLASSES, label_smoothing=0.1, unlabeled_ratio=3.0,
+LOSS = objective.LossConfig(num_classes=NUM_CLASSES, label_smoothing=0.1, unlabeled_ratio=3.0,
                         pseudo_labels="soft", temperature=0.5, weight_decay=1e-3,
                         ema_decay=0.9999, seed=7)
 
@@ -80,7 +84,7 @@ def run(mesh, fsdp=False, num_steps=3, model=TinyNet(), image_shape=IMAGE_SHAPE)
   history = []
   for i in range(num_steps):
     batch = make_batch(i, image_shape=image_shape)
-    state, metrics = step(state, steps.to_global_batch(batch, mesh))
+    state, metrics = step(state, parallel.to_global_batch(batch, mesh))
     history.append(jax.device_get(metrics))
   return state, history, shardings
 
@@ -133,22 +137,22 @@ def test_fsdp_shards_params_slots_and_ema_and_matches_replicated(replicated_run,
   assert_trees_close(state_fsdp.ema_params, state_rep.ema_params)
   np.testing.assert_allclose(hist_fsdp[-1]["loss"], hist_rep[-1]["loss"], rtol=1e-5)
   # Evaluation takes the FSDP-sharded EMA variables as they are.
-  eval_step = steps.make_eval_step(TinyNet(), mesh4)
-  batch = steps.to_global_batch(make_batch(60, unlabeled=0)["labeled"], mesh4)
+  eval_step = accuracy.make_eval_step(TinyNet(), mesh4)
+  batch = parallel.to_global_batch(make_batch(60, unlabeled=0)["labeled"], mesh4)
   counts = [jax.device_get(eval_step(s.ema_variables, batch)) for s in (state_fsdp, state_rep)]
   assert counts[0] == counts[1] and counts[0]["count"] == 8
 
 
 def test_eval_step_is_compiled_once_per_model_and_mesh(mesh4):
   """Corruption suites call make_eval_step once per setting; each call used to recompile."""
-  eval_step = steps.make_eval_step(TinyNet(), mesh4)
-  assert steps.make_eval_step(TinyNet(), mesh4) is eval_step  # equal modules share it
+  eval_step = accuracy.make_eval_step(TinyNet(), mesh4)
+  assert accuracy.make_eval_step(TinyNet(), mesh4) is eval_step  # equal modules share it
   variables = jax.jit(lambda: TinyNet().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)),
                                              train=False))()
   sizes = []
   for seed in (1, 2):  # other tests may have compiled other shapes already: count the growth
-    batch = steps.to_global_batch(make_batch(seed, unlabeled=0)["labeled"], mesh4)
-    steps.make_eval_step(TinyNet(), mesh4)(variables, batch)
+    batch = parallel.to_global_batch(make_batch(seed, unlabeled=0)["labeled"], mesh4)
+    accuracy.make_eval_step(TinyNet(), mesh4)(variables, batch)
     sizes.append(eval_step._cache_size())
   assert sizes[1] == sizes[0] >= 1  # the second call (a new make_eval_step) compiled nothing
 
@@ -176,9 +180,9 @@ def test_efficientnet_sharded_and_fsdp_match_single_device():
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss(compiled, mesh4):
   init16, step16, _ = build(mesh4, model=TinyNet(dtype=jnp.bfloat16))
   state16, metrics16 = step16(init16(steps.init_key(0)),
-                              steps.to_global_batch(make_batch(50), mesh4))
+                              parallel.to_global_batch(make_batch(50), mesh4))
   init32, step32, _ = compiled
-  _, metrics32 = step32(init32(steps.init_key(0)), steps.to_global_batch(make_batch(50), mesh4))
+  _, metrics32 = step32(init32(steps.init_key(0)), parallel.to_global_batch(make_batch(50), mesh4))
   assert bool(metrics16["is_finite"])
   assert state16.params["conv"]["kernel"].dtype == jnp.float32
   np.testing.assert_allclose(metrics16["loss"], metrics32["loss"], rtol=3e-2)
@@ -193,10 +197,10 @@ def test_loss_decomposition_and_joint_batchnorm_match_manual(compiled, mesh4):
   init, step, _ = compiled
   state = init(steps.init_key(0))
   # Move off the initial state so the checked step is a generic one (step 1, nonzero lr).
-  state, _ = step(state, steps.to_global_batch(make_batch(10), mesh4))
+  state, _ = step(state, parallel.to_global_batch(make_batch(10), mesh4))
   before = jax.device_get(state)
   batch = make_batch(11)
-  new_state, metrics = step(state, steps.to_global_batch(batch, mesh4))
+  new_state, metrics = step(state, parallel.to_global_batch(batch, mesh4))
   metrics = jax.device_get(metrics)
 
   images = np.concatenate([batch["labeled"]["image"], batch["unlabeled"]["image"]])
@@ -218,8 +222,8 @@ def test_loss_decomposition_and_joint_batchnorm_match_manual(compiled, mesh4):
   np.testing.assert_allclose(metrics["unlabeled_loss"], unlabeled, rtol=1e-5)
   np.testing.assert_allclose(metrics["weight_decay_loss"], 1e-3 * l2, rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
-  accuracy = (logits[:8].argmax(-1) == batch["labeled"]["label"]).mean()
-  np.testing.assert_allclose(metrics["train_accuracy"], accuracy)
+  expected_accuracy = (logits[:8].argmax(-1) == batch["labeled"]["label"]).mean()
+  np.testing.assert_allclose(metrics["train_accuracy"], expected_accuracy)
   # BatchNorm statistics come from the 16 images of the joint forward pass.
   assert_trees_close(new_state.batch_stats, updates["batch_stats"])
   # EMA with num_updates = 2 (the new step): decay min(0.9999, 3 / 12) = 0.25.
@@ -236,11 +240,11 @@ def test_loss_decomposition_and_joint_batchnorm_match_manual(compiled, mesh4):
 def test_non_finite_input_leaves_state_unchanged(compiled, mesh4):
   init, step, _ = compiled
   state = init(steps.init_key(0))
-  state, _ = step(state, steps.to_global_batch(make_batch(20), mesh4))
+  state, _ = step(state, parallel.to_global_batch(make_batch(20), mesh4))
   before = jax.device_get(state)
   batch = make_batch(21)
   batch["unlabeled"]["image"][3, 0, 0, 0] = np.nan
-  after, metrics = step(state, steps.to_global_batch(batch, mesh4))
+  after, metrics = step(state, parallel.to_global_batch(batch, mesh4))
   assert not bool(metrics["is_finite"])
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(after))):
     np.testing.assert_array_equal(x, y)
@@ -251,7 +255,7 @@ def test_supervised_step_without_unlabeled_batch(compiled, mesh4):
   init, step, _ = compiled
   state = init(steps.init_key(0))
   batch = make_batch(30, unlabeled=0)
-  _, metrics = step(state, steps.to_global_batch(batch, mesh4))
+  _, metrics = step(state, parallel.to_global_batch(batch, mesh4))
   metrics = jax.device_get(metrics)
   assert metrics["unlabeled_loss"] == 0.0
   np.testing.assert_allclose(metrics["loss"], metrics["labeled_loss"] +
@@ -266,7 +270,7 @@ def test_online_teacher_equal_to_initial_student_gives_expected_loss(mesh4):
   initial = jax.device_get(state)
   teacher_vars = {"params": initial.ema_params, "batch_stats": initial.ema_batch_stats}
   batch = make_batch(40, teacher_image=True)
-  _, metrics = step(state, steps.to_global_batch(batch, mesh4), teacher_vars)
+  _, metrics = step(state, parallel.to_global_batch(batch, mesh4), teacher_vars)
   metrics = jax.device_get(metrics)
 
   teacher_logits = np.asarray(model.apply(teacher_vars, batch["unlabeled"]["teacher_image"]),
@@ -290,7 +294,7 @@ def test_online_teacher_equal_to_initial_student_gives_expected_loss(mesh4):
 # Pure target/loss math.
 
 def test_label_smoothing_values():
-  out = np.asarray(steps.smooth_labels(jnp.array([2, 0]), 4, 0.1))
+  out = np.asarray(objective.smooth_labels(jnp.array([2, 0]), 4, 0.1))
   np.testing.assert_allclose(out[0], [0.025, 0.025, 0.925, 0.025])
   np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-6)
 
@@ -300,14 +304,14 @@ def test_temperature_sharpening_and_hard_labels():
   for t in (1.0, 0.5, 2.0):
     expected = p.astype(np.float64) ** (1 / t)
     expected /= expected.sum(-1, keepdims=True)
-    np.testing.assert_allclose(steps.sharpen(jnp.asarray(p), t), expected, rtol=1e-5)
-  sharp = np.asarray(steps.sharpen(jnp.asarray(p), 0.5))
+    np.testing.assert_allclose(objective.sharpen(jnp.asarray(p), t), expected, rtol=1e-5)
+  sharp = np.asarray(objective.sharpen(jnp.asarray(p), 0.5))
   assert sharp[0, 0] > 0.5 and sharp[1, 2] > 0.8  # lower T sharpens
-  hard = np.asarray(steps.pseudo_label_targets(jnp.asarray(p), "hard", 0.5, 0.1))
+  hard = np.asarray(objective.pseudo_label_targets(jnp.asarray(p), "hard", 0.5, 0.1))
   np.testing.assert_allclose(hard, [[0.1 / 3 + 0.9, 0.1 / 3, 0.1 / 3],
                                     [0.1 / 3, 0.1 / 3, 0.1 / 3 + 0.9]], rtol=1e-6)
   with pytest.raises(ValueError, match="pseudo_labels"):
-    steps.LossConfig(num_classes=3, pseudo_labels="argmax")
+    dataclasses.replace(LOSS, pseudo_labels="argmax")
 
 
 def test_weight_decay_mask_excludes_batchnorm_only():
@@ -343,8 +347,8 @@ def test_predict_top_k_and_masked_eval(mesh4):
   variables = model.init(jax.random.key(3), jnp.zeros((1,) + IMAGE_SHAPE))
   rng = np.random.default_rng(5)
   images = rng.normal(size=(8,) + IMAGE_SHAPE).astype(np.float32)
-  predict = steps.make_predict_step(model, mesh4, top_k=3)
-  out = jax.device_get(predict(variables, steps.to_global_batch(images, mesh4)))
+  predict = inference.make_predict_step(model, mesh4, top_k=3)
+  out = jax.device_get(predict(variables, parallel.to_global_batch(images, mesh4)))
   logits = np.asarray(model.apply(variables, images), np.float64)
   probs = np.exp(np_log_softmax(logits))
   np.testing.assert_allclose(out["probs"], probs, rtol=1e-5, atol=1e-7)
@@ -353,8 +357,8 @@ def test_predict_top_k_and_masked_eval(mesh4):
 
   # Pixel inputs normalised inside the step give the model's output on the normalised images.
   pixels = np.asarray(images * model_inputs.STDDEV_RGB + model_inputs.MEAN_RGB, np.float32)
-  on_device = steps.make_predict_step(model, mesh4, normalize_inputs=True)
-  from_pixels = jax.device_get(on_device(variables, steps.to_global_batch(pixels, mesh4)))
+  on_device = inference.make_predict_step(model, mesh4, normalize_inputs=True)
+  from_pixels = jax.device_get(on_device(variables, parallel.to_global_batch(pixels, mesh4)))
   np.testing.assert_allclose(from_pixels["probs"], probs, rtol=1e-4, atol=1e-6)
 
   # Labels: first 3 examples right at top-1; the next 3 right only within top-5; last 2 padded
@@ -362,11 +366,11 @@ def test_predict_top_k_and_masked_eval(mesh4):
   order = np.argsort(-logits, -1)
   labels = np.concatenate([order[:3, 0], order[3:6, 3], order[6:, 0]]).astype(np.int32)
   mask = np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)
-  eval_step = steps.make_eval_step(model, mesh4)
+  eval_step = accuracy.make_eval_step(model, mesh4)
   batches = lambda: [{"image": images, "label": labels, "mask": mask}]
-  result = steps.evaluate(eval_step, variables, batches(), mesh4)
+  result = accuracy.evaluate(eval_step, variables, batches(), mesh4)
   assert result == {"top1": 0.5, "top5": 1.0, "num_examples": 6}
-  assert steps.make_eval_fn(model, mesh4, batches)(variables)["top1"] == 0.5
+  assert accuracy.make_eval_fn(model, mesh4, batches)(variables)["top1"] == 0.5
 
 
 @pytest.mark.parametrize("top_k", [0, 3])
@@ -375,9 +379,9 @@ def test_pseudo_label_fields_on_the_mesh_match_numpy(mesh4, top_k):
   probs = rng.dirichlet(np.full(6, 0.3), 8).astype(np.float32)
   probs[0] = [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]   # ties: the lower class wins, as numpy's argmax
   probs[1, :] = [1e-7, 3e-8, 2e-8, 0.5, 0.25, 0.25]  # float16 subnormals and underflow to 0
-  fields_fn = jax.jit(functools.partial(steps.pseudo_label_fields, top_k=top_k),
+  fields_fn = jax.jit(functools.partial(label.pseudo_label_fields, top_k=top_k),
                       out_shardings=parallel.data_sharding(mesh4))
-  got = jax.device_get(fields_fn(steps.to_global_batch(probs, mesh4)))
+  got = jax.device_get(fields_fn(parallel.to_global_batch(probs, mesh4)))
   np.testing.assert_array_equal(got["label"], probs.argmax(-1))
   assert got["label"].dtype == np.int32
   np.testing.assert_array_equal(got["confidence"], probs.max(-1))  # exact: the float32 maximum
@@ -396,10 +400,10 @@ def test_pseudo_label_step_is_the_predict_step_then_its_fields(mesh4):
   model = TinyNet()
   variables = model.init(jax.random.key(3), jnp.zeros((1,) + IMAGE_SHAPE))
   pixels = np.random.default_rng(1).uniform(0, 255, (8,) + IMAGE_SHAPE).astype(np.float32)
-  batch = steps.to_global_batch(pixels, mesh4)
-  probs = steps.make_predict_step(model, mesh4, normalize_inputs=True)(variables, batch)["probs"]
-  expected = jax.device_get(steps.pseudo_label_fields(probs, 2))
-  got = steps.make_pseudo_label_step(model, mesh4, top_k=2)(variables, batch)
+  batch = parallel.to_global_batch(pixels, mesh4)
+  probs = inference.make_predict_step(model, mesh4, normalize_inputs=True)(variables, batch)["probs"]
+  expected = jax.device_get(label.pseudo_label_fields(probs, 2))
+  got = label.make_pseudo_label_step(model, mesh4, top_k=2)(variables, batch)
   assert all(v.sharding.is_equivalent_to(parallel.data_sharding(mesh4), v.ndim)
              for v in got.values())
   got = jax.device_get(got)

@@ -8,7 +8,8 @@ import os
 import jax
 import pytest
 
-from nsjax import checkpoint, models, pipeline, validate
+from nsjax import exported_model, models, pipeline, schedule, validate
+from nsjax.stages import registry
 from nsjax.validate import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def export_tiny(directory, num_classes, name="efficientnet-b0"):
                               resolution=28)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 28, 28, 3)),
                                          train=False))()
-  checkpoint.export_model(directory, model, variables)
+  exported_model.export_model(directory, model, variables)
   return str(directory)
 
 
@@ -173,19 +174,20 @@ def test_dataset_classes_must_match_the_config(tmp_path):
 
 def test_stage_inputs_follow_the_schedule():
   config = smoke_config()
-  assert validate.stage_inputs("label-1", config) == ["teacher"]
-  assert validate.stage_inputs("student-1", config) == ["teacher", "label-1"]
-  assert validate.stage_inputs("eval-student-1", config) == ["student-1"]
-  assert validate.stage_inputs("summary", config) == ["label-1", "eval-teacher", "eval-student-1"]
+  assert schedule.stage_inputs("label-1", config) == ["teacher"]
+  assert schedule.stage_inputs("student-1", config) == ["teacher", "label-1"]
+  assert schedule.stage_inputs("eval-student-1", config) == ["student-1"]
+  assert schedule.stage_inputs("summary", config) == ["label-1", "eval-teacher", "eval-student-1"]
   config.students[0].online_teacher = True
-  assert validate.stage_inputs("student-1", config) == ["teacher"]
+  assert schedule.stage_inputs("student-1", config) == ["teacher"]
 
 
 def test_a_stage_run_alone_needs_its_inputs_before_any_compute(tmp_path, monkeypatch):
   def no_compute(*args, **kwargs):
     raise AssertionError("computed before the config was checked")
-  for name in ("train_model_stage", "label_stage", "prepare_data"):
-    monkeypatch.setattr(pipeline, name, no_compute)
+  for kind in registry.RUNNERS:
+    monkeypatch.setitem(registry.RUNNERS, kind, no_compute)
+  monkeypatch.setattr(pipeline, "prepare_data", no_compute)
   with pytest.raises(ConfigError, match="Stage student-1 reads the output of teacher, label-1, "
                      "which this workdir has not completed"):
     pipeline.run(smoke_config(), str(tmp_path), stage="student-1")

@@ -40,6 +40,7 @@ import jax
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from PIL import Image, UnidentifiedImageError
 
 from nsjax import parallel
 from nsjax.data import input_pipeline
@@ -163,7 +164,6 @@ def check_image(data: bytes) -> tuple[bytes | None, str | None]:
       return data, None
     except (tf.errors.InvalidArgumentError, tf.errors.OpError):
       pass  # PIL may still read it
-  from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()

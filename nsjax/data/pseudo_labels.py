@@ -5,7 +5,7 @@ A record (tf.train.Example) holds
   probs       -- the teacher's probabilities as float16 bytes: all classes, or the top-k values;
   classes     -- the top-k class indices (absent when all classes are stored);
   label       -- argmax class;  confidence -- top-1 probability;  id -- the source id.
-The labeling step computes these fields on the device (`nsjax.train.steps.pseudo_label_fields`);
+The labeling step computes these fields on the device (`nsjax.stages.label.pseudo_label_fields`);
 the writer only packs them.
 
 Layout of a label stage's directory (format 2), and why:
@@ -103,7 +103,7 @@ def check_fields(fields: dict[str, np.ndarray], count: int, num_classes: int, to
   expected = set(FIELDS) | ({"classes"} if top_k else set())
   if set(fields) != expected:
     raise ValueError(f"Pseudo-label fields must be exactly {sorted(expected)} (top_k={top_k}), got "
-                     f"{sorted(fields)}; compute them with nsjax.train.steps.pseudo_label_fields.")
+                     f"{sorted(fields)}; compute them with nsjax.stages.label.pseudo_label_fields.")
   width = top_k or num_classes
   shapes = {"label": (count,), "confidence": (count,), "probs": (count, width)}
   if top_k:
@@ -114,7 +114,7 @@ def check_fields(fields: dict[str, np.ndarray], count: int, num_classes: int, to
                        f"{shape} for {count} images, num_classes={num_classes}, top_k={top_k}.")
   if np.asarray(fields["probs"]).dtype != np.float16:
     raise ValueError(f"Pseudo-label probs must be float16 (as stored), got "
-                     f"{np.asarray(fields['probs']).dtype}; use steps.pseudo_label_fields.")
+                     f"{np.asarray(fields['probs']).dtype}; use nsjax.stages.label.pseudo_label_fields.")
 
 
 def save_npz(path: str, **arrays) -> int:
@@ -202,7 +202,7 @@ class HostShardWriter:
     """Writes shard number `num_shards_done`, then its sidecar (recording that the pass is done up
     to batch `num_batches_done`); returns the shard's file name.
 
-    `fields`: the records' `steps.pseudo_label_fields` as numpy arrays, one row per image.
+    `fields`: the records' `nsjax.stages.label.pseudo_label_fields` as numpy arrays, one row per image.
     """
     if len(ids) != len(images):
       raise ValueError(f"{len(images)} images but {len(ids)} ids; each image needs one id.")

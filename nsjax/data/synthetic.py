@@ -18,7 +18,7 @@ def png_images(count: int, size: int = 28, seed: int = 0) -> list[bytes]:
 
 
 def label_fields(probs: np.ndarray) -> dict[str, np.ndarray]:
-  """What `steps.pseudo_label_fields` returns for all-class storage, in numpy."""
+  """What `nsjax.stages.label.pseudo_label_fields` returns for all-class storage, in numpy."""
   probs = np.asarray(probs, np.float32)
   return {"label": probs.argmax(-1).astype(np.int32), "confidence": probs.max(-1),
           "probs": probs.astype(np.float16)}

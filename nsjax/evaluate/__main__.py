@@ -34,7 +34,7 @@ import sys
 from absl import app, flags
 
 from nsjax import artifacts
-from nsjax.evaluate import benchmarks
+from nsjax.evaluate import suites
 
 _EXPORT = flags.DEFINE_string("export", None, "Exported model directory (model.json + variables/).")
 _DATASET = flags.DEFINE_string("dataset", "", "TFDS name (default: the benchmark's own dataset).")
@@ -43,7 +43,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: TFDS'
 _RESOLUTION = flags.DEFINE_integer("resolution", 0, "Eval resolution (0: the model's own).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Global batch size (a multiple of the "
                                    "device count).")
-_BENCHMARK = flags.DEFINE_enum("benchmark", "clean", benchmarks.BENCHMARKS, "What to measure.")
+_BENCHMARK = flags.DEFINE_enum("benchmark", "clean", suites.BENCHMARKS, "What to measure.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for <benchmark>.json and TensorBoard.")
 _CORRUPTIONS = flags.DEFINE_list("corruptions", [], "imagenet_c / cifar10_c: a subset of the 15 "
                                  "benchmark corruptions (default: all).")
@@ -86,7 +86,7 @@ def main(argv):
   missing = [f"--{name}" for name, flag in (("export", _EXPORT), ("output", _OUTPUT)) if not flag.value]
   if missing:
     raise app.UsageError(f"{' and '.join(missing)} required (see --helpfull).")
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # after flag parsing: `--help` stays fast without TF
   tfds.disable_progress_bar()
   try:
     result = _run()
@@ -96,26 +96,26 @@ def main(argv):
     # Not sys.exit: Orbax's reader threads of the failed restore may still be running, and an
     # interpreter shutdown under them prints "Event loop is closed" tracebacks after our line.
     os._exit(2)
-  path = benchmarks.write_results(_OUTPUT.value, result)
-  print(f"{_BENCHMARK.value}: {benchmarks.scalars(result)} -> {path}", flush=True)
+  path = suites.write_results(_OUTPUT.value, result)
+  print(f"{_BENCHMARK.value}: {suites.scalars(result)} -> {path}", flush=True)
 
 
 def _run():
   """The benchmark the flags describe."""
-  return benchmarks.run_benchmark(
+  return suites.run_benchmark(
       _EXPORT.value, _BENCHMARK.value, dataset=_DATASET.value, split=_SPLIT.value,
       data_dir=_DATA_DIR.value, resolution=_RESOLUTION.value, batch_size=_BATCH_SIZE.value,
       corruptions=_CORRUPTIONS.value or None, clean_error=_CLEAN_ERROR.value,
       clean_dataset=_CLEAN_DATASET.value, clean_split=_CLEAN_SPLIT.value,
       epsilons=[float(e) / 255.0 for e in _EPSILONS.value], pgd_steps=_PGD_STEPS.value,
       seed=_SEED.value, imagenet_c_dir=_IMAGENET_C_DIR.value,
-      imagenet_c_wnids=(benchmarks.read_wnids(_IMAGENET_C_WNIDS.value)
+      imagenet_c_wnids=(suites.read_wnids(_IMAGENET_C_WNIDS.value)
                         if _IMAGENET_C_WNIDS.value else None),
       severities=[int(s) for s in _SEVERITIES.value], imagenet_p_dir=_IMAGENET_P_DIR.value,
-      imagenet_p_wnids=(benchmarks.read_wnids(_IMAGENET_P_WNIDS.value)
+      imagenet_p_wnids=(suites.read_wnids(_IMAGENET_P_WNIDS.value)
                         if _IMAGENET_P_WNIDS.value else None),
       perturbations=_PERTURBATIONS.value or None,
-      alexnet_flip_probabilities=(benchmarks.read_flip_probabilities(_ALEXNET_FP.value)
+      alexnet_flip_probabilities=(suites.read_flip_probabilities(_ALEXNET_FP.value)
                                   if _ALEXNET_FP.value else None),
       difficulty=_DIFFICULTY.value)
 

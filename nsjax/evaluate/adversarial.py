@@ -209,6 +209,7 @@ def plot_sweep(sweeps: dict[str, Any] | Sequence[dict[str, Any]], path: str | os
 
   Uses the Agg canvas directly, so it never changes the process-wide matplotlib backend.
   """
+  # matplotlib on first use: only plotting needs it, and it is slow to import.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 

@@ -25,6 +25,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -404,7 +405,6 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
 
 
 def _read_frame_dir(path: pathlib.Path) -> np.ndarray:
-  from PIL import Image
   frames = [f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
   if not frames:
     raise FileNotFoundError(f"{path}: no frame images (.png/.jpg) found.")
@@ -420,6 +420,7 @@ def _read_frame_dir(path: pathlib.Path) -> np.ndarray:
 
 
 def _decode_mp4(path: pathlib.Path) -> np.ndarray:
+  # PyAV and imageio are optional (either decodes mp4), so they are imported only when needed.
   try:
     import av  # PyAV
   except ImportError:

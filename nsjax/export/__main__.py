@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from nsjax import checkpoint
+from nsjax import exported_model
 from nsjax.export import saved_model, tflite
 
 FORMATS = ("saved_model", "tflite")
@@ -42,8 +42,8 @@ def build_parser(prog: str = "python -m nsjax.export") -> argparse.ArgumentParse
 
 def export(args: argparse.Namespace) -> dict:
   """Writes what `args` asks for; returns the record written beside it."""
-  if not checkpoint.is_exported(args.export):
-    checkpoint.read_description(args.export)  # raises with what is missing and how to make it
+  if not exported_model.is_exported(args.export):
+    exported_model.read_description(args.export)  # raises with what is missing and how to make it
   part = "backbone" if args.backbone else "classifier"
   if args.format == "tflite":
     return tflite.write_tflite(args.export, args.output, part)

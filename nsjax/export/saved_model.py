@@ -32,7 +32,7 @@ import tensorflow as tf
 from orbax import export as orbax_export
 
 import nsjax
-from nsjax import checkpoint, models
+from nsjax import exported_model, models
 from nsjax.data import preprocess
 from nsjax.export import preprocessing
 from nsjax.models.inputs import MEAN_RGB, STDDEV_RGB
@@ -169,7 +169,7 @@ def write_saved_model(export_dir: str, output: str, part: str = "classifier",
   """Writes the SavedModel for the nsjax export at `export_dir` to `output`; returns its record."""
   _check_part_and_platforms(part, platforms)
   output = local_output(output)
-  model, variables, metadata = checkpoint.load_exported(export_dir)
+  model, variables, metadata = exported_model.load_exported(export_dir)
   model = serving_model(model)
   names = class_names(model, metadata)
   manager = build_export_manager(model, variables, names, part, platforms)

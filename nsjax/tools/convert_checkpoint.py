@@ -3,7 +3,7 @@
   python -m nsjax.tools.convert_checkpoint --tf_checkpoint=PATH --model=efficientnet-b0 \
       [--num_classes=1000] [--output=DIR] [--scope=teacher_model/efficientnet-b0] [--no-use_ema]
 
-The export (model.json + Orbax variables, see nsjax.checkpoint) can then serve as a teacher or be
+The export (model.json + Orbax variables, see nsjax.exported_model) can then serve as a teacher or be
 evaluated like any nsjax-trained model. EMA values are used when the checkpoint has them (as the
 official evaluation does); optimizer slots and `global_step` are skipped. Variable-name rules:
 nsjax/models/convert.py.
@@ -16,7 +16,7 @@ import sys
 from typing import Sequence
 
 import nsjax
-from nsjax import checkpoint, models
+from nsjax import exported_model, models
 from nsjax.models import convert
 
 
@@ -79,8 +79,8 @@ def convert_checkpoint(args: argparse.Namespace) -> str:
       "values": imported.values,
       "ignored_variables": imported.num_ignored,
       "converted_by": f"nsjax {nsjax.__version__} nsjax.tools.convert_checkpoint",
-  }, "params_sha256": checkpoint.params_sha256(imported.variables["params"])}
-  checkpoint.export_model(output, model, imported.variables, metadata)
+  }, "params_sha256": exported_model.params_sha256(imported.variables["params"])}
+  exported_model.export_model(output, model, imported.variables, metadata)
   return str(output)
 
 

@@ -1,99 +1,22 @@
-"""Jitted train, inference and evaluation steps.
+"""The jitted train step: gradients, optimizer, EMA and the non-finite guard around the objective.
 
-Batches (global batches; every leaf's leading axis is split over the mesh's `data` axis):
-
-  {"labeled":   {"image": float32 [B, H, W, 3] (normalised), "label": int32 [B]},
-   "unlabeled": {"image": float32 [U, H, W, 3], "probs": float [U, C]}            # offline teacher
-             or {"image": float32 [U, H, W, 3], "teacher_image": float32 [U, h, w, 3]}}  # online
-
-"unlabeled" is absent for supervised (teacher) training. With an online teacher, `teacher_image`
-is the un-augmented view at the teacher's own resolution; the teacher runs in eval mode on its
-EMA variables inside the same jitted step and its softmax is the soft target.
-
-Both halves go through the student in ONE forward pass, so BatchNorm statistics cover labeled
-and unlabeled images together (as officially), while the loss keeps the two means apart:
-  loss = mean_labeled_CE + unlabeled_ratio * mean_unlabeled_CE + weight_decay * sum(w^2) / 2.
-Labeled targets get label smoothing; pseudo labels are the teacher's probabilities sharpened with
-temperature T (p^(1/T) renormalised), or their argmax with label smoothing ("hard").
-
-A step whose loss, gradients or new state are not all finite leaves the state
-exactly as it was and reports `is_finite = False`, so the loop can stop before anything bad is
-saved.
+What is minimised, and the batch layout, are nsjax.train.objective's: this step is the same for
+any loss. A step whose loss, gradients or new state are not all finite leaves the state exactly
+as it was and reports `is_finite = False`, so the loop can stop before anything bad is saved.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from nsjax import parallel
-from nsjax.models import inputs as model_inputs
+from nsjax.train import objective
 from nsjax.train import optimizer as opt
 from nsjax.train.state import TrainState
-
-PSEUDO_LABEL_MODES = ("soft", "hard")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """The hyperparameters the train step bakes in (hashable, so compiled steps can be reused)."""
-  num_classes: int
-  label_smoothing: float = 0.1
-  unlabeled_ratio: float = 1.0
-  pseudo_labels: str = "soft"
-  temperature: float = 1.0
-  weight_decay: float = 1e-5
-  ema_decay: float = 0.9999
-  seed: int = 0
-
-  def __post_init__(self):
-    """The one check of these settings: config validation runs it too (loop.resolve_config)."""
-    if self.pseudo_labels not in PSEUDO_LABEL_MODES:
-      raise ValueError(f"pseudo_labels = {self.pseudo_labels!r}; use 'soft' (the teacher's "
-                       "probabilities) or 'hard' (its argmax).")
-    if not 0.0 < self.temperature <= 100.0:
-      raise ValueError(f"temperature = {self.temperature} is out of range (0, 100]; 1 keeps the "
-                       "teacher's probabilities.")
-    if not 0.0 <= self.label_smoothing < 1.0:
-      raise ValueError(f"label_smoothing = {self.label_smoothing} is out of range [0, 1); the "
-                       "paper uses 0.1.")
-
-
-# ---------------------------------------------------------------------------------------------
-# Targets and losses (pure).
-
-def smooth_labels(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
-  """TF's label smoothing: one_hot * (1 - s) + s / num_classes."""
-  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + smoothing / num_classes
-
-
-def sharpen(probs: jax.Array, temperature: float) -> jax.Array:
-  """p^(1/T) renormalised over classes, computed in log space so small T does not underflow."""
-  if temperature == 1.0:
-    return probs / jnp.sum(probs, axis=-1, keepdims=True)
-  logp = jnp.log(jnp.maximum(probs.astype(jnp.float32), jnp.finfo(jnp.float32).tiny))
-  return jax.nn.softmax(logp / temperature, axis=-1)
-
-
-def pseudo_label_targets(probs: jax.Array, mode: str, temperature: float,
-                         label_smoothing: float) -> jax.Array:
-  """Soft: sharpened teacher probabilities. Hard: argmax, one-hot with label smoothing. (`mode`
-  comes from a LossConfig, which checked it.)"""
-  if mode == "hard":
-    return smooth_labels(jnp.argmax(probs, axis=-1), probs.shape[-1], label_smoothing)
-  return sharpen(probs, temperature)
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-example CE of float32 logits against a target distribution."""
-  return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
-
 
 # Independent streams derived from the run's seed: parameter init, and per-step noise.
 _INIT_STREAM, _NOISE_STREAM = 0, 1
@@ -114,92 +37,58 @@ def tree_all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-# ---------------------------------------------------------------------------------------------
-# The train step.
-
-def teacher_probs(teacher_model: nn.Module, teacher_variables: Any, images: jax.Array) -> jax.Array:
-  """The frozen teacher's softmax: eval mode (no noise), no gradient."""
-  logits = teacher_model.apply(jax.lax.stop_gradient(teacher_variables), images, train=False)
-  return jax.lax.stop_gradient(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
-
-
 def train_step(state: TrainState, batch: dict[str, Any], *, model: nn.Module,
-               tx: optax.GradientTransformation, schedule: opt.Schedule, loss_config: LossConfig,
-               decay_mask: Any, teacher_model: nn.Module | None = None,
+               tx: optax.GradientTransformation, schedule: opt.Schedule,
+               loss_config: objective.LossConfig, decay_mask: Any,
+               teacher_model: nn.Module | None = None,
                teacher_variables: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update (pure; see `make_train_step` for the jitted, sharded version)."""
   cfg = loss_config
-  labeled = batch["labeled"]
-  unlabeled = batch.get("unlabeled")
-  num_labeled = labeled["image"].shape[0]
-  labeled_targets = smooth_labels(labeled["label"], cfg.num_classes, cfg.label_smoothing)
-  images = labeled["image"]
-  unlabeled_targets = None
-  if unlabeled is not None:
-    if teacher_model is not None:
-      if "teacher_image" not in unlabeled:
-        raise ValueError("An online teacher needs batch['unlabeled']['teacher_image'] (its own "
-                         "un-augmented view); got keys " + str(sorted(unlabeled)) + ".")
-      probs = teacher_probs(teacher_model, teacher_variables, unlabeled["teacher_image"])
-    elif "probs" in unlabeled:
-      probs = unlabeled["probs"]
-    else:
-      raise ValueError("batch['unlabeled'] needs 'probs' (offline pseudo labels) or "
-                       "'teacher_image' together with a teacher; got keys "
-                       f"{sorted(unlabeled)}.")
-    unlabeled_targets = pseudo_label_targets(probs, cfg.pseudo_labels, cfg.temperature,
-                                             cfg.label_smoothing)
-    images = jnp.concatenate([images, unlabeled["image"].astype(images.dtype)], axis=0)
+  teacher = None
+  if teacher_model is not None:
+    teacher = lambda images: objective.teacher_probs(teacher_model, teacher_variables, images)
+  images, targets = objective.inputs_and_targets(batch, cfg, teacher)
 
   def loss_fn(params):
     logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
                                   train=True, rngs={"dropout": dropout_key(cfg.seed, state.step)},
                                   mutable=["batch_stats"])
-    labeled_loss = jnp.mean(cross_entropy(logits[:num_labeled], labeled_targets))
-    unlabeled_loss = jnp.zeros([], jnp.float32)
-    if unlabeled_targets is not None:
-      unlabeled_loss = jnp.mean(cross_entropy(logits[num_labeled:], unlabeled_targets))
-    l2 = opt.l2_penalty(params, decay_mask)
-    loss = labeled_loss + cfg.unlabeled_ratio * unlabeled_loss + cfg.weight_decay * l2
-    aux = dict(batch_stats=updates.get("batch_stats", {}), logits=logits[:num_labeled],
-               labeled_loss=labeled_loss, unlabeled_loss=unlabeled_loss, l2=l2)
-    return loss, aux
+    loss, parts = objective.loss(logits, targets, opt.l2_penalty(params, decay_mask), cfg)
+    return loss, (updates.get("batch_stats", {}), logits, parts)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (batch_stats, logits, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   step = state.step + 1
   decay = opt.ema_decay(step, cfg.ema_decay)
-  candidate = TrainState(step=step, params=params, batch_stats=aux["batch_stats"],
-                         opt_state=opt_state,
+  candidate = TrainState(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state,
                          ema_params=opt.ema_update(state.ema_params, params, decay),
-                         ema_batch_stats=opt.ema_update(state.ema_batch_stats, aux["batch_stats"],
-                                                        decay))
+                         ema_batch_stats=opt.ema_update(state.ema_batch_stats, batch_stats, decay))
   # A NaN/Inf anywhere in the gradients makes their global norm non-finite, and with finite
   # gradients and learning rate the optimizer and EMA updates stay finite; BatchNorm statistics
   # are checked on their own. (A few scalars, instead of one reduction per leaf of the state.)
   grad_norm = optax.global_norm(grads)
   is_finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-               & tree_all_finite(aux["batch_stats"]))
+               & tree_all_finite(batch_stats))
   # lax.cond, not a per-leaf jnp.where: XLA fuses each `where` with the update that feeds it and
   # the CPU compile time triples; a conditional just picks one of two finished trees.
   new_state = jax.lax.cond(is_finite, lambda: candidate, lambda: state)
+  labels = batch["labeled"]["label"]
   metrics = {
       "loss": loss,
-      "labeled_loss": aux["labeled_loss"],
-      "unlabeled_loss": aux["unlabeled_loss"],
-      "weight_decay_loss": cfg.weight_decay * aux["l2"],
+      **parts,
       "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
       "grad_norm": grad_norm,
-      "train_accuracy": jnp.mean(jnp.argmax(aux["logits"], -1) == labeled["label"]),
+      "train_accuracy": jnp.mean(jnp.argmax(logits[:labels.shape[0]], -1) == labels),
       "is_finite": is_finite,
   }
   return new_state, metrics
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: opt.Schedule,
-                    loss_config: LossConfig, mesh: jax.sharding.Mesh, state_shardings: Any,
-                    decay_mask: Any, teacher_model: nn.Module | None = None,
+                    loss_config: objective.LossConfig, mesh: jax.sharding.Mesh,
+                    state_shardings: Any, decay_mask: Any, teacher_model: nn.Module | None = None,
                     teacher_shardings: Any = None) -> Callable[..., Any]:
   """`step(state, batch) -> (state, metrics)`, or `step(state, batch, teacher_variables)` when
   `teacher_model` is given. Jitted with explicit shardings; the state's buffers are donated.
@@ -217,140 +106,3 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     in_shardings = (state_shardings, data, teacher_shardings)  # None: as the arrays are placed
   return parallel.jit(fn, in_shardings=in_shardings, out_shardings=(state_shardings, rep),
                       donate_argnums=(0,))
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference and evaluation.
-
-def _eval_probabilities(model: nn.Module, variables, images: jax.Array,
-                        normalize_inputs: bool) -> jax.Array:
-  """float32 softmax of the model in eval mode (pixel inputs normalised first if asked)."""
-  if normalize_inputs:
-    images = model_inputs.normalize(images)
-  logits = model.apply(variables, images, train=False)
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-
-def make_predict_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int | None = None,
-                      variables_shardings: Any = None, full_probs: bool = True,
-                      normalize_inputs: bool = False
-                      ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
-  """`predict(variables, images) -> {"probs"[, "top_k_probs", "top_k_indices"]}`.
-
-  Eval mode (no dropout, no stochastic depth, BatchNorm moving statistics): pass the EMA
-  variables (`state.ema_variables` or an exported model's). Outputs stay sharded like the images.
-  `variables_shardings=None` accepts the variables however they are placed (replicated or FSDP).
-  `normalize_inputs`: the images are pixels in 0..255 units (`preprocess.eval_view(...,
-  normalized=False)`) and the step normalises them (`models.inputs.normalize`) on the device.
-  """
-  data = parallel.data_sharding(mesh)
-
-  def predict(variables, images):
-    probs = _eval_probabilities(model, variables, images, normalize_inputs)
-    out = {"probs": probs} if full_probs else {}
-    if top_k:
-      out["top_k_probs"], out["top_k_indices"] = jax.lax.top_k(probs, top_k)
-    return out
-
-  # variables_shardings=None: take the variables as they are placed (replicated, FSDP, ...).
-  return parallel.jit(predict, in_shardings=(variables_shardings, data), out_shardings=data)
-
-
-def pseudo_label_fields(probs: jax.Array, top_k: int = 0) -> dict[str, jax.Array]:
-  """A pseudo-label record's fields from float32 probabilities [B, C] (jnp or np arrays).
-
-  {"label": int32 argmax (first on ties), "confidence": float32 top-1 probability, "probs":
-  float16 (all classes, or the top-k values, largest first), ["classes": int32 top-k indices,
-  lower index first on ties]}. Inside the jitted labeling step the rounding to float16 and the
-  top-k run on the device, fused with the softmax, so the host only copies bytes into records.
-  """
-  probs = jnp.asarray(probs, jnp.float32)
-  fields = {"label": jnp.argmax(probs, axis=-1).astype(jnp.int32),
-            "confidence": jnp.max(probs, axis=-1)}
-  if top_k:
-    values, classes = jax.lax.top_k(probs, top_k)
-    fields.update(probs=values.astype(jnp.float16), classes=classes.astype(jnp.int32))
-  else:
-    fields["probs"] = probs.astype(jnp.float16)
-  return fields
-
-
-def make_pseudo_label_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int = 0
-                           ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
-  """`label_step(variables, pixels) -> pseudo_label_fields(softmax(model(pixels)), top_k)`.
-
-  The teacher in eval mode on pixel-unit eval views (normalised on the device), as the labeling
-  stage runs it; outputs stay sharded like the images.
-  """
-  data = parallel.data_sharding(mesh)
-
-  def label_step(variables, pixels):
-    return pseudo_label_fields(_eval_probabilities(model, variables, pixels, True), top_k)
-
-  return parallel.jit(label_step, in_shardings=(None, data), out_shardings=data)
-
-
-def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh,
-                   variables_shardings: Any = None) -> Callable[[Any, dict], dict[str, jax.Array]]:
-  """`eval_step(variables, {"image", "label"[, "mask"]}) -> summed correct counts (replicated)`.
-
-  `mask` (1 = real, 0 = padding) lets the last, padded batch of a dataset count only real
-  examples. Top-5 is top-min(5, num_classes). Without `variables_shardings` the jitted step is
-  cached per (model, mesh): evaluations that call this once per setting (e.g. 45 corruption
-  settings, or several exports of one architecture) compile it once, not once per call.
-  """
-  if variables_shardings is None:
-    return _cached_eval_step(model, mesh)
-  return _jit_eval_step(model, mesh, variables_shardings)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_eval_step(model: nn.Module, mesh: jax.sharding.Mesh) -> Callable:
-  return _jit_eval_step(model, mesh, None)
-
-
-def _jit_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, variables_shardings: Any) -> Callable:
-  def eval_step(variables, batch):
-    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
-    labels = batch["label"]
-    mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
-    k = min(5, logits.shape[-1])
-    _, top = jax.lax.top_k(logits, k)
-    top1 = (top[:, 0] == labels).astype(jnp.float32)
-    top5 = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-    return {"top1_correct": jnp.sum(top1 * mask), "top5_correct": jnp.sum(top5 * mask),
-            "count": jnp.sum(mask)}
-
-  return parallel.jit(eval_step,
-                      in_shardings=(variables_shardings, parallel.data_sharding(mesh)),
-                      out_shardings=parallel.replicated(mesh))
-
-
-to_global_batch = parallel.to_global_batch  # defined with the other sharding helpers
-
-
-def evaluate(eval_step: Callable, variables: Any, batches: Iterable[dict[str, Any]],
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Top-1 / top-5 accuracy (fractions) over `batches`, padded examples excluded via `mask`."""
-  totals = None
-  for batch in batches:
-    counts = eval_step(variables, to_global_batch(batch, mesh))
-    totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
-  if totals is None:
-    raise ValueError("evaluate() got no batches; check the evaluation dataset.")
-  totals = jax.device_get(totals)
-  count = float(totals["count"])
-  if count == 0:
-    raise ValueError("Every evaluation example was masked out (mask == 0); nothing to score.")
-  return {"top1": float(totals["top1_correct"]) / count,
-          "top5": float(totals["top5_correct"]) / count, "num_examples": int(count)}
-
-
-def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh,
-                 batches: Callable[[], Iterable[dict[str, Any]]]) -> Callable[[Any], dict]:
-  """An `eval_fn(variables) -> {"top1", "top5", "num_examples"}` for `train(eval_fn=...)`.
-
-  `batches` is called anew for each evaluation (a fresh pass over the evaluation set).
-  """
-  eval_step = make_eval_step(model, mesh)
-  return lambda variables: evaluate(eval_step, variables, batches(), mesh)

@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
+from clu import metric_writers
+from jax.experimental import multihost_utils
 
-from nsjax import checkpoint, parallel
-from nsjax.data import input_pipeline, preprocess
-from nsjax.evaluate import adversarial, metrics, robustness
-from nsjax.evaluate import stage as eval_stage
+from nsjax import exported_model, parallel
+from nsjax.data import input_pipeline, views
+from nsjax.evaluate import accuracy, adversarial, corruption_suite, metrics, robustness
 from nsjax.files import atomic_write_json
-from nsjax.train import steps
 
 BENCHMARKS = ("clean", "imagenet_a", "imagenet_r", "imagenet_v2", "imagenet_c", "imagenet_p",
               "cifar10_c", "fgsm", "pgd")
@@ -53,48 +53,23 @@ SUBSET_BENCHMARKS = ("imagenet_a", "imagenet_r")
 def load_model(export: str, resolution: int = 0, mesh=None):
   """(model, replicated variables, metadata); `resolution` (0 = the model's own test resolution)
   sets the eval view's size."""
-  model, variables, metadata = checkpoint.load_exported(export)
+  model, variables, metadata = exported_model.load_exported(export)
   if resolution:
     model = model.clone(test_resolution=int(resolution))
   mesh = parallel.make_mesh() if mesh is None else mesh
   return model, jax.device_put(variables, parallel.replicated(mesh)), metadata
 
 
-def eval_view_fn(resolution: int, small_image: bool, image_key: str = "image",
-                 normalized: bool = True):
-  """features -> {"image": eval view, "label"}; `normalized=False` gives [0, 1] pixels."""
-  def fn(features, seed):
-    del seed
-    image = preprocess.eval_view(features[image_key], resolution, small_image=small_image,
-                                 normalized=normalized)
-    return {"image": image if normalized else image / 255.0,
-            "label": tf.cast(features["label"], tf.int32)}
-  return fn
-
-
 def eval_batches(model, src: input_pipeline.Source, *, mesh, batch_size: int,
                  normalized: bool = True) -> input_pipeline.BatchIterator:
   return input_pipeline.eval_batches(
       src, global_batch_size=batch_size, mesh=mesh,
-      preprocess_fn=eval_view_fn(model.test_resolution, model.small_image, src.image_key,
-                                 normalized))
+      preprocess_fn=views.eval_view_fn(model.test_resolution, model.small_image, src.image_key,
+                                       units="normalized" if normalized else "unit"))
 
 
 # --------------------------------------------------------------------------------------------------
 # Accuracy.
-
-def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_size: int,
-                   eval_step=None) -> dict[str, Any]:
-  """Top-1 / top-5 over the whole split (plain 1000-way, or however many classes the model has).
-
-  Pass `eval_step` (`steps.make_eval_step(model, mesh)`) to reuse one compilation over many sets.
-  """
-  batches = eval_batches(model, src, mesh=mesh, batch_size=batch_size)
-  eval_step = eval_step or steps.make_eval_step(model, mesh)
-  result = steps.evaluate(eval_step, variables, batches, mesh)
-  result["num_skipped"] = batches.num_skipped
-  return result
-
 
 @functools.lru_cache(maxsize=8)
 def cached_subset_eval_step(model, mesh, subset: str):
@@ -102,7 +77,7 @@ def cached_subset_eval_step(model, mesh, subset: str):
 
 
 def make_subset_eval_step(model, mesh, indices: np.ndarray):
-  """Like `steps.make_eval_step`, but top-k among the subset's classes only (labels in the
+  """Like `accuracy.make_eval_step`, but top-k among the subset's classes only (labels in the
   model's full label space; a label outside the subset counts as wrong, and is counted)."""
   indices = np.asarray(indices)
   inside = np.zeros(model.num_classes, np.float32)
@@ -133,7 +108,7 @@ def subset_accuracy(model, variables, src: input_pipeline.Source, subset: str, *
   totals = None
   batches = eval_batches(model, src, mesh=mesh, batch_size=batch_size)
   for batch in batches:
-    counts = step(variables, steps.to_global_batch(batch, mesh))
+    counts = step(variables, parallel.to_global_batch(batch, mesh))
     totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
   if totals is None:
     raise ValueError(f"{src.name} split {src.split!r} gave no batches.")
@@ -154,14 +129,14 @@ def corruption_errors(model, variables, dataset: str, split: str, data_dir: str 
                       image_key: str = "image") -> dict[tuple[str, int], float]:
   """{(corruption, severity): top-1 error} from the TFDS configs of `dataset`."""
   names = robustness.tfds_names(dataset, list(corruptions))
-  eval_step = steps.make_eval_step(model, mesh)  # one compilation for every setting
+  eval_step = accuracy.make_eval_step(model, mesh)  # one compilation for every setting
   errors = {}
   for (corruption, severity), name in sorted(names.items()):
     if severity not in severities:
       continue
     src = input_pipeline.Source(name, split, data_dir, image_key)
-    top1 = clean_accuracy(model, variables, src, mesh=mesh, batch_size=batch_size,
-                          eval_step=eval_step)["top1"]
+    top1 = accuracy.clean_accuracy(model, variables, src, mesh=mesh, batch_size=batch_size,
+                                   eval_step=eval_step)["top1"]
     errors[(corruption, severity)] = 1.0 - top1
   return errors
 
@@ -207,7 +182,7 @@ def folder_batches(items: Sequence[tuple[Any, int]], model, *, mesh, batch_size:
   start, end = parallel.local_share(len(items), jax.process_index(), count)
   own = items[start:end]
   num_batches = -(-parallel.local_share(len(items), 0, count)[1] // local)  # the largest share
-  view = eval_view_fn(model.test_resolution, model.small_image)
+  view = views.eval_view_fn(model.test_resolution, model.small_image)
   res = int(model.test_resolution)
 
   def load(path, label):
@@ -238,14 +213,14 @@ def folder_corruption_errors(model, variables, root: str, *, mesh, batch_size: i
   if num_classes > model.num_classes:
     raise ValueError(f"{root}: {num_classes} classes but the model has {model.num_classes}; pass "
                      "the full sorted wnid list (--imagenet_c_wnids) of the model's classes.")
-  eval_step = steps.make_eval_step(model, mesh)  # one compilation for every setting
+  eval_step = accuracy.make_eval_step(model, mesh)  # one compilation for every setting
   errors = {}
   for (corruption, severity), items in sorted(listing.items()):
     if not items:
       raise ValueError(f"{root}/{corruption}/{severity}: no images "
                        f"({', '.join(robustness.IMAGE_SUFFIXES)}).")
     batches = folder_batches(items, model, mesh=mesh, batch_size=batch_size)
-    errors[(corruption, severity)] = 1.0 - steps.evaluate(eval_step, variables, batches,
+    errors[(corruption, severity)] = 1.0 - accuracy.evaluate(eval_step, variables, batches,
                                                           mesh)["top1"]
   return errors
 
@@ -278,7 +253,7 @@ def frame_classifier(model, variables, batch_size: int) -> Callable[[np.ndarray]
   variables = jax.device_put(jax.device_get(variables), parallel.replicated(mesh))
   classify = parallel.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1),
                           in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)))
-  view = eval_stage.batch_view(model.test_resolution, model.small_image)
+  view = corruption_suite.batch_view(model.test_resolution, model.small_image)
 
   def predict(frames: np.ndarray) -> np.ndarray:
     classes = []
@@ -310,7 +285,6 @@ def imagenet_p(model, variables, root: str, *, batch_size: int,
     totals.append([sum(rates), len(rates)])
   totals = np.asarray(totals, np.float64)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
   empty = [p for p, (_, n) in zip(perturbations, totals) if n == 0]
   if empty:
@@ -401,13 +375,13 @@ def run_benchmark(export: str, benchmark: str = "clean", *, dataset: str = "", s
   src = input_pipeline.Source(dataset, split, data_dir)
   common = dict(mesh=mesh, batch_size=batch_size)
   if benchmark in ("clean", "imagenet_v2"):
-    result = clean_accuracy(model, variables, src, **common)
+    result = accuracy.clean_accuracy(model, variables, src, **common)
   elif benchmark in SUBSET_BENCHMARKS:
     result = subset_accuracy(model, variables, src, benchmark, **common)
   elif benchmark == "imagenet_c":
     if clean_error is None and clean_dataset:
       clean_src = input_pipeline.Source(clean_dataset, clean_split, data_dir)
-      clean_error = 1.0 - clean_accuracy(model, variables, clean_src, **common)["top1"]
+      clean_error = 1.0 - accuracy.clean_accuracy(model, variables, clean_src, **common)["top1"]
     result = imagenet_c(model, variables, split=split, data_dir=data_dir,
                         corruptions=corruptions or robustness.CORRUPTIONS,
                         clean_error=clean_error, folder=imagenet_c_dir, severities=severities,
@@ -436,15 +410,14 @@ def scalars(result: dict[str, Any]) -> dict[str, float]:
   keys = ("top1", "top5", "mCE", "relative_mCE", "mean_error", "mFP", "mFR")
   out = {k: float(result[k]) for k in keys if isinstance(result.get(k), (int, float))}
   if "epsilons" in result:
-    for epsilon, accuracy in zip(result["epsilons_255"], result["accuracy"]):
-      out[f"accuracy_eps{epsilon:g}"] = float(accuracy)
+    for epsilon, top1 in zip(result["epsilons_255"], result["accuracy"]):
+      out[f"accuracy_eps{epsilon:g}"] = float(top1)
   return out
 
 
 def write_results(output_dir: str, result: dict[str, Any]) -> str:
   """`<output_dir>/<benchmark>.json`, TensorBoard scalars `<benchmark>/<metric>` (and a PNG for an
   adversarial sweep); process 0 writes. Returns the JSON path."""
-  from clu import metric_writers
   name = result["benchmark"]
   path = os.path.join(output_dir, f"{name}.json")
   if jax.process_index() == 0:

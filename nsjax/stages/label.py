@@ -1,4 +1,4 @@
-"""The pseudo-labeling stage: the un-noised teacher labels the unlabeled split, shard by shard.
+"""The label stage: the un-noised teacher labels the unlabeled split, shard by shard.
 
 The teacher runs as exported (eval mode, EMA weights, no augmentation, the eval center crop at its
 own test resolution) through the jitted inference step, data-parallel over every device and host.
@@ -8,8 +8,10 @@ pass the host's shards cover. Every host runs every batch's inference step
 (a jitted step over global arrays needs them all), so a rerun starts at the batch the LEAST
 advanced host reached, and hosts further on predict without writing until their own shards end:
 hosts killed at different shards resume with exactly the shards of an uninterrupted run. On a
-SIGTERM, hosts stop after the same batch (`nsjax.train.loop.Preempted`), each writing the shard it
-had begun: every batch is a step of jax's preemption sync point (a plain flag in a single process).
+SIGTERM, hosts stop after the same batch (`nsjax.train.preemption.Preempted`), each writing the
+shard it had begun: every batch is a step of jax's preemption sync point (a plain flag in a single
+process). The record fields (`pseudo_label_fields`) are computed on the device, in the labeling
+step, so the host only copies bytes into records.
 When all hosts are done, process 0 merges their summaries into the manifest and plans the official
 filtering and balancing; every process then writes the read tables of its share of the shards, and
 process 0 writes `balance.json` (with each record block's balanced count) and `balance.png`.
@@ -18,40 +20,58 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from nsjax import checkpoint, parallel, report
-from nsjax.data import balance, input_pipeline, preprocess, pseudo_labels
+from nsjax import exported_model, parallel, report, schedule
+from nsjax.data import balance, input_pipeline, pseudo_labels, views
+from nsjax.evaluate import inference
 from nsjax.files import atomic_write_json, read_json
-from nsjax.train import loop, steps
+from nsjax.stages.context import Context
+from nsjax.train.preemption import Preempted, PreemptionWatch
+
 
 BALANCE_FILE = "balance.json"
 
 
-def teacher_view_fn(resolution: int, small_image: bool, image_key: str = "image"):
-  """features -> {"image": eval view at the teacher's resolution[, "id"]}: no noise at all.
+def pseudo_label_fields(probs: jax.Array, top_k: int = 0) -> dict[str, jax.Array]:
+  """A pseudo-label record's fields from float32 probabilities [B, C] (jnp or np arrays).
 
-  The view stays in pixel units: the predict step normalises it on the device (fused into the
-  stem), which spares the input pipeline ~0.2 ms of host CPU per 224 px image -- ~2.5% of labeling
-  throughput on a 2-core CPU, where the input threads and the inference share the cores.
+  {"label": int32 argmax (first on ties), "confidence": float32 top-1 probability, "probs":
+  float16 (all classes, or the top-k values, largest first), ["classes": int32 top-k indices,
+  lower index first on ties]}. Inside the jitted labeling step the rounding to float16 and the
+  top-k run on the device, fused with the softmax, so the host only copies bytes into records.
   """
+  probs = jnp.asarray(probs, jnp.float32)
+  fields = {"label": jnp.argmax(probs, axis=-1).astype(jnp.int32),
+            "confidence": jnp.max(probs, axis=-1)}
+  if top_k:
+    values, classes = jax.lax.top_k(probs, top_k)
+    fields.update(probs=values.astype(jnp.float16), classes=classes.astype(jnp.int32))
+  else:
+    fields["probs"] = probs.astype(jnp.float16)
+  return fields
 
-  def fn(features, seed):
-    del seed
-    out = {"image": preprocess.eval_view(features[image_key], resolution, small_image=small_image,
-                                         normalized=False)}
-    for key in ("id", "tfds_id"):
-      if key in features:
-        out["id"] = features[key]
-        break
-    return out
 
-  return fn
+def make_pseudo_label_step(model: nn.Module, mesh: jax.sharding.Mesh, top_k: int = 0
+                           ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
+  """`label_step(variables, pixels) -> pseudo_label_fields(softmax(model(pixels)), top_k)`.
+
+  The teacher in eval mode on pixel-unit eval views (normalised on the device), as the labeling
+  stage runs it; outputs stay sharded like the images.
+  """
+  data = parallel.data_sharding(mesh)
+
+  def label_step(variables, pixels):
+    return pseudo_label_fields(inference.probabilities(model, variables, pixels, True), top_k)
+
+  return parallel.jit(label_step, in_shardings=(None, data), out_shardings=data)
 
 
 def _ids(batch: dict[str, Any], done: int, process: int) -> list[bytes]:
@@ -68,13 +88,14 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
                     shard_bytes: int = 256 * 2**20, top_k: int = 0,
                     log_every_seconds: float = 30.0) -> dict[str, Any]:
   """Writes pseudo-labeled shards of `source` into `out_dir` and returns the merged manifest."""
-  model, variables, _ = checkpoint.load_exported(teacher_dir)
+  model, variables, _ = exported_model.load_exported(teacher_dir)
   num_classes = model.num_classes
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  predict = steps.make_pseudo_label_step(model, mesh, top_k)
+  predict = make_pseudo_label_step(model, mesh, top_k)
   batches = input_pipeline.unlabeled_batches(
       source, global_batch_size=global_batch_size, keep_encoded_image=True, mesh=mesh,
-      preprocess_fn=teacher_view_fn(model.test_resolution, small_image, source.image_key))
+      preprocess_fn=views.eval_view_fn(model.test_resolution, small_image, source.image_key,
+                                        units="pixels", label=False, keep_id=True))
   host = jax.process_index()
   writer = pseudo_labels.HostShardWriter(out_dir, host, num_classes, top_k)
   own_done = batches.num_batches if writer.complete else writer.num_batches_done
@@ -82,7 +103,7 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
   if start == batches.num_batches:
     logging.info("Pseudo labels of every host already complete in %s.", out_dir)
   else:
-    preemption = loop.PreemptionWatch().start()
+    preemption = PreemptionWatch().start()
     try:
       _label_host(batches, writer, predict, variables, shard_bytes, host, log_every_seconds,
                   preemption, start, own_done)
@@ -156,7 +177,7 @@ def _label_host(batches, writer, predict, variables, shard_bytes, host, log_ever
       preemption.acknowledge()
       if step >= own_done and images:
         write(num_skipped, step + 1)
-      raise loop.Preempted(writer.num_shards_done, f"shard sidecars {writer.progress_path}",
+      raise Preempted(writer.num_shards_done, f"shard sidecars {writer.progress_path}",
                            unit="pseudo-label shard")
     if time.time() - last_log > log_every_seconds or end_of_data:
       rate = labeled_now / max(time.time() - began, 1e-9)
@@ -197,3 +218,21 @@ def read_plan(out_dir: str) -> balance.BalancePlan:
                                   "kept", "factors")}
   return balance.BalancePlan(**fields, block_counts=stats.get("block_counts"),
                              block_size=stats.get("block_size", 1024))
+
+
+def run(stage: schedule.Stage, ctx: Context) -> dict:
+  """Labels the unlabeled split with the previous model, then plans filtering and balancing."""
+  config = ctx.config
+  teacher_dir = schedule.teacher_export_of(stage, config, ctx.workdir)
+  out = ctx.stage_dir(stage.name)
+  lcfg = config.label
+  manifest = label_unlabeled(
+      teacher_dir, ctx.source("unlabeled"), out,
+      global_batch_size=int(lcfg.batch_size), mesh=ctx.mesh, small_image=config.data.small_image,
+      shard_bytes=int(lcfg.shard_bytes), top_k=int(lcfg.top_k))
+  bcfg = config.balance
+  num_image = int(bcfg.num_image_per_class) or max(
+      1, manifest["num_examples"] // config.data.num_classes)
+  plan = plan_and_report(out, num_image, float(bcfg.min_threshold), int(config.seed))
+  return {"num_examples": manifest["num_examples"], "num_skipped": manifest["num_skipped"],
+          "kept": int(sum(plan.kept)), "num_image_per_class": num_image}

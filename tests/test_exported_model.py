@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsjax import checkpoint, models
+from nsjax import exported_model, models
 
 
 def test_export_then_load_gives_same_logits(tmp_path):
@@ -15,31 +15,31 @@ def test_export_then_load_gives_same_logits(tmp_path):
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   variables = jax.jit(model.init)(jax.random.key(1), x)
   export = tmp_path / "teacher"
-  checkpoint.export_model(export, model, variables, {"class_names": ["a", "b", "c"]})
-  assert checkpoint.is_exported(export)
-  restored_model, restored, metadata = checkpoint.load_exported(export)
+  exported_model.export_model(export, model, variables, {"class_names": ["a", "b", "c"]})
+  assert exported_model.is_exported(export)
+  restored_model, restored, metadata = exported_model.load_exported(export)
   assert restored_model == model and metadata == {"class_names": ["a", "b", "c"]}
   np.testing.assert_array_equal(jax.jit(restored_model.apply)(restored, x),
                                 jax.jit(model.apply)(variables, x))
-  assert checkpoint.params_sha256(restored["params"]) == checkpoint.params_sha256(variables["params"])
+  assert exported_model.params_sha256(restored["params"]) == exported_model.params_sha256(variables["params"])
   bumped = jax.tree.map(lambda p: p + 1e-7, variables["params"])
-  assert checkpoint.params_sha256(bumped) != checkpoint.params_sha256(variables["params"])
+  assert exported_model.params_sha256(bumped) != exported_model.params_sha256(variables["params"])
 
 
 def test_missing_export_names_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="convert_checkpoint"):
-    checkpoint.load_exported(tmp_path / "nothing")
+    exported_model.load_exported(tmp_path / "nothing")
 
 
 def test_load_places_the_variables_with_the_callers_shardings(tmp_path):
   model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, small_image=True,
                               resolution=16)
   variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
-  checkpoint.export_model(tmp_path / "m", model, variables)
+  exported_model.export_model(tmp_path / "m", model, variables)
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   shardings = jax.tree.map(lambda _: replicated, variables)
-  _, restored, _ = checkpoint.load_exported(tmp_path / "m", shardings=shardings)
+  _, restored, _ = exported_model.load_exported(tmp_path / "m", shardings=shardings)
   assert jax.tree.structure(restored) == jax.tree.structure(variables)  # dicts, not lists
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
     assert got.shape == want.shape and got.dtype == want.dtype and got.sharding == replicated
@@ -54,7 +54,7 @@ def _tiny_export(tmp_path):
   model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, small_image=True,
                               resolution=16)
   variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
-  checkpoint.export_model(tmp_path / "m", model, variables)
+  exported_model.export_model(tmp_path / "m", model, variables)
   return model, variables, tmp_path / "m"
 
 
@@ -64,12 +64,12 @@ def _no_tracing(*args, **kwargs):
 
 def test_load_restores_from_the_recorded_shapes_without_tracing(tmp_path, monkeypatch):
   model, variables, export = _tiny_export(tmp_path)
-  description = checkpoint.read_description(export)
-  assert description["variables"] == checkpoint.variables_spec(variables)
-  monkeypatch.setattr(checkpoint, "abstract_variables", _no_tracing)
-  assert set(_SHAPE_PRESERVING) == checkpoint.SHAPE_PRESERVING_OVERRIDES
+  description = exported_model.read_description(export)
+  assert description["variables"] == exported_model.variables_spec(variables)
+  monkeypatch.setattr(exported_model, "abstract_variables", _no_tracing)
+  assert set(_SHAPE_PRESERVING) == exported_model.SHAPE_PRESERVING_OVERRIDES
   for loaded_with in ({}, _SHAPE_PRESERVING):
-    _, restored, _ = checkpoint.load_exported(export, **loaded_with)
+    _, restored, _ = exported_model.load_exported(export, **loaded_with)
     assert jax.tree.structure(restored) == jax.tree.structure(variables)  # dicts, not lists
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
       np.testing.assert_array_equal(got, want)
@@ -79,29 +79,29 @@ def test_load_restores_from_the_recorded_shapes_without_tracing(tmp_path, monkey
 def test_shape_preserving_overrides_really_keep_every_shape(tmp_path):
   """The claim that lets load_exported skip tracing: each listed override traces the same tree."""
   model, variables, export = _tiny_export(tmp_path)
-  recorded = checkpoint.read_description(export)["variables"]
+  recorded = exported_model.read_description(export)["variables"]
   for key, value in _SHAPE_PRESERVING.items():
     config = dict(models.describe(model), **{key: value})
-    traced = checkpoint.abstract_variables(models.model_from_config(config))
-    assert checkpoint.variables_spec(traced) == recorded, key
+    traced = exported_model.abstract_variables(models.model_from_config(config))
+    assert exported_model.variables_spec(traced) == recorded, key
   wider = models.model_from_config(dict(models.describe(model), width=0.2))
-  assert checkpoint.variables_spec(checkpoint.abstract_variables(wider)) != recorded
+  assert exported_model.variables_spec(exported_model.abstract_variables(wider)) != recorded
 
 
 def test_older_exports_and_shape_changing_overrides_trace_the_model(tmp_path, monkeypatch):
   model, variables, export = _tiny_export(tmp_path)
-  description = checkpoint.read_description(export)
+  description = exported_model.read_description(export)
   traced = []
-  original = checkpoint.abstract_variables
-  monkeypatch.setattr(checkpoint, "abstract_variables",
+  original = exported_model.abstract_variables
+  monkeypatch.setattr(exported_model, "abstract_variables",
                       lambda m, *a, **k: traced.append(m) or original(m, *a, **k))
   del description["variables"]  # as written before the shapes were recorded
-  (export / checkpoint.MODEL_JSON).write_text(json.dumps(description))
-  _, restored, _ = checkpoint.load_exported(export)
+  (export / exported_model.MODEL_JSON).write_text(json.dumps(description))
+  _, restored, _ = exported_model.load_exported(export)
   assert len(traced) == 1
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(got, want)
-  checkpoint.export_model(export, model, variables)  # shapes recorded again
+  exported_model.export_model(export, model, variables)  # shapes recorded again
 
   class Traced(Exception):
     pass
@@ -109,7 +109,7 @@ def test_older_exports_and_shape_changing_overrides_trace_the_model(tmp_path, mo
   def stop_after_tracing(m, *a, **k):
     traced.append(m)
     raise Traced  # (restoring width 0.2 from a width 0.1 export would fail inside Orbax)
-  monkeypatch.setattr(checkpoint, "abstract_variables", stop_after_tracing)
+  monkeypatch.setattr(exported_model, "abstract_variables", stop_after_tracing)
   with pytest.raises(Traced):  # width changes the shapes, so the recorded ones cannot serve
-    checkpoint.load_exported(export, width=0.2)
+    exported_model.load_exported(export, width=0.2)
   assert len(traced) == 2 and traced[1].width == 0.2

@@ -1,6 +1,6 @@
-"""The eval stage: an exported model on a TFDS split, clean and under the offline corruptions.
+"""An exported model on a TFDS split, clean and under the offline corruptions (the eval stage's).
 
-Clean accuracy streams the split through the input pipeline (per host, padded and masked). The
+Clean accuracy streams the split through the input pipeline (nsjax.evaluate.accuracy). The
 corruption suite needs raw pixels: this process's slice of the split is read once as uint8 arrays,
 corrupted with nsjax.evaluate.corruptions at each severity, and fed through the same eval view and
 jitted eval step; counts are global sums, so every host sees the same numbers.
@@ -16,31 +16,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from jax.experimental import multihost_utils
 
-from nsjax import checkpoint, parallel
+from nsjax import exported_model, parallel
 from nsjax.data import input_pipeline, preprocess
+from nsjax.evaluate import accuracy
 from nsjax.evaluate import corruptions as corruption_lib
-from nsjax.train import steps
-
-
-def eval_view_fn(resolution: int, small_image: bool, image_key: str = "image"):
-  """features -> {"image": the un-noised eval view, "label"}: for any labeled evaluation split."""
-  def fn(features, seed):
-    del seed
-    return {"image": preprocess.eval_view(features[image_key], resolution, small_image=small_image),
-            "label": tf.cast(features["label"], tf.int32)}
-  return fn
-
-
-def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_size: int,
-                   small_image: bool) -> dict[str, float]:
-  eval_step = steps.make_eval_step(model, mesh)
-  batches = input_pipeline.eval_batches(
-      src, global_batch_size=batch_size, mesh=mesh,
-      preprocess_fn=eval_view_fn(model.test_resolution, small_image, src.image_key))
-  result = steps.evaluate(eval_step, variables, batches, mesh)
-  result["num_skipped"] = batches.num_skipped
-  return result
 
 
 def load_local_arrays(src: input_pipeline.Source, max_examples: int = 0):
@@ -75,13 +56,18 @@ def load_local_arrays(src: input_pipeline.Source, max_examples: int = 0):
 def accuracy_on_arrays(model, variables, images: np.ndarray, labels: np.ndarray, *, mesh,
                        batch_size: int, small_image: bool) -> dict[str, float]:
   """Top-1/top-5 of uint8 images through the eval view; pads with masked examples."""
+  return accuracy.evaluate(accuracy.make_eval_step(model, mesh), variables,
+                           _array_batches(model, images, labels, batch_size, small_image), mesh)
+
+
+def _array_batches(model, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                   small_image: bool):
+  """This process's padded numpy batches {"image", "label", "mask"} of the eval view."""
   local = batch_size // jax.process_count()
   # Every host runs the same number of steps: the largest slice decides (and every host must join
   # the all-gather, even one without images).
   num_batches = int(math.ceil(np.max(_all_process_sizes(len(images))) / local))
   view = batch_view(model.test_resolution, small_image)
-  eval_step = steps.make_eval_step(model, mesh)
-  totals = None
   for b in range(num_batches):
     chunk, chunk_labels = images[b * local:(b + 1) * local], labels[b * local:(b + 1) * local]
     mask = np.zeros(local, np.float32)
@@ -93,13 +79,7 @@ def accuracy_on_arrays(model, variables, images: np.ndarray, labels: np.ndarray,
       views = np.zeros((0, model.test_resolution, model.test_resolution, 3), np.float32)
     views = np.concatenate([views, np.zeros((pad,) + views.shape[1:], np.float32)])
     chunk_labels = np.concatenate([chunk_labels, np.zeros(pad, np.int32)])
-    batch = steps.to_global_batch({"image": views, "label": chunk_labels, "mask": mask}, mesh)
-    counts = eval_step(variables, batch)
-    totals = counts if totals is None else jax.tree.map(lambda a, c: a + c, totals, counts)
-  totals = jax.device_get(totals)
-  count = float(totals["count"])
-  return {"top1": float(totals["top1_correct"]) / count,
-          "top5": float(totals["top5_correct"]) / count, "num_examples": int(count)}
+    yield {"image": views, "label": chunk_labels, "mask": mask}
 
 
 @functools.lru_cache(maxsize=8)
@@ -114,7 +94,6 @@ def batch_view(resolution: int, small_image: bool):
 def _all_process_sizes(own: int) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray([own])
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(np.asarray([own])))
 
 
@@ -174,10 +153,10 @@ def evaluate_export(export: str, src: input_pipeline.Source, *, mesh, batch_size
                     small_image: bool, corruptions: Sequence[str] = (),
                     severities: Sequence[int] = (1, 2, 3, 4, 5), max_corruption_examples: int = 0,
                     seed: int = 0) -> dict[str, Any]:
-  model, variables, _ = checkpoint.load_exported(export)
+  model, variables, _ = exported_model.load_exported(export)
   variables = jax.device_put(variables, parallel.replicated(mesh))
-  results = clean_accuracy(model, variables, src, mesh=mesh, batch_size=batch_size,
-                           small_image=small_image)
+  results = accuracy.clean_accuracy(model, variables, src, mesh=mesh, batch_size=batch_size,
+                                    small_image=small_image)
   if corruptions:
     unknown = sorted(set(corruptions) - set(corruption_lib.CORRUPTIONS))
     if unknown:

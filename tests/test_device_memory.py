@@ -1,4 +1,4 @@
-"""nsjax.tools.memory: per-device training-state bytes, replicated vs FSDP, from shapes only.
+"""nsjax.tools.device_memory: per-device training-state bytes, replicated vs FSDP, from shapes only.
 
 (That FSDP-sharded and replicated training agree numerically is tested in
 tests/test_train_steps.py; here only the accounting.)
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nsjax import config_lib
-from nsjax.tools import memory
+from nsjax.tools import device_memory as memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L2_PARAMS_1000 = 480_309_308  # REFERENCE.md's table
@@ -83,7 +83,7 @@ def test_every_model_of_the_demo_schedule_is_reported():
 
 def test_command_line_prints_the_table():
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-  out = subprocess.run([sys.executable, "-m", "nsjax.tools.memory",
+  out = subprocess.run([sys.executable, "-m", "nsjax.tools.device_memory",
                         f"--config={os.path.join(ROOT, 'configs', 'smoke.py')}", "--num_devices=16"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]

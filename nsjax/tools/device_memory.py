@@ -1,6 +1,6 @@
 """Per-device memory of a schedule's models, before anything runs or allocates.
 
-  python -m nsjax.tools.memory --config=configs/imagenet_b7_l2.py [--num_devices=256]
+  python -m nsjax.tools.device_memory --config=configs/imagenet_b7_l2.py [--num_devices=256]
 
 Whether a model's training state fits next to its activations decides `train.fsdp`: replicated,
 every device holds all params, both EMA copies and every optimizer slot (TF1 RMSProp keeps two per
@@ -23,7 +23,11 @@ from absl import app, flags
 from jax.sharding import AbstractMesh
 from ml_collections import config_flags
 
-from nsjax import parallel
+from nsjax import config_lib, parallel, schedule
+from nsjax.stages import train as train_stage
+from nsjax.train import optimizer as opt
+from nsjax.train import settings
+from nsjax.train import state as state_lib
 
 PARTS = ("params", "batch_stats", "ema", "opt_slots")
 _CONFIG = _NUM_DEVICES = None  # flag holders, set by define_flags()
@@ -78,11 +82,7 @@ def _abstract_training_state(stage_cfg, config) -> tuple[Any, Any, str]:
 
   An imported teacher (stage_cfg.checkpoint) only runs inference: no EMA, no optimizer slots.
   """
-  from nsjax import pipeline
-  from nsjax.train import loop
-  from nsjax.train import optimizer as opt
-  from nsjax.train import state as state_lib
-  model = pipeline.build_model(stage_cfg, config)
+  model = train_stage.build_model(stage_cfg, config)
   res = int(stage_cfg.resolution)
   if stage_cfg.get("checkpoint"):
     abstract = jax.eval_shape(lambda: model.init(
@@ -90,8 +90,8 @@ def _abstract_training_state(stage_cfg, config) -> tuple[Any, Any, str]:
     return ({"params": abstract["params"], "batch_stats": abstract.get("batch_stats", {}),
              "ema": {}, "opt_slots": {}}, model, "")
   # Only shapes matter here, so the epoch length is a placeholder.
-  cfg = pipeline.train_config(stage_cfg, config, int(stage_cfg.train.batch_size))
-  base_tx = loop.make_tx(cfg, loop.make_schedule(cfg))
+  cfg = train_stage.train_config(stage_cfg, config, int(stage_cfg.train.batch_size))
+  base_tx = settings.make_tx(cfg, settings.make_schedule(cfg))
   abstract_vars = jax.eval_shape(lambda: model.init(
       jax.random.key(0), np.zeros((1, res, res, 3), np.float32), train=False))
   tx = opt.freeze(base_tx, abstract_vars["params"], int(getattr(model, "frozen_blocks", -1)))
@@ -103,21 +103,19 @@ def _abstract_training_state(stage_cfg, config) -> tuple[Any, Any, str]:
 
 def schedule_memory(config, num_devices: int | None = None) -> list[ModelMemory]:
   """One `ModelMemory` per model of the schedule (teacher, students, baseline)."""
-  from nsjax import pipeline
   num_devices = int(num_devices or jax.device_count())
   if num_devices < 1:
     raise ValueError(f"num_devices must be >= 1, got {num_devices}.")
+  config = config_lib.with_defaults(config)
   mesh = abstract_mesh(num_devices)
   rows = []
-  for name in pipeline.model_stage_names(config):
-    kind = name.split("-")[0]  # teacher | student | baseline
-    stage_cfg = pipeline.stage_config(pipeline.Stage(name, kind, pipeline._iteration_of(name)),
-                                      config)
+  for name in schedule.model_stage_names(config):
+    stage_cfg = schedule.stage_config(schedule.model_stage(name), config)
     abstract, model, optimizer = abstract_training_state(stage_cfg, config)
     num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
     rows.append(ModelMemory(
         stage=name, model=model.model_name, resolution=int(stage_cfg.resolution),
-        optimizer=optimizer, fsdp_configured=bool(stage_cfg.train.get("fsdp", False)),
+        optimizer=optimizer, fsdp_configured=bool(stage_cfg.train.fsdp),
         num_params=num_params, replicated=_parts(abstract, mesh, fsdp=False),
         fsdp=_parts(abstract, mesh, fsdp=True)))
   return rows

@@ -1,7 +1,7 @@
 """Training-run checkpoints: Orbax `CheckpointManager` over the whole `TrainState`.
 
 These are for resuming a run (optimizer slots, live and EMA variables, step); the hand-off to the
-next stage is `nsjax.checkpoint.export_model` (EMA variables + model.json). Restores always go
+next stage is `nsjax.exported_model.export_model` (EMA variables + model.json). Restores always go
 through a target built from the abstract state and its shardings, so every leaf comes back as a
 `jax.Array` in the right place and the right tree (Orbax without a target returns lists and
 host arrays). Saves are asynchronous: the arrays are copied off the devices before `save`

@@ -14,10 +14,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import flags
 
-from nsjax import checkpoint, models
+from nsjax import exported_model, models
 from nsjax.data import preprocess
 from nsjax.evaluate import __main__ as cli
-from nsjax.evaluate import benchmarks, metrics, robustness
+from nsjax.evaluate import suites, metrics, robustness
 
 NUM_EXAMPLES = 8
 TINY = dict(width=0.1, depth=0.1, small_image=True, resolution=32)
@@ -32,7 +32,7 @@ def random_variables(model, seed=0):
     if jax.tree_util.keystr(path).endswith("['var']"):
       return np.ones(leaf.shape, np.float32)
     return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, checkpoint.abstract_variables(model))
+  return jax.tree_util.tree_map_with_path(fill, exported_model.abstract_variables(model))
 
 
 def signal_preserving_variables(model, seed=0):
@@ -47,7 +47,7 @@ def signal_preserving_variables(model, seed=0):
       return (np.sqrt(2.0 / fan_in) * rng.standard_normal(leaf.shape)).astype(np.float32)
     ones = name.endswith(("['scale']", "['var']"))
     return (np.ones if ones else np.zeros)(leaf.shape, np.float32)
-  return jax.tree_util.tree_map_with_path(fill, checkpoint.abstract_variables(model))
+  return jax.tree_util.tree_map_with_path(fill, exported_model.abstract_variables(model))
 
 
 def export_constant_model(directory, num_classes, bias):
@@ -57,7 +57,7 @@ def export_constant_model(directory, num_classes, bias):
   dense = variables["params"]["head"]["dense"]
   dense["kernel"] = np.zeros_like(dense["kernel"])
   dense["bias"] = np.asarray(bias, np.float32)
-  checkpoint.export_model(str(directory), model, variables, {"step": 7})
+  exported_model.export_model(str(directory), model, variables, {"step": 7})
   return str(directory)
 
 
@@ -99,8 +99,8 @@ def test_subset_benchmarks_ignore_logits_outside_the_subset(tmp_path, imagenet_m
   with tfds.testing.mock_data(as_dataset_fn=fake_as_dataset(lambda b: [shared] * NUM_EXAMPLES)):
     run_cli([f"--export={export}", "--benchmark=imagenet_a", f"--output={tmp_path}",
              "--batch_size=4", "--resolution=32"])
-    under_r = benchmarks.run_benchmark(export, "imagenet_r", batch_size=4)
-    plain = benchmarks.run_benchmark(export, "imagenet_v2", batch_size=4)
+    under_r = suites.run_benchmark(export, "imagenet_r", batch_size=4)
+    plain = suites.run_benchmark(export, "imagenet_v2", batch_size=4)
   result = json.loads((tmp_path / "imagenet_a.json").read_text())
   assert result["top1"] == 1.0 and result["num_examples"] == NUM_EXAMPLES
   assert result["num_classes"] == 200 and result["labels_outside_subset"] == 0
@@ -115,7 +115,7 @@ def test_imagenet_a_and_r_use_their_own_lists(imagenet_model):
   """A label in ImageNet-R's list but not ImageNet-A's cannot be right under A (and is counted)."""
   only_r = imagenet_model["only_r"]
   with tfds.testing.mock_data(as_dataset_fn=fake_as_dataset(lambda b: [only_r] * NUM_EXAMPLES)):
-    under_a = benchmarks.run_benchmark(imagenet_model["export"], "imagenet_a", batch_size=4)
+    under_a = suites.run_benchmark(imagenet_model["export"], "imagenet_a", batch_size=4)
   assert under_a["top1"] == 0.0 and under_a["labels_outside_subset"] == NUM_EXAMPLES
 
 
@@ -184,7 +184,7 @@ def test_imagenet_c_from_the_official_folder_layout(tmp_path):
   assert result["dataset"] == str(root) and result["split"] == "folder"
   # Without the list, the sorted class folders are the classes: n01440764 -> 0, n01443537 -> 1,
   # so the model's answer (1) is now right for the s images of n01443537 only.
-  plain = benchmarks.run_benchmark(export, "imagenet_c", batch_size=4, imagenet_c_dir=str(root),
+  plain = suites.run_benchmark(export, "imagenet_c", batch_size=4, imagenet_c_dir=str(root),
                                    corruptions=corruptions, severities=severities)
   assert plain["per_setting"]["fog_1"] == pytest.approx(2 / 3)
 
@@ -201,7 +201,7 @@ def test_folder_batches_give_each_host_its_contiguous_share(tmp_path, monkeypatc
   monkeypatch.setattr(jax, "process_index", lambda: process)
   model = models.create_model("efficientnet-b0", 10, **TINY)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  batches = list(benchmarks.folder_batches(items, model, mesh=mesh, batch_size=6))
+  batches = list(suites.folder_batches(items, model, mesh=mesh, batch_size=6))
   assert len(batches) == 2 and all(len(b["label"]) == 2 for b in batches)
   labels = np.concatenate([b["label"] for b in batches])
   mask = np.concatenate([b["mask"] for b in batches])
@@ -220,7 +220,7 @@ def test_imagenet_p_cli_on_official_mp4_videos(tmp_path):
       _write_mp4(tmp_path / "P" / p / wnid / f"{video}.mp4", list(rng.integers(0, 256, 6)))
   model = models.create_model("efficientnet-b0", 3, **TINY)
   variables = signal_preserving_variables(model, seed=2)
-  checkpoint.export_model(str(tmp_path / "export"), model, variables, {"step": 1})
+  exported_model.export_model(str(tmp_path / "export"), model, variables, {"step": 1})
   table = {"gaussian_noise": 0.5, "rotate": 0.25}
   (tmp_path / "alexnet.json").write_text(json.dumps(table))
   run_cli([f"--export={tmp_path / 'export'}", "--benchmark=imagenet_p",
@@ -241,7 +241,7 @@ def test_imagenet_p_cli_on_official_mp4_videos(tmp_path):
                                                       for p in perturbations]))
   assert result["normalized"] and result["num_videos"] == {p: 3 for p in perturbations}
   with pytest.raises(ValueError, match="needs imagenet_p_dir"):
-    benchmarks.run_benchmark(str(tmp_path / "export"), "imagenet_p")
+    suites.run_benchmark(str(tmp_path / "export"), "imagenet_p")
 
 
 def test_cifar10_c_mean_error_uses_tfds_spellings(tmp_path):
@@ -255,9 +255,9 @@ def test_cifar10_c_mean_error_uses_tfds_spellings(tmp_path):
     return severity_labels(2, 3)(builder)
 
   with tfds.testing.mock_data(as_dataset_fn=fake_as_dataset(label_fn, size=32)):
-    result = benchmarks.run_benchmark(export, "cifar10_c", batch_size=4,
+    result = suites.run_benchmark(export, "cifar10_c", batch_size=4,
                                       corruptions=["glass_blur", "elastic_transform"])
-  path = benchmarks.write_results(str(tmp_path), result)
+  path = suites.write_results(str(tmp_path), result)
   assert sorted(set(seen)) == sorted(f"{c}_{s}" for c in ("frosted_glass_blur", "elastic")
                                      for s in robustness.SEVERITIES)
   assert json.loads(open(path).read())["mean_error"] == pytest.approx(3 / NUM_EXAMPLES)
@@ -267,10 +267,10 @@ def test_adversarial_sweeps_write_json_and_plot(tmp_path):
   model = models.create_model("efficientnet-b0", 10, **TINY)
   variables = random_variables(model, seed=1)
   export = str(tmp_path / "export")
-  checkpoint.export_model(export, model, variables)
+  exported_model.export_model(export, model, variables)
   with tfds.testing.mock_data(as_dataset_fn=fake_as_dataset(
       lambda b: np.arange(NUM_EXAMPLES) % 10, size=32)):
-    clean = benchmarks.run_benchmark(export, "clean", dataset="cifar10", split="test",
+    clean = suites.run_benchmark(export, "clean", dataset="cifar10", split="test",
                                      batch_size=4)
     run_cli([f"--export={export}", "--benchmark=pgd", "--dataset=cifar10", "--split=test",
              f"--output={tmp_path / 'out'}", "--batch_size=4", "--epsilons=0,16",
@@ -284,8 +284,8 @@ def test_adversarial_sweeps_write_json_and_plot(tmp_path):
 
 def test_clear_errors():
   with pytest.raises(ValueError, match="needs --dataset and --split"):
-    benchmarks.run_benchmark("/nonexistent", "fgsm")
+    suites.run_benchmark("/nonexistent", "fgsm")
   with pytest.raises(ValueError, match="Unknown benchmark"):
-    benchmarks.run_benchmark("/nonexistent", "imagenet_q")
+    suites.run_benchmark("/nonexistent", "imagenet_q")
   with pytest.raises(ValueError, match="imagenet_c only"):
-    benchmarks.run_benchmark("/nonexistent", "clean", dataset="x", split="y", imagenet_c_dir="/c")
+    suites.run_benchmark("/nonexistent", "clean", dataset="x", split="y", imagenet_c_dir="/c")

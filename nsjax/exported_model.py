@@ -12,6 +12,7 @@ the labeling stage would otherwise pay on every call.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from nsjax import artifacts, models
+from nsjax import artifacts, models, parallel
 from nsjax.files import atomic_write_text
 
 MODEL_JSON = "model.json"
@@ -87,7 +88,7 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
   if not is_exported(directory):
     raise artifacts.MissingArtifact(
         str(directory), f"no exported model here (expected {MODEL_JSON} and {VARIABLES_DIR}/)",
-        "Export one with nsjax.checkpoint.export_model, run the stage that produces it, or convert "
+        "Export one with nsjax.exported_model.export_model, run the stage that produces it, or convert "
         "an official TF checkpoint with `python -m nsjax.tools.convert_checkpoint`.")
   try:
     description = json.loads((directory / MODEL_JSON).read_text())
@@ -114,7 +115,6 @@ def load_exported(directory: str | os.PathLike, shardings: Any = None,
   else:
     abstract = abstract_variables(model)
   if shardings is None:
-    from nsjax import parallel
     everywhere = parallel.replicated(parallel.make_mesh())
     shardings = jax.tree.map(lambda _: everywhere, abstract)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -137,7 +137,6 @@ def _restore_variables(var_dir: epath.Path, abstract: Any) -> Any:
 
 def params_sha256(params: Any) -> str:
   """A hash of the parameters' bytes in tree order (for summaries and bitwise-resume checks)."""
-  import hashlib
   h = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
                            key=lambda kv: jax.tree_util.keystr(kv[0])):

@@ -21,7 +21,7 @@ A config (`finetune_config`, one per student in the pipeline as `students[i].fin
   batch_size     0 = the student's labeled batch size
   lr_mode, learning_rate   see above
   flip           random horizontal flips (False: the plain eval view)
-  train          further nsjax.train.loop overrides (e.g. ema_decay, log_every_steps)
+  train          further nsjax.train.settings overrides (e.g. ema_decay, log_every_steps)
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import tensorflow as tf
 
-from nsjax import checkpoint, config_lib, models
-from nsjax.data import input_pipeline, preprocess, student_input
-from nsjax.train import loop
+from nsjax import config_lib, exported_model, models, schedule
+from nsjax.data import input_pipeline, student_input, views
+from nsjax.stages.context import Context, num_examples
+from nsjax.train import loop, settings
+
 
 LR_MODES = ("final", "continue", "constant")
 
@@ -41,8 +43,9 @@ LR_MODES = ("final", "continue", "constant")
 finetune_config = config_lib.finetune_config
 
 
-def check_config(ft, num_devices: int, where: str = "finetune") -> None:
-  """Raises ValueError naming the key and the fix."""
+def check_config(ft, where: str = "finetune") -> None:
+  """Raises ValueError naming the key and the fix (nsjax.validate checks the batch size's
+  divisibility with every other batch size's)."""
   if int(ft.resolution) < 8:
     raise ValueError(f"{where}.resolution = {ft.resolution}: set the test resolution to "
                      "fine-tune at (e.g. 800 for L2, 32 for SVHN).")
@@ -52,9 +55,6 @@ def check_config(ft, num_devices: int, where: str = "finetune") -> None:
     raise ValueError(f"{where}.lr_mode = {ft.lr_mode!r}; use one of {LR_MODES}.")
   if ft.lr_mode == "constant" and float(ft.learning_rate) <= 0:
     raise ValueError(f"{where}.learning_rate must be > 0 with lr_mode='constant'.")
-  if int(ft.batch_size) % num_devices:
-    raise ValueError(f"{where}.batch_size = {ft.batch_size} is not divisible by the "
-                     f"{num_devices} devices.")
   if int(ft.frozen_blocks) < -1:
     raise ValueError(f"{where}.frozen_blocks = {ft.frozen_blocks}: use -1 (none) or k >= 0.")
 
@@ -64,29 +64,29 @@ def student_train_config(metadata: dict[str, Any]) -> ml_collections.ConfigDict 
   saved = metadata.get("train_config")
   if not saved:
     return None
-  known = loop.default_config()
+  known = settings.default_config()
   given = {k: (None if v == "none" else v) for k, v in saved.items() if k in known}
-  return loop.resolve_config(given)
+  return settings.resolve_config(given)
 
 
 def learning_rate_settings(ft, student: ml_collections.ConfigDict | None, student_step: int,
                            batch_size: int) -> dict[str, Any]:
   """Loop keys (base_learning_rate per 256 images, schedule, no warmup) for `ft.lr_mode`."""
   if ft.lr_mode == "constant":
-    lr, schedule = float(ft.learning_rate), "constant"
+    lr, lr_schedule = float(ft.learning_rate), "constant"
   else:
     if student is None:
       raise ValueError(f"lr_mode={ft.lr_mode!r} needs the student's schedule, but its export "
                        "has no train_config (imported?); use lr_mode='constant' with "
                        "learning_rate.")
-    lr = float(loop.make_schedule(student)(student_step))
-    schedule = "constant" if ft.lr_mode == "final" else "exponential"
-  settings = dict(base_learning_rate=lr * 256.0 / batch_size, lr_schedule=schedule,
-                  warmup_epochs=0.0)
+    lr = float(settings.make_schedule(student)(student_step))
+    lr_schedule = "constant" if ft.lr_mode == "final" else "exponential"
+  lr_settings = dict(base_learning_rate=lr * 256.0 / batch_size, lr_schedule=lr_schedule,
+                     warmup_epochs=0.0)
   if student is not None and ft.lr_mode == "continue":
-    settings.update(lr_decay_epochs=student.lr_decay_epochs,
-                    lr_decay_factor=student.lr_decay_factor)
-  return settings
+    lr_settings.update(lr_decay_epochs=student.lr_decay_epochs,
+                       lr_decay_factor=student.lr_decay_factor)
+  return lr_settings
 
 
 def finetune_train_config(ft, metadata: dict[str, Any], num_labeled: int,
@@ -106,7 +106,7 @@ def finetune_train_config(ft, metadata: dict[str, Any], num_labeled: int,
               seed=seed, export=False)
   base.update(learning_rate_settings(ft, student, int(metadata.get("step", 0)), batch_size))
   base.update(dict(ft.get("train", {}) or {}))
-  return loop.resolve_config(base)
+  return settings.resolve_config(base)
 
 
 def finetune_model(student: models.EfficientNet, ft) -> models.EfficientNet:
@@ -119,12 +119,13 @@ def labeled_batches(src: input_pipeline.Source, model: models.EfficientNet, batc
                     seed: int, flip: bool, mesh, index_dir: str | None = None
                     ) -> Callable[[int], Iterator[dict]]:
   """start_step -> global batches of the eval view (plus optional flips) of labeled images."""
+  eval_view = views.eval_view_fn(model.test_resolution, model.small_image, src.image_key)
+
   def view(features, example_seed):
-    image = preprocess.eval_view(features[src.image_key], model.test_resolution,
-                                 small_image=model.small_image)
+    out = eval_view(features, example_seed)
     if flip:
-      image = tf.image.stateless_random_flip_left_right(image, example_seed)
-    return {"image": image, "label": tf.cast(features["label"], tf.int32)}
+      out["image"] = tf.image.stateless_random_flip_left_right(out["image"], example_seed)
+    return out
 
   def batches(start_step: int, input_position: dict | None = None) -> Iterator[dict]:
     labeled = input_pipeline.train_batches(
@@ -145,7 +146,7 @@ def finetune(student_export: str, labeled: input_pipeline.Source, workdir: str, 
   `eval_fn(model)` -> an eval_fn for the loop (it needs the fine-tuned model's resolution).
   `index_dir`: where the labeled files' record offsets are cached (input_pipeline.train_batches).
   """
-  student, variables, metadata = checkpoint.load_exported(student_export)
+  student, variables, metadata = exported_model.load_exported(student_export)
   model = finetune_model(student, ft)
   cfg = finetune_train_config(ft, metadata, num_labeled, seed)
   if batches is None:
@@ -157,12 +158,23 @@ def finetune(student_export: str, labeled: input_pipeline.Source, workdir: str, 
   exported = model.clone(frozen_blocks=-1)
   final_metrics = {k: float(v) for k, v in result.metrics.items()
                    if isinstance(v, (int, float)) or getattr(v, "ndim", 1) == 0}
-  checkpoint.export_model(out, exported, result.state.ema_variables, {
+  exported_model.export_model(out, exported, result.state.ema_variables, {
       "step": int(result.step), "finetuned_from": str(student_export),
       "student_step": int(metadata.get("step", 0)),
       "train_config": {k: ("none" if v is None else v) for k, v in cfg.to_dict().items()},
       "metrics": final_metrics})
   return {"step": int(result.step), "export_dir": out, "final_metrics": final_metrics,
-          "learning_rate": float(loop.make_schedule(cfg)(0)),
-          "num_train_steps": loop.num_train_steps(cfg),
+          "learning_rate": float(settings.make_schedule(cfg)(0)),
+          "num_train_steps": settings.num_train_steps(cfg),
           **result.skipped_fields()}
+
+
+def run(stage: schedule.Stage, ctx: Context) -> dict:
+  """Fine-tunes student i on the labeled data; its export replaces the student's from then on."""
+  labeled = ctx.source("labeled")
+  return finetune(
+      schedule.export_dir(ctx.workdir, f"student-{stage.iteration}"), labeled,
+      ctx.stage_dir(stage.name), ctx.config.students[stage.iteration - 1].finetune, mesh=ctx.mesh,
+      num_labeled=num_examples(labeled),
+      seed=int(ctx.config.seed) * 1000 + 500 + stage.iteration, eval_fn=ctx.eval_fn,
+      index_dir=ctx.record_index_dir)
