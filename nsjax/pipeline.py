@@ -38,7 +38,8 @@ from absl import logging
 
 from nsjax import (artifacts, checkpoint, finetune, label, models, parallel, report, validate,
                    workdir_lock)
-from nsjax.data import folder, input_pipeline, mnist5k, preprocess, pseudo_labels, student_input
+from nsjax.data import (embedded, folder, input_pipeline, preprocess, pseudo_labels,
+                        student_input)
 from nsjax.data import randaugment as ra
 from nsjax.evaluate import stage as eval_stage_lib
 from nsjax.files import atomic_write_json
@@ -112,14 +113,15 @@ def source(cfg, data_dir: str | None) -> input_pipeline.Source:
 
 
 def prepare_data(config, workdir: str) -> str | None:
-  """Builds the embedded dataset when the config names it (offline, seconds); returns data_dir."""
+  """Builds the embedded datasets (nsjax.data.embedded) the config names (offline, seconds);
+  returns data_dir."""
   data_dir = config.data.get("data_dir") or None
   names = {config.data[k].name for k in ("labeled", "unlabeled", "test")}
-  for name in sorted(n for n in names if n.split("/")[0] == "mnist5k"):
+  for name in sorted(n for n in names if embedded.is_embedded(n)):
     data_dir = data_dir or os.path.join(workdir, "tensorflow_datasets")
     if jax.process_index() == 0:
-      mnist5k.build(data_dir, name.split("/")[1] if "/" in name else "labels_10")
-    parallel.sync("mnist5k-built")
+      embedded.build(name, data_dir)
+    parallel.sync(f"{name}-built")
   return data_dir
 
 
