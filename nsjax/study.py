@@ -262,10 +262,6 @@ class Run:
   run_dir: str
   identities: dict[str, str]
 
-  @property
-  def final_stage(self) -> str:
-    return f"student-{len(self.config.students)}"
-
 
 def plan(config, study: Study, seeds: Sequence[int], workdir: str,
          variants: Sequence[str] | None = None) -> list[Run]:
@@ -286,13 +282,14 @@ def plan(config, study: Study, seeds: Sequence[int], workdir: str,
         cfg.data.data_dir = os.path.join(workdir, "tensorflow_datasets")
       runs.append(Run(name, int(seed), cfg, os.path.join(workdir, "runs", name, f"seed-{seed}"),
                       identities))
-  for run in runs:
-    if run.seed == runs[0].seed or run.variant != runs[0].variant:
-      if run.config.data.num_classes:  # else the pipeline checks once the data tells the classes
-        try:
-          validate.validate_config(run.config, run.run_dir)
-        except validate.ConfigError as error:
-          raise validate.ConfigError(f"Variant {run.variant!r}: {error}") from None
+  checked = set()
+  for run in runs:  # once per variant: seeds change nothing validation looks at
+    if run.variant not in checked and run.config.data.num_classes:  # (0: the pipeline checks
+      checked.add(run.variant)                                      # once the data tells)
+      try:
+        validate.validate_config(run.config, run.run_dir)
+      except validate.ConfigError as error:
+        raise validate.ConfigError(f"Variant {run.variant!r}: {error}") from None
   return runs
 
 
@@ -315,7 +312,8 @@ def describe_plan(runs: Sequence[Run], workdir: str) -> str:
       seen.add(identity)
     lines.append(f"{run.variant} seed {run.seed}: computes {', '.join(new) or 'nothing'}; "
                  f"shares {', '.join(shared) or 'nothing'}")
-  lines.append("stages to compute: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+  lines.append("stages to compute: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                                        or "none"))
   return "\n".join(lines)
 
 
@@ -409,6 +407,7 @@ def _adopt(run: Run, s, workdir: str, state: RunState) -> bool:
     return True
   if state.done(s.name) and (s.kind == "eval" or os.path.isdir(folder)):
     _write_record(run, s, workdir, state.result(s.name))
+    _link(run, s, workdir)
     return True
   return False
 
@@ -498,7 +497,8 @@ def collect(config, study: Study, seeds: Sequence[int], workdir: str,
           missing.append(f"{variant} seed {seed} {stage}")
   return {"variants": {v: _stats(t) for v, t in top1.items()},
           "teacher": _stats(refs["teacher"]), "baseline": _stats(refs["baseline"]),
-          "study": {"name": name, "seeds": [int(s) for s in seeds], "reference": reference,
+          "study": {"name": name, "description": study.about,
+                    "seeds": [int(s) for s in seeds], "reference": reference,
                     "about": {v: study.variants[v].about for v in study.variants},
                     "top1_unit": "percent", "std": "sample standard deviation over seeds",
                     "missing": missing}}
@@ -598,7 +598,7 @@ def main(argv) -> None:
     raise app.UsageError("--config, --study and --workdir are required, e.g. python -m "
                          "nsjax.study --config=configs/demo.py --study=paper --seeds=0,1,2 "
                          "--workdir=/tmp/nsjax-study")
-  command.before_jax(0)
+  command.before_jax(command.pixels_per_step(values.config))
   command.after_jax()
 
   def go():

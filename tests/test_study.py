@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +14,7 @@ import pytest
 
 from nsjax import pipeline, study, validate, workdir_lock
 from nsjax.study import Study, Variant
-from test_pipeline import load_config
+from test_pipeline import ROOT, load_config
 
 PAPER_VARIANTS = ["full", "no_noise", "no_randaugment", "no_dropout_sd", "hard_labels",
                   "no_balance", "iterations_1", "iterations_2", "iterations_3", "larger_student",
@@ -258,3 +260,34 @@ def test_a_run_killed_before_its_record_is_adopted_without_compute(smoke_study, 
   rerun = Calls()
   study.run_one(run, workdir, rerun)
   assert rerun.calls == [] and json.load(open(record)) == before
+
+
+def test_the_dry_run_plan(smoke_study):
+  config, smoke, workdir, _, _, _ = smoke_study
+  elsewhere = workdir + "-fresh"
+  fresh = study.describe_plan(study.plan(config, smoke, [0], elsewhere), elsewhere).splitlines()
+  assert fresh[0].startswith("full seed 0: computes teacher, label-1, student-1")
+  assert fresh[1].startswith("student_lr seed 0: computes student-1, eval-student-1; shares "
+                             "teacher, label-1, eval-teacher")
+  assert fresh[-1] == "stages to compute: 5 eval, 2 label, 3 student, 2 teacher"
+  done = study.describe_plan(study.plan(config, smoke, [0], workdir), workdir).splitlines()
+  assert all(" computes nothing; " in line for line in done[:-1])
+  assert done[-1] == "stages to compute: none"
+
+
+def test_the_command_line_refuses_a_typo_with_exit_2_before_any_compute(tmp_path):
+  typo = tmp_path / "typo.py"
+  typo.write_text("from nsjax.study import Study, Variant\n"
+                  "def get_study(config):\n"
+                  "  return Study({'full': Variant('ok'),\n"
+                  "                'bad': Variant('typo', {'balance.num_image_per_clas': 1})})\n")
+  workdir = tmp_path / "study"
+  done = subprocess.run([sys.executable, "-m", "nsjax.study", "--config=smoke", f"--study={typo}",
+                         "--seeds=0,1", f"--workdir={workdir}"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert ("Config error: Variant 'bad', override 'balance.num_image_per_clas': Unknown config key "
+          "balance.num_image_per_clas") in done.stderr
+  assert "did you mean balance.num_image_per_class?" in done.stderr
+  assert "Traceback" not in done.stderr
+  assert not (workdir / "stages").exists() and not (workdir / "tensorflow_datasets").exists()
