@@ -196,7 +196,8 @@ def variant_config(config, study: Study, name: str, seed: int) -> ml_collections
 # Stage identities.
 
 def _plain(value):
-  if isinstance(value, ml_collections.ConfigDict):
+  """Plain dicts and lists all the way down (what identities hash)."""
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
     return {k: _plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [_plain(v) for v in value]

@@ -30,13 +30,12 @@ top-1 only).
 Cost, 3 seeds on a 2-core CPU (`--dry_run` lists what each run computes; docs/study.md has the
 arithmetic): per seed 1 teacher and 1 baseline of 1,600 steps, 17 students of the demo's size and
 2 larger ones (`no_noise` .. `ood_hard` each train two, `iterations_3` one, `iterations_1` and
-`iterations_2` none), 14 labeling stages and 23 evaluations. From the demo's stage times (teacher
-1,600 steps ~160-205 s, a 600-step student ~205 s of which ~35 s start-up and export, labeling
-3-7 s, evaluation ~10 s with the corruption suite; measured with the test suite beside it on the
-same two cores) and a measured per-step cost of the larger student (x LARGER_COST a step): about
-ESTIMATE_LOADED per seed with other work on the cores, ESTIMATE_QUIET on a quiet machine (the demo
-runs at ~0.65x its loaded time there), so 3 seeds take about TOTAL_QUIET quiet, TOTAL_LOADED at
-worst: inside the 3-hour budget.
+`iterations_2` none), 13 labeling stages, 21 evaluations and 12 run summaries. From the demo's
+stage times (a 600-step student ~205 s, ~25 s of it start-up and export, ~0.28 s a step; teacher
+1,600 steps ~185 s; measured with the test suite beside it on the same two cores) and the larger
+student's cost counted as 2.5x a step (XLA's FLOP count says 2.2x): ~61 min per seed, so about
+3 hours for 3 seeds with other work on the cores and about 2 hours on a quiet machine (where the
+demo runs at ~0.65x its loaded time). The demo's 600 steps would take ~4 h loaded.
 """
 import copy
 
