@@ -520,8 +520,10 @@ def format_table(results: dict[str, Any]) -> str:
            "| variant | what it tests | top-1 mean +- std | per seed | vs reference |",
            "|---|---|---|---|---|"]
   rows = [(v, meta["about"][v], e) for v, e in results["variants"].items()]
-  rows += [("teacher", "the reference's teacher", results["teacher"]),
-           ("baseline", "supervised baseline (labels only)", results["baseline"])]
+  for key, about in (("teacher", "the reference's teacher"),
+                     ("baseline", "supervised baseline (labels only)")):
+    if results[key]["top1"] or any(m.endswith(f"eval-{key}") for m in meta["missing"]):
+      rows.append((key, about, results[key]))  # (a schedule without a baseline has no row)
   for name, about, entry in rows:
     seeds = " / ".join(f"{entry['top1'][k]:.1f}" for k in sorted(entry["top1"], key=int)) or "-"
     delta = ("-" if entry["mean"] is None or reference is None or name == meta["reference"]
@@ -551,6 +553,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     if results[key]["mean"] is not None:
       ax.axhline(results[key]["mean"], ls=style, color="gray", label=f"{key} (mean)")
   ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+  ax.set_xlim(-0.6, len(names) - 0.4)
   ax.set_ylabel("test top-1 (%)")
   ax.set_title(f"study {results['study']['name']}: final student, mean +- std, dots = seeds",
                fontsize=9)
@@ -623,13 +626,21 @@ def main(argv) -> None:
   command.run_with_exit_codes(go)
 
 
-if __name__ == "__main__":
-  import sys
+def run_command(argv) -> None:
+  """`python -m nsjax.study ...`: flags, --config resolution, then main."""
   from absl import app
   from nsjax import cli, command
   define_flags()
   try:
-    resolved_argv = cli.resolve_config_flags(sys.argv)
+    resolved_argv = cli.resolve_config_flags(argv)
   except cli.ConfigNotFound as config_error:
     command.exit_with(command.EXIT_BAD_CONFIG, f"Config error: {config_error}")
   app.run(main, argv=resolved_argv)
+
+
+if __name__ == "__main__":
+  # Through the imported module, so that study files' `nsjax.study.Study` is this module's class
+  # (as __main__, this file's own classes would be other objects).
+  import sys
+  from nsjax import study as _module
+  _module.run_command(sys.argv)

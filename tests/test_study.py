@@ -239,6 +239,7 @@ def test_the_report(smoke_study):
   table = open(os.path.join(workdir, "study.md")).read()
   assert "| student_lr | students only: another learning rate |" in table
   assert "| teacher | the reference's teacher |" in table
+  assert "| baseline |" not in table  # the smoke schedule has none
   assert os.path.getsize(os.path.join(workdir, "study.png")) > 1000
 
 
