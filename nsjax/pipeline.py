@@ -25,7 +25,7 @@ import tensorflow as tf
 from absl import logging
 
 from nsjax import artifacts, config_lib, parallel, validate, workdir_lock
-from nsjax.data import folder, mnist5k
+from nsjax.data import embedded, folder
 from nsjax.run_state import RunState
 from nsjax.schedule import (Stage, export_dir, final_export_dir, fingerprint, model_stage_names,
                             schedule, stage_config, stage_dir)
@@ -41,14 +41,15 @@ __all__ = ["run", "prepare_data", "resolve_data", "Stage", "schedule", "stage_co
 
 
 def prepare_data(config, workdir: str) -> str | None:
-  """Builds the embedded dataset when the config names it (offline, seconds); returns data_dir."""
+  """Builds the embedded datasets (nsjax.data.embedded) the config names (offline, seconds);
+  returns data_dir."""
   data_dir = config.data.get("data_dir") or None
   names = {config.data[k].name for k in ("labeled", "unlabeled", "test")}
-  for name in sorted(n for n in names if n.split("/")[0] == "mnist5k"):
+  for name in sorted(n for n in names if embedded.is_embedded(n)):
     data_dir = data_dir or os.path.join(workdir, "tensorflow_datasets")
     if jax.process_index() == 0:
-      mnist5k.build(data_dir, name.split("/")[1] if "/" in name else "labels_10")
-    parallel.sync("mnist5k-built")
+      embedded.build(name, data_dir)
+    parallel.sync(f"{name}-built")
   return data_dir
 
 

@@ -29,6 +29,7 @@ FORBIDDEN = {
 DEFERRED_NSJAX_IMPORTS = {
     # host memory settings must precede JAX's thread pools, jax.distributed any computation.
     "nsjax/main.py",
+    "nsjax/command.py",  # the run commands' shared set-up, imported by main.py before JAX starts
 }
 
 

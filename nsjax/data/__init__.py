@@ -16,7 +16,7 @@ try:
 except ImportError:
   sys.modules["importlib_resources"] = importlib.resources
 
-from nsjax.data import mnist5k  # noqa: E402  (registers "mnist5k" with TFDS)
+from nsjax.data import mnist5k, natural_patches  # noqa: E402,F401  (register them with TFDS)
 from nsjax.data.input_pipeline import (  # noqa: E402
     BatchIterator, DatasetNotPreparedError, PreprocessFn, Source, eval_batches,
     identity_preprocess, single_pass_batches, train_batches, unlabeled_batches)

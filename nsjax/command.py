@@ -1,0 +1,95 @@
+"""What nsjax's run commands (`nsjax.main`, `nsjax.study`) share: the process set-up around JAX's
+start, and one clear line plus a documented exit code for each known way a run stops (the codes
+are listed in nsjax/main.py's docstring).
+
+This module defines no flags (absl flags are process-global), so both commands can import it.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from absl import logging
+
+from nsjax import host_memory
+
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again later
+EXIT_BAD_CONFIG = 2
+EXIT_NON_FINITE = 3
+EXIT_DISK_FULL = 74  # sysexits.h EX_IOERR
+
+
+class QuietLibraries:
+  """Drops INFO lines from Orbax and TFDS internals; our own progress lines stay."""
+
+  def filter(self, record):
+    noisy = ("/orbax/", "/tensorflow_datasets/", "/etils/")
+    return record.levelno >= 30 or not any(n in record.pathname for n in noisy)
+
+
+def before_jax(pixels: int) -> None:
+  """Quiet logs; for steps of `pixels` (images x height x width) large enough, keep freed host
+  memory. Call before JAX's first computation starts its thread pools (see nsjax.host_memory)."""
+  import logging as py_logging
+  py_logging.getLogger("absl").addFilter(QuietLibraries())
+  if host_memory.worth_retaining(pixels) and host_memory.retain_freed_memory():
+    logging.info("Large steps on the CPU: freed host memory is kept for reuse (nsjax.host_memory).")
+
+
+def pixels_per_step(config) -> int:
+  """The most images x height x width one train or labeling step of `config` processes; 0 for a
+  config too malformed to tell (validation reports it later)."""
+  try:
+    stages = [(s, False) for s in (config.teacher, config.baseline) if s]
+    stages += [(s, True) for s in config.students]
+    most = 0
+    for stage, is_student in stages:
+      train = stage.get("train", {})
+      images = train.get("batch_size", 0)
+      if is_student:  # labeled and pseudo-labeled images in one step
+        images *= 1 + float(train.get("unlabeled_ratio", 1.0))
+      most = max(most, images * stage.resolution ** 2,
+                 config.label.batch_size * stage.get("test_resolution", stage.resolution) ** 2)
+    return int(most)
+  except (AttributeError, KeyError, TypeError, ValueError):
+    return 0
+
+
+def after_jax() -> None:
+  """TensorFlow only feeds the host; no progress bars; the persistent XLA compilation cache."""
+  import jax
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  tf.config.set_visible_devices([], "GPU")
+  tfds.disable_progress_bar()
+  from nsjax import parallel
+  parallel.enable_compilation_cache()
+  logging.info("JAX process %d/%d, %d devices.", jax.process_index(), jax.process_count(),
+               jax.device_count())
+
+
+def run_with_exit_codes(fn: Callable[[], Any]) -> Any:
+  """`fn()`, with each known stop turned into one line on stderr and its exit code."""
+  from nsjax import artifacts, validate, workdir_lock
+  from nsjax.train import preemption, reporter
+  try:
+    return fn()
+  except preemption.Preempted as error:
+    exit_with(EXIT_PREEMPTED, f"Stage {getattr(error, 'stage', '?')}: {error}.")
+  except validate.ConfigError as error:
+    exit_with(EXIT_BAD_CONFIG, f"Config error: {error}")
+  except workdir_lock.WorkdirBusy as error:
+    exit_with(EXIT_BAD_CONFIG, f"Workdir busy: {error}")
+  except artifacts.DiskFull as error:
+    exit_with(EXIT_DISK_FULL, f"Disk full: {error}")
+  except artifacts.ArtifactError as error:
+    exit_with(EXIT_BAD_CONFIG, f"Damaged or missing artifact: {error}")
+  except reporter.NonFiniteError as error:
+    exit_with(EXIT_NON_FINITE, f"Stage {getattr(error, 'stage', '?')} stopped: {error}")
+
+
+def exit_with(code: int, message: str) -> None:
+  """One clear line (no traceback) on stderr and in the log, then the documented exit code."""
+  logging.error(message)
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(code)
