@@ -316,6 +316,8 @@ MEANINGS = {
     "model_overrides.dtype": "'float32' or 'bfloat16' parameters and activations",
     "model_overrides.depthwise_impl": "depthwise convolution kernel ('auto' picks per backend)",
     "model_overrides.stem_impl": "stem convolution kernel ('auto' picks per backend)",
+    "model_overrides.matmul_operands": "1x1 convolutions' operand dtype, accumulated in float32 "
+                                       "('auto': bfloat16 on CPUs with AMX-bf16)",
     "model_overrides.frozen_blocks": "set by fine-tuning",
     "model_overrides.train_resolution": "set from resolution",
     "model_overrides.test_resolution": "set from test_resolution",
