@@ -68,24 +68,31 @@ def after_jax() -> None:
                jax.device_count())
 
 
-def run_with_exit_codes(fn: Callable[[], Any]) -> Any:
-  """`fn()`, with each known stop turned into one line on stderr and its exit code."""
+def _known_stops() -> tuple:
+  """(exception type, exit code, message) for each documented way a run stops, most specific
+  first (DiskFull is an ArtifactError)."""
   from nsjax import artifacts, validate, workdir_lock
   from nsjax.train import preemption, reporter
+  stage = lambda error: getattr(error, "stage", "?")
+  return (
+      (preemption.Preempted, EXIT_PREEMPTED, lambda e: f"Stage {stage(e)}: {e}."),
+      (validate.ConfigError, EXIT_BAD_CONFIG, lambda e: f"Config error: {e}"),
+      (workdir_lock.WorkdirBusy, EXIT_BAD_CONFIG, lambda e: f"Workdir busy: {e}"),
+      (artifacts.DiskFull, EXIT_DISK_FULL, lambda e: f"Disk full: {e}"),
+      (artifacts.ArtifactError, EXIT_BAD_CONFIG, lambda e: f"Damaged or missing artifact: {e}"),
+      (reporter.NonFiniteError, EXIT_NON_FINITE, lambda e: f"Stage {stage(e)} stopped: {e}"),
+  )
+
+
+def run_with_exit_codes(fn: Callable[[], Any]) -> Any:
+  """`fn()`, with each known stop turned into one line on stderr and its exit code."""
+  stops = _known_stops()
   try:
     return fn()
-  except preemption.Preempted as error:
-    exit_with(EXIT_PREEMPTED, f"Stage {getattr(error, 'stage', '?')}: {error}.")
-  except validate.ConfigError as error:
-    exit_with(EXIT_BAD_CONFIG, f"Config error: {error}")
-  except workdir_lock.WorkdirBusy as error:
-    exit_with(EXIT_BAD_CONFIG, f"Workdir busy: {error}")
-  except artifacts.DiskFull as error:
-    exit_with(EXIT_DISK_FULL, f"Disk full: {error}")
-  except artifacts.ArtifactError as error:
-    exit_with(EXIT_BAD_CONFIG, f"Damaged or missing artifact: {error}")
-  except reporter.NonFiniteError as error:
-    exit_with(EXIT_NON_FINITE, f"Stage {getattr(error, 'stage', '?')} stopped: {error}")
+  except tuple(kind for kind, _, _ in stops) as error:
+    code, message = next((code, message(error)) for kind, code, message in stops
+                         if isinstance(error, kind))
+    exit_with(code, message)
 
 
 def exit_with(code: int, message: str) -> None:
