@@ -48,10 +48,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
-from nsjax import pipeline, validate, workdir_lock
+from nsjax import cli, command, pipeline, report, validate, workdir_lock
 from nsjax.files import atomic_write_json, atomic_write_text, read_json
 from nsjax.run_state import RunState
 
@@ -81,7 +80,6 @@ class Study:
 
 def study_dirs() -> tuple[pathlib.Path, ...]:
   """Where `--study=NAME` is looked up: the studies/ folder beside the bundled configs."""
-  from nsjax import cli
   return tuple(d / "studies" for d in cli.CONFIG_DIRS)
 
 
@@ -539,7 +537,6 @@ def plot(results: dict[str, Any], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from nsjax import report
   names = list(results["variants"])
   fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) + 2), 4.0))
   for x, name in enumerate(names):
@@ -594,7 +591,6 @@ def define_flags() -> None:
 
 def main(argv) -> None:
   from absl import app, flags
-  from nsjax import command
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   values = flags.FLAGS
@@ -629,7 +625,6 @@ def main(argv) -> None:
 def run_command(argv) -> None:
   """`python -m nsjax.study ...`: flags, --config resolution, then main."""
   from absl import app
-  from nsjax import cli, command
   define_flags()
   try:
     resolved_argv = cli.resolve_config_flags(argv)
