@@ -196,11 +196,6 @@ def _flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-def _cpu_name() -> str:
-  from nsjax import cpu_features
-  return cpu_features.describe()["model"]
-
-
 # ------------------------------------------------------------------------------------------------
 # nsjax: train step, inference step, labeling end to end.
 
@@ -579,10 +574,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pass
 
   devices = jax.devices()
+  cpu = cpu_features.describe()
   results: dict[str, Any] = {
       "device": f"{len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
-                + (f", CPU {_cpu_name()}" if devices[0].platform == "cpu" else ""),
-      "cpu": _cpu_name(), "cpu_features": cpu_features.describe(), "threads": len(cpus), "jax_version": jax.__version__,
+                + (f", CPU {cpu['model']}" if devices[0].platform == "cpu" else ""),
+      "cpu": cpu["model"], "cpu_features": cpu, "threads": len(cpus),
+      "jax_version": jax.__version__,
       "jax_backend": jax.default_backend(), "python": platform.python_version(),
       "flags": {k: v for k, v in vars(args).items() if not k.startswith("_")},
       "nsjax_retains_freed_memory": host_memory.applied(),

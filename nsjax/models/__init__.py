@@ -9,7 +9,8 @@ from nsjax.models.efficientnet import EfficientNet
 from nsjax.models.specs import MODEL_SPECS, ModelSpec, get_spec
 
 OVERRIDABLE = ("width", "depth", "dropout_rate", "stochastic_depth_rate", "small_image", "dtype",
-               "depthwise_impl", "stem_impl", "matmul_operands", "frozen_blocks", "train_resolution", "test_resolution")
+               "depthwise_impl", "stem_impl", "matmul_operands", "frozen_blocks",
+               "train_resolution", "test_resolution")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -32,8 +33,8 @@ def model_config(name: str, num_classes: int, **overrides: Any) -> dict[str, Any
   config = dict(model_name=name, num_classes=num_classes, width=spec.width, depth=spec.depth,
                 dropout_rate=spec.dropout_rate, stochastic_depth_rate=0.2, small_image=False,
                 dtype="float32", depthwise_impl="auto", stem_impl="auto", matmul_operands="auto",
-                frozen_blocks=-1,
-                train_resolution=spec.train_resolution, test_resolution=spec.test_resolution)
+                frozen_blocks=-1, train_resolution=spec.train_resolution,
+                test_resolution=spec.test_resolution)
   config.update(overrides)
   if config["dtype"] not in DTYPES:
     raise ValueError(f"dtype must be one of {DTYPES}, got {config['dtype']!r}.")
