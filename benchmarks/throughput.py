@@ -255,15 +255,16 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
   out["nsjax_init_s"] = time.perf_counter() - t
   step_fn = compile_cache.train_step(fns, None, None, cfg.fsdp)
   batch = parallel.to_global_batch({"labeled": {"image": images, "label": labels}}, mesh)
+  seed = steps.seed_argument(cfg.seed, mesh)
 
   t = time.perf_counter()
-  train = step_fn.lower(state, batch).compile(compiler_options=_compiler_options(args))
+  train = step_fn.lower(state, batch, seed).compile(compiler_options=_compiler_options(args))
   out["nsjax_train_compile_s"] = time.perf_counter() - t
   flops = _flops(train)
 
   def train_once():
     nonlocal state
-    state, metrics = train(state, batch)  # the state is donated, as in the loop
+    state, metrics = train(state, batch, seed)  # the state is donated, as in the loop
     jax.block_until_ready((state, metrics))
 
   times = _time_calls(train_once, args.warmup, args.steps)

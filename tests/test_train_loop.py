@@ -12,7 +12,7 @@ from etils import epath
 
 from nsjax import exported_model, models, parallel
 from nsjax.evaluate import accuracy
-from nsjax.train import loop, reporter, settings
+from nsjax.train import compile_cache, loop, reporter, settings
 
 NUM_CLASSES = 10
 SIZE = 16
@@ -161,6 +161,24 @@ def test_export_holds_ema_variables(runs):
   live = jax.device_get(full.state.params)
   assert not np.array_equal(live["head"]["dense"]["kernel"],
                             ema["params"]["head"]["dense"]["kernel"])
+
+
+def test_another_seed_reuses_the_compiled_step(runs, tmp_path):
+  """A run that differs only in its seed (a teacher and its baseline, a study's seeds) compiles
+  no new train step, yet draws other noise and another init."""
+  config = dict(CONFIG, num_train_steps=4, eval_every_steps=0, export=False)
+  fns = compile_cache.run_functions(MODEL, runs["mesh"], compile_cache.hashable_config(
+      settings.resolve_config(config)), (SIZE, SIZE, 3), -1)
+  step_fn = compile_cache.train_step(fns, None, None, False)
+  compiled = step_fn._cache_size()
+  assert compiled >= 1  # the module's runs compiled it
+  other = loop.train(dict(config, seed=1), MODEL, batches, tmp_path / "seed1", mesh=runs["mesh"])
+  again = loop.train(dict(config, seed=1), MODEL, batches, tmp_path / "again", mesh=runs["mesh"])
+  same = loop.train(config, MODEL, batches, tmp_path / "seed0", mesh=runs["mesh"])
+  assert step_fn._cache_size() == compiled
+  params = lambda r: exported_model.params_sha256(r.state.params)
+  assert params(other) == params(again)  # the seed as an argument is still deterministic
+  assert params(other) != params(same)
 
 
 def test_non_finite_batch_stops_before_saving(runs, tmp_path):

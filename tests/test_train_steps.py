@@ -44,7 +44,8 @@ class TinyNet(nn.Module):
 IMAGE_SHAPE = (8, 8, 3)
 LOSS = objective.LossConfig(num_classes=NUM_CLASSES, label_smoothing=0.1, unlabeled_ratio=3.0,
                         pseudo_labels="soft", temperature=0.5, weight_decay=1e-3,
-                        ema_decay=0.9999, seed=7)
+                        ema_decay=0.9999)
+SEED = 7
 
 
 def make_batch(seed=0, labeled=8, unlabeled=8, teacher_image=False, image_shape=IMAGE_SHAPE):
@@ -84,7 +85,7 @@ def run(mesh, fsdp=False, num_steps=3, model=TinyNet(), image_shape=IMAGE_SHAPE)
   history = []
   for i in range(num_steps):
     batch = make_batch(i, image_shape=image_shape)
-    state, metrics = step(state, parallel.to_global_batch(batch, mesh))
+    state, metrics = step(state, parallel.to_global_batch(batch, mesh), SEED)
     history.append(jax.device_get(metrics))
   return state, history, shardings
 
@@ -180,9 +181,10 @@ def test_efficientnet_sharded_and_fsdp_match_single_device():
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32_loss(compiled, mesh4):
   init16, step16, _ = build(mesh4, model=TinyNet(dtype=jnp.bfloat16))
   state16, metrics16 = step16(init16(steps.init_key(0)),
-                              parallel.to_global_batch(make_batch(50), mesh4))
+                              parallel.to_global_batch(make_batch(50), mesh4), SEED)
   init32, step32, _ = compiled
-  _, metrics32 = step32(init32(steps.init_key(0)), parallel.to_global_batch(make_batch(50), mesh4))
+  _, metrics32 = step32(init32(steps.init_key(0)), parallel.to_global_batch(make_batch(50), mesh4),
+                        SEED)
   assert bool(metrics16["is_finite"])
   assert state16.params["conv"]["kernel"].dtype == jnp.float32
   np.testing.assert_allclose(metrics16["loss"], metrics32["loss"], rtol=3e-2)
@@ -193,20 +195,28 @@ def np_log_softmax(z):
   return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+def test_traced_seed_draws_the_keys_a_constant_seed_drew():
+  """The step takes its seed as an argument; runs keep the noise they had with a constant."""
+  for seed in (0, 7, 2**31 - 1):
+    constant = jax.random.key_data(steps.dropout_key(seed, jnp.int32(5)))
+    traced = jax.jit(steps.dropout_key)(np.int32(seed), jnp.int32(5))
+    np.testing.assert_array_equal(constant, jax.random.key_data(traced))
+
+
 def test_loss_decomposition_and_joint_batchnorm_match_manual(compiled, mesh4):
   init, step, _ = compiled
   state = init(steps.init_key(0))
   # Move off the initial state so the checked step is a generic one (step 1, nonzero lr).
-  state, _ = step(state, parallel.to_global_batch(make_batch(10), mesh4))
+  state, _ = step(state, parallel.to_global_batch(make_batch(10), mesh4), SEED)
   before = jax.device_get(state)
   batch = make_batch(11)
-  new_state, metrics = step(state, parallel.to_global_batch(batch, mesh4))
+  new_state, metrics = step(state, parallel.to_global_batch(batch, mesh4), SEED)
   metrics = jax.device_get(metrics)
 
   images = np.concatenate([batch["labeled"]["image"], batch["unlabeled"]["image"]])
   logits, updates = TinyNet().apply(
       {"params": before.params, "batch_stats": before.batch_stats}, images, train=True,
-      rngs={"dropout": steps.dropout_key(LOSS.seed, 1)}, mutable=["batch_stats"])
+      rngs={"dropout": steps.dropout_key(SEED, 1)}, mutable=["batch_stats"])
   logits = np.asarray(logits, np.float64)
   onehot = np.eye(NUM_CLASSES)[batch["labeled"]["label"]]
   labeled_targets = onehot * 0.9 + 0.1 / NUM_CLASSES
@@ -240,11 +250,11 @@ def test_loss_decomposition_and_joint_batchnorm_match_manual(compiled, mesh4):
 def test_non_finite_input_leaves_state_unchanged(compiled, mesh4):
   init, step, _ = compiled
   state = init(steps.init_key(0))
-  state, _ = step(state, parallel.to_global_batch(make_batch(20), mesh4))
+  state, _ = step(state, parallel.to_global_batch(make_batch(20), mesh4), SEED)
   before = jax.device_get(state)
   batch = make_batch(21)
   batch["unlabeled"]["image"][3, 0, 0, 0] = np.nan
-  after, metrics = step(state, parallel.to_global_batch(batch, mesh4))
+  after, metrics = step(state, parallel.to_global_batch(batch, mesh4), SEED)
   assert not bool(metrics["is_finite"])
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(after))):
     np.testing.assert_array_equal(x, y)
@@ -255,7 +265,7 @@ def test_supervised_step_without_unlabeled_batch(compiled, mesh4):
   init, step, _ = compiled
   state = init(steps.init_key(0))
   batch = make_batch(30, unlabeled=0)
-  _, metrics = step(state, parallel.to_global_batch(batch, mesh4))
+  _, metrics = step(state, parallel.to_global_batch(batch, mesh4), SEED)
   metrics = jax.device_get(metrics)
   assert metrics["unlabeled_loss"] == 0.0
   np.testing.assert_allclose(metrics["loss"], metrics["labeled_loss"] +
@@ -270,7 +280,7 @@ def test_online_teacher_equal_to_initial_student_gives_expected_loss(mesh4):
   initial = jax.device_get(state)
   teacher_vars = {"params": initial.ema_params, "batch_stats": initial.ema_batch_stats}
   batch = make_batch(40, teacher_image=True)
-  _, metrics = step(state, parallel.to_global_batch(batch, mesh4), teacher_vars)
+  _, metrics = step(state, parallel.to_global_batch(batch, mesh4), SEED, teacher_vars)
   metrics = jax.device_get(metrics)
 
   teacher_logits = np.asarray(model.apply(teacher_vars, batch["unlabeled"]["teacher_image"]),
@@ -280,7 +290,7 @@ def test_online_teacher_equal_to_initial_student_gives_expected_loss(mesh4):
   targets /= targets.sum(-1, keepdims=True)
   images = np.concatenate([batch["labeled"]["image"], batch["unlabeled"]["image"]])
   student_logits, _ = model.apply(initial.variables, images, train=True,
-                                  rngs={"dropout": steps.dropout_key(LOSS.seed, 0)},
+                                  rngs={"dropout": steps.dropout_key(SEED, 0)},
                                   mutable=["batch_stats"])
   student = np_log_softmax(np.asarray(student_logits, np.float64))
   expected_unlabeled = -(targets * student[8:]).sum(-1).mean()

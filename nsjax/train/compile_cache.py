@@ -23,8 +23,9 @@ from nsjax.train import steps
 from nsjax.train.settings import make_tx, steps_per_epoch
 
 
-# Config keys that change the compiled step (the rest only steer the loop).
-_STEP_KEYS = ("seed", "batch_size", "optimizer", "base_learning_rate", "lr_schedule",
+# Config keys that change the compiled step (the rest only steer the loop; the seed is an argument
+# of the step, see nsjax.train.steps).
+_STEP_KEYS = ("batch_size", "optimizer", "base_learning_rate", "lr_schedule",
               "warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "rmsprop_decay", "momentum",
               "rmsprop_epsilon", "adamw_weight_decay", "weight_decay", "label_smoothing",
               "unlabeled_ratio", "pseudo_labels", "temperature", "ema_decay", "fsdp")

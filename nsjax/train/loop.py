@@ -236,17 +236,18 @@ def _initial_state(fns: compile_cache.RunFunctions, restored: Any, latest: int |
 def _step_function(fns: compile_cache.RunFunctions, batch: Any, teacher: Teacher | None,
                    cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                    ) -> tuple[Callable | None, tuple]:
-  """(the compiled train step, the arguments after (state, batch): the placed teacher variables
-  with an online teacher); (None, ()) when nothing is left to train."""
+  """(the compiled train step, the arguments after (state, batch): the seed, then the placed
+  teacher variables with an online teacher); (None, ()) when nothing is left to train."""
   if batch is None:
     return None, ()
   teacher_shape = tuple(batch["unlabeled"]["teacher_image"].shape[1:]) if teacher else None
   step_fn = compile_cache.train_step(fns, teacher.model if teacher else None, teacher_shape,
                                      cfg.fsdp)
+  seed = steps.seed_argument(cfg.seed, mesh)
   if teacher is None:
-    return step_fn, ()
-  return step_fn, (jax.device_put(teacher.variables, compile_cache.teacher_shardings(
-      teacher.model, mesh, cfg.fsdp, teacher_shape)),)
+    return step_fn, (seed,)
+  return step_fn, (seed, jax.device_put(teacher.variables, compile_cache.teacher_shardings(
+      teacher.model, mesh, cfg.fsdp, teacher_shape)))
 
 
 def _train_steps(run: _Run, state: state_lib.TrainState, step: int

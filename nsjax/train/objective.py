@@ -36,8 +36,10 @@ class LossConfig:
   """The hyperparameters the train step bakes in (hashable, so compiled steps can be reused).
 
   No defaults here: they are nsjax.config_lib.train_defaults()'s (`loss_config` builds one from
-  resolved settings). `ema_decay` and `seed` are the step's own (EMA, dropout noise), not the
-  loss's; they travel here so that one hashable value keys a compiled step."""
+  resolved settings). `ema_decay` is the step's own, not the loss's; it travels here so that one
+  hashable value keys a compiled step. The seed does not: it is an argument of the compiled step,
+  so runs that differ only in their seed (a teacher and its baseline, a study's seeds) share one
+  compilation."""
   num_classes: int
   label_smoothing: float
   unlabeled_ratio: float
@@ -45,7 +47,6 @@ class LossConfig:
   temperature: float
   weight_decay: float
   ema_decay: float
-  seed: int
 
   def __post_init__(self):
     """The one check of these settings: config validation runs it too (settings.resolve_config)."""
@@ -65,7 +66,7 @@ def loss_config(cfg, num_classes: int) -> LossConfig:
   return LossConfig(num_classes=num_classes, label_smoothing=cfg.label_smoothing,
                     unlabeled_ratio=cfg.unlabeled_ratio, pseudo_labels=cfg.pseudo_labels,
                     temperature=cfg.temperature, weight_decay=cfg.weight_decay,
-                    ema_decay=cfg.ema_decay, seed=cfg.seed)
+                    ema_decay=cfg.ema_decay)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nsjax import parallel
@@ -26,8 +27,9 @@ def init_key(seed: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), _INIT_STREAM)
 
 
-def dropout_key(seed: int, step: jax.Array) -> jax.Array:
-  """The noise of update `step` depends on (seed, step) only, so a resumed run replays exactly."""
+def dropout_key(seed: int | jax.Array, step: jax.Array) -> jax.Array:
+  """The noise of update `step` depends on (seed, step) only, so a resumed run replays exactly.
+  `seed` may be traced (the compiled step takes it as an argument): the same key either way."""
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _NOISE_STREAM), step)
 
 
@@ -37,7 +39,8 @@ def tree_all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def train_step(state: TrainState, batch: dict[str, Any], *, model: nn.Module,
+def train_step(state: TrainState, batch: dict[str, Any], seed: int | jax.Array, *,
+               model: nn.Module,
                tx: optax.GradientTransformation, schedule: opt.Schedule,
                loss_config: objective.LossConfig, decay_mask: Any,
                teacher_model: nn.Module | None = None,
@@ -51,7 +54,7 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: nn.Module,
 
   def loss_fn(params):
     logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, images,
-                                  train=True, rngs={"dropout": dropout_key(cfg.seed, state.step)},
+                                  train=True, rngs={"dropout": dropout_key(seed, state.step)},
                                   mutable=["batch_stats"])
     loss, parts = objective.loss(logits, targets, opt.l2_penalty(params, decay_mask), cfg)
     return loss, (updates.get("batch_stats", {}), logits, parts)
@@ -86,23 +89,31 @@ def train_step(state: TrainState, batch: dict[str, Any], *, model: nn.Module,
   return new_state, metrics
 
 
+def seed_argument(seed: int, mesh: jax.sharding.Mesh) -> jax.Array:
+  """The step's `seed` argument: an int32 scalar placed once, replicated over `mesh`."""
+  return jax.device_put(np.int32(seed), parallel.replicated(mesh))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: opt.Schedule,
                     loss_config: objective.LossConfig, mesh: jax.sharding.Mesh,
                     state_shardings: Any, decay_mask: Any, teacher_model: nn.Module | None = None,
                     teacher_shardings: Any = None) -> Callable[..., Any]:
-  """`step(state, batch) -> (state, metrics)`, or `step(state, batch, teacher_variables)` when
-  `teacher_model` is given. Jitted with explicit shardings; the state's buffers are donated.
+  """`step(state, batch, seed) -> (state, metrics)`, or `step(state, batch, seed,
+  teacher_variables)` when `teacher_model` is given. Jitted with explicit shardings; the state's
+  buffers are donated. The seed (an int32 scalar, see `seed_argument`) is an argument, not a
+  constant: runs that differ only in their seed share one compilation.
   """
   data = parallel.data_sharding(mesh)
   rep = parallel.replicated(mesh)
   kwargs = dict(model=model, tx=tx, schedule=schedule, loss_config=loss_config,
                 decay_mask=decay_mask)
   if teacher_model is None:
-    fn = lambda state, batch: train_step(state, batch, **kwargs)
-    in_shardings = (state_shardings, data)
+    fn = lambda state, batch, seed: train_step(state, batch, seed, **kwargs)
+    in_shardings = (state_shardings, data, rep)
   else:
-    fn = lambda state, batch, tvars: train_step(state, batch, teacher_model=teacher_model,
-                                                teacher_variables=tvars, **kwargs)
-    in_shardings = (state_shardings, data, teacher_shardings)  # None: as the arrays are placed
+    fn = lambda state, batch, seed, tvars: train_step(state, batch, seed,
+                                                      teacher_model=teacher_model,
+                                                      teacher_variables=tvars, **kwargs)
+    in_shardings = (state_shardings, data, rep, teacher_shardings)  # None: as placed
   return parallel.jit(fn, in_shardings=in_shardings, out_shardings=(state_shardings, rep),
                       donate_argnums=(0,))
