@@ -6,6 +6,7 @@ This module defines no flags (absl flags are process-global), so both commands c
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable
 
@@ -28,12 +29,28 @@ class QuietLibraries:
 
 
 def before_jax(pixels: int) -> None:
-  """Quiet logs; for steps of `pixels` (images x height x width) large enough, keep freed host
-  memory. Call before JAX's first computation starts its thread pools (see nsjax.host_memory)."""
+  """Quiet logs; on the CPU, malloc with transparent huge pages (this process starts again with
+  them, see nsjax.host_memory); for steps of `pixels` (images x height x width) large enough, keep
+  freed host memory. Call before JAX's first computation starts its thread pools."""
+  start_again_with_huge_pages()
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(QuietLibraries())
+  if host_memory.HUGETLB_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+    logging.info("malloc asks for transparent huge pages (GLIBC_TUNABLES=%s; NSJAX_HUGE_PAGES=0 "
+                 "turns this off).", os.environ["GLIBC_TUNABLES"])
   if host_memory.worth_retaining(pixels) and host_memory.retain_freed_memory():
     logging.info("Large steps on the CPU: freed host memory is kept for reuse (nsjax.host_memory).")
+
+
+def start_again_with_huge_pages() -> None:
+  """Replaces this process by the same command with malloc's transparent huge pages, where they
+  are wanted and not yet on (nsjax.host_memory.huge_pages_environ); otherwise returns."""
+  environ = host_memory.huge_pages_environ()
+  if environ is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
 
 
 def pixels_per_step(config) -> int:

@@ -88,3 +88,50 @@ def retain_freed_memory(environ=os.environ) -> bool:
   _applied = all(mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _SIZE_MAX)))
   return _applied
+
+
+# ------------------------------------------------------------------------------------------------
+# Transparent huge pages for malloc.
+#
+# Where the kernel gives transparent huge pages only on request (`madvise`, the common default),
+# glibc's malloc asks for them when the process starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+# (glibc 2.35+; older versions ignore the tunable). XLA:CPU's per-step buffers then fault in 2 MiB
+# pages instead of 4 KiB ones: the demo's teacher step took ~18,000 page faults and ~100 ms of CPU
+# a step with glibc's defaults, ~300 faults and ~55 ms with huge pages, on a 2-core VM where every
+# fault is expensive (benchmarks/README.md). The tunable is read at process start only, so the run
+# commands start themselves again with it (`command.before_jax`).
+
+HUGE_PAGES_SWITCH = "NSJAX_HUGE_PAGES"
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def thp_mode(path: str = THP_SETTING) -> str:
+  """The kernel's transparent huge page mode: "always", "madvise", "never", or "" if unknown."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError:
+    return ""
+  chosen = [word[1:-1] for word in text.split() if word.startswith("[")]
+  return chosen[0] if chosen else ""
+
+
+def huge_pages_environ(environ=os.environ, mode: str | None = None) -> dict[str, str] | None:
+  """The environment to start this process again with, so that malloc uses transparent huge
+  pages; None where that is not needed (already set, the kernel applies them anyway or never),
+  not wanted (NSJAX_HUGE_PAGES=0) or would not help (not glibc Linux, JAX meant for an
+  accelerator)."""
+  if environ.get(HUGE_PAGES_SWITCH, "1") == "0" or not sys.platform.startswith("linux"):
+    return None
+  tunables = environ.get("GLIBC_TUNABLES", "")
+  if HUGETLB_TUNABLE in tunables or not jax_expects_cpu(environ):
+    return None
+  if (thp_mode() if mode is None else mode) != "madvise":
+    return None
+  try:
+    ctypes.CDLL("libc.so.6").gnu_get_libc_version  # glibc, not musl
+  except (OSError, AttributeError):
+    return None
+  setting = f"{HUGETLB_TUNABLE}=1"
+  return {**environ, "GLIBC_TUNABLES": f"{tunables}:{setting}" if tunables else setting}

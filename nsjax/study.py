@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from nsjax import claims as claims_lib
 from nsjax import cli, command, pipeline, report, validate, workdir_lock
 from nsjax.files import atomic_write_json, atomic_write_text, read_json
 from nsjax.run_state import RunState
@@ -73,6 +74,9 @@ class Study:
   variants: Mapping[str, Variant]
   common: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   about: str = ""
+  # What the study tests: each claim says one row should beat another (nsjax.claims); the report
+  # says whether the seeds show it.
+  claims: Sequence[claims_lib.Claim] = ()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,6 +107,13 @@ def load_study(spec: str, config) -> tuple[str, Study]:
   if not isinstance(study, Study) or not study.variants:
     raise validate.ConfigError(f"get_study() in {path} must return a Study with at least one "
                                "variant (nsjax.study.Study).")
+  rows = set(study.variants) | set(claims_lib.REFERENCE_ROWS)
+  for claim in study.claims:
+    unknown = [n for n in (claim.better, claim.worse) if n not in rows]
+    if unknown:
+      raise validate.ConfigError(
+          f"{path}: the claim {claim.text!r} names {', '.join(map(repr, unknown))}, which is not "
+          f"a row of the study; use a variant ({', '.join(study.variants)}) or teacher / baseline.")
   for name in study.variants:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
       raise validate.ConfigError(f"Variant name {name!r} in {path}: use letters, digits, '_', '.' "
@@ -494,8 +505,9 @@ def collect(config, study: Study, seeds: Sequence[int], workdir: str,
           table[str(seed)] = 100.0 * float(record["result"]["top1"])
         elif stage in ids:
           missing.append(f"{variant} seed {seed} {stage}")
-  return {"variants": {v: _stats(t) for v, t in top1.items()},
-          "teacher": _stats(refs["teacher"]), "baseline": _stats(refs["baseline"]),
+  results = {"variants": {v: _stats(t) for v, t in top1.items()},
+             "teacher": _stats(refs["teacher"]), "baseline": _stats(refs["baseline"])}
+  return {**results, "claims": [claims_lib.check(results, c) for c in study.claims],
           "study": {"name": name, "description": study.about,
                     "seeds": [int(s) for s in seeds], "reference": reference,
                     "about": {v: study.variants[v].about for v in study.variants},
@@ -529,6 +541,10 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"| {name} | {about} | {_fmt(entry)} | {seeds} | {delta} |")
   if meta["missing"]:
     lines += ["", f"Not complete yet: {', '.join(meta['missing'])}."]
+  if results.get("claims"):
+    lines += ["", "Claims (holds: the paired per-seed difference exceeds its one-sided 95% "
+              "Student-t bound; nsjax.claims):", "",
+              claims_lib.format_table(results, results["claims"]).rstrip("\n")]
   return "\n".join(lines) + "\n"
 
 

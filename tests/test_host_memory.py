@@ -74,3 +74,74 @@ def test_switch_off_leaves_the_allocator_alone(monkeypatch):
   assert host_memory.retain_freed_memory({host_memory.ENV_SWITCH: "0",
                                           "JAX_PLATFORMS": "cpu"}) is False
   assert host_memory.retain_freed_memory({"JAX_PLATFORMS": "tpu"}) is False
+
+
+# --- Transparent huge pages for malloc ----------------------------------------------------------
+
+@pytest.mark.parametrize("text, mode", [("always [madvise] never\n", "madvise"),
+                                        ("[always] madvise never\n", "always"),
+                                        ("always madvise [never]\n", "never"), ("", "")])
+def test_thp_mode_reads_the_bracketed_choice(tmp_path, text, mode):
+  path = tmp_path / "enabled"
+  path.write_text(text)
+  assert host_memory.thp_mode(str(path)) == mode
+  assert host_memory.thp_mode(str(tmp_path / "missing")) == ""
+
+
+CPU = {"JAX_PLATFORMS": "cpu", "PATH": "/bin"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc Linux only")
+def test_huge_pages_are_asked_for_only_where_the_kernel_waits_to_be_asked():
+  env = host_memory.huge_pages_environ(CPU, mode="madvise")
+  assert env == {**CPU, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+  mine = host_memory.huge_pages_environ({**CPU, "GLIBC_TUNABLES": "glibc.malloc.arena_max=4"},
+                                        mode="madvise")
+  assert mine["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"
+  assert host_memory.huge_pages_environ(env, mode="madvise") is None  # started again: no loop
+  for mode in ("always", "never", ""):  # the kernel gives them anyway, or never
+    assert host_memory.huge_pages_environ(CPU, mode=mode) is None
+  assert host_memory.huge_pages_environ({**CPU, "NSJAX_HUGE_PAGES": "0"}, mode="madvise") is None
+  assert host_memory.huge_pages_environ({"JAX_PLATFORMS": "tpu"}, mode="madvise") is None
+
+
+# The run commands' start: this process starts again with huge pages, then reports the faults of
+# a jitted function whose 96 MiB output is freed after every call.
+_STARTED_AGAIN = r"""
+import json, os, resource, sys
+from nsjax import command
+command.start_again_with_huge_pages()
+import jax, jax.numpy as jnp
+step = jax.jit(lambda x: jnp.broadcast_to(x, (6144, 4096)) * 2.0)
+x = jnp.ones((4096,), jnp.float32)
+for _ in range(10):
+  step(x).block_until_ready()
+faults = []
+for _ in range(20):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  step(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"faults": faults, "tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                  "argv": sys.argv[1:]}))
+"""
+
+
+@pytest.mark.skipif(host_memory.thp_mode() != "madvise",
+                    reason="the kernel's transparent huge pages are not in madvise mode here, so "
+                           "nsjax does not start again with them")
+def test_the_command_starts_again_with_huge_pages_and_faults_far_less(tmp_path):
+  script = tmp_path / "run.py"
+  script.write_text(_STARTED_AGAIN)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, NSJAX_RETAIN_FREED_MEMORY="0")
+  env.pop("GLIBC_TUNABLES", None)
+  runs = {}
+  for switch in ("1", "0"):
+    out = subprocess.run([sys.executable, str(script), "--flag=kept"], check=True, text=True,
+                         capture_output=True, env=dict(env, NSJAX_HUGE_PAGES=switch)).stdout
+    runs[switch] = json.loads(out.strip().splitlines()[-1])
+  huge, small = runs["1"], runs["0"]
+  assert huge["tunables"] == "glibc.malloc.hugetlb=1" and small["tunables"] == ""
+  assert huge["argv"] == small["argv"] == ["--flag=kept"]  # the same command line
+  # 4 KiB pages: each call faults its whole output in again; 2 MiB pages: ~512x fewer faults.
+  assert statistics.median(small["faults"]) > 0.9 * _PAGES, small
+  assert statistics.median(huge["faults"]) < 0.05 * _PAGES, huge

@@ -80,6 +80,22 @@ def test_an_unknown_key_stops_the_study_before_any_compute(tmp_path, path, messa
   assert not os.path.exists(tmp_path / "stages") and not os.path.exists(tmp_path / "runs")
 
 
+def test_a_claim_naming_no_row_is_refused(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("from nsjax.claims import Claim\nfrom nsjax.study import Study, Variant\n"
+                  "def get_study(config):\n  return Study(variants={'full': Variant('x')}, "
+                  "claims=(Claim('it helps', '-', 'full', 'fulll'),))\n")
+  with pytest.raises(validate.ConfigError, match="names 'fulll', which is not a row of the study"):
+    study.load_study(str(path), locked("smoke"))
+
+
+def test_the_paper_claims_name_the_paper_rows(paper):
+  _, paper_study, _ = paper
+  assert len(paper_study.claims) == 12
+  named = {n for c in paper_study.claims for n in (c.better, c.worse)}
+  assert named == set(paper_study.variants) | {"teacher", "baseline"}  # every row is tested
+
+
 def test_unknown_studies_and_variants_are_named(tmp_path):
   config = locked("smoke")
   with pytest.raises(validate.ConfigError, match="no bundled study of that name.*paper, smoke"):
@@ -241,6 +257,11 @@ def test_the_report(smoke_study):
   assert "| teacher | the reference's teacher |" in table
   assert "| baseline |" not in table  # the smoke schedule has none
   assert os.path.getsize(os.path.join(workdir, "study.png")) > 1000
+  (claim,) = results["claims"]  # configs/studies/smoke.py's one claim, one seed: not judged
+  assert (claim["better"], claim["worse"], claim["verdict"]) == ("full", "teacher", "one seed")
+  assert claim["diff_mean"] == pytest.approx(results["variants"]["full"]["mean"]
+                                             - results["teacher"]["mean"])
+  assert "| the smoke student beats its teacher | - | full " in table
 
 
 def test_a_rerun_computes_nothing(smoke_study):

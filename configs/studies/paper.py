@@ -40,6 +40,7 @@ demo runs at ~0.65x its loaded time). The demo's 600 steps would take ~4 h loade
 import copy
 
 from nsjax import config_lib
+from nsjax.claims import Claim
 from nsjax.study import Study, Variant
 
 STUDENT_STEPS = 400
@@ -55,6 +56,36 @@ def _steps(student, steps):
   return student
 
 
+# The paper's claims, each as "this row beats that one". Numbers from ../shared/REFERENCE.md
+# (Table 6: B5 teacher, 1.3M / 130M unlabeled images); the others are the paper's statements.
+CLAIMS = (
+    Claim("Noisy Student beats the supervised baseline", "85.1 vs 84.0 (Table 6, 130M)",
+          "full", "baseline"),
+    Claim("the student beats its teacher", "SVHN B0: 98.6 vs 97.9", "full", "teacher"),
+    Claim("noise matters: a student without noise is worse", "85.1 -> 84.3 (Table 6, 130M)",
+          "full", "no_noise"),
+    Claim("RandAugment matters", "85.1 -> 84.6 without augmentation (Table 6, 130M)", "full",
+          "no_randaugment"),
+    Claim("dropout and stochastic depth matter", "84.6 -> 84.3 when removed after augmentation "
+          "(Table 6; not removed alone)", "full", "no_dropout_sd"),
+    Claim("soft pseudo labels beat hard ones in domain", "not claimed: both help with in-domain "
+          "images (section 5)", "full", "hard_labels"),
+    Claim("filtering and balancing help", "they help, most for small models", "full",
+          "no_balance"),
+    Claim("a second iteration helps", "87.6 -> 88.1 (L2, final runs)", "iterations_2",
+          "iterations_1"),
+    Claim("a third iteration helps", "88.1 -> 88.4 (L2, final runs)", "iterations_3",
+          "iterations_2"),
+    Claim("a student larger than its teacher is better", "the method's premise: equal-or-larger "
+          "students (B7 -> L0 -> L1 -> L2)", "larger_student", "full"),
+    Claim("out-of-domain data: soft labels beat hard ones",
+          "hard labels hurt with out-of-domain images, soft stay robust (section 5)", "ood_soft",
+          "ood_hard"),
+    Claim("out-of-domain data with soft labels still beats the baseline",
+          "soft labels stay robust (section 5)", "ood_soft", "baseline"),
+)
+
+
 def get_study(config):
   steps = {"students[*].train.num_train_steps": STUDENT_STEPS,
            "students[*].train.lr_decay_epochs": STUDENT_STEPS * 32 / 100}
@@ -67,6 +98,7 @@ def get_study(config):
   ood = {"data.unlabeled": config_lib.data_source("natural_patches", "unlabeled")}
   return Study(
       about="Noisy Student's ablations (paper Table 6, section 5) on the demo.",
+      claims=CLAIMS,
       common={**steps, "eval.corruptions": []},
       variants={
           "full": Variant("full recipe (noise, soft labels, balancing, 2 iterations)"),

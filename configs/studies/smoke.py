@@ -5,6 +5,7 @@ pseudo labels); `teacher_steps` changes the teacher (so everything after it runs
 
   python -m nsjax.study --config=configs/smoke.py --study=smoke --seeds=0 --workdir=/tmp/nsjax-st
 """
+from nsjax.claims import Claim
 from nsjax.study import Study, Variant
 
 
@@ -12,6 +13,7 @@ def get_study(config):
   del config  # the overrides below are plain values
   return Study(
       about="Sharing check on the smoke schedule.",
+      claims=(Claim("the smoke student beats its teacher", "-", "full", "teacher"),),
       # No corruption suite: the study reads test top-1 only.
       common={"eval.corruptions": []},
       variants={
