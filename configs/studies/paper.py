@@ -28,14 +28,15 @@ recipe included, so each row compares like with like. No corruption suite (the s
 top-1 only).
 
 Cost, 3 seeds on a 2-core CPU (`--dry_run` lists what each run computes; docs/study.md has the
-arithmetic): per seed 1 teacher and 1 baseline of 1,600 steps, 17 students of the demo's size and
+stage times): per seed 1 teacher and 1 baseline of 1,600 steps, 17 students of the demo's size and
 2 larger ones (`no_noise` .. `ood_hard` each train two, `iterations_3` one, `iterations_1` and
-`iterations_2` none), 13 labeling stages, 21 evaluations and 12 run summaries. From the demo's
-stage times (a 600-step student ~205 s, ~25 s of it start-up and export, ~0.28 s a step; teacher
-1,600 steps ~185 s; measured with the test suite beside it on the same two cores) and the larger
-student's cost counted as 2.5x a step (XLA's FLOP count says 2.2x): ~61 min per seed, so about
-3 hours for 3 seeds with other work on the cores and about 2 hours on a quiet machine (where the
-demo runs at ~0.65x its loaded time). The demo's 600 steps would take ~4 h loaded.
+`iterations_2` none), 13 labeling stages, 21 evaluations and 12 run summaries. Measured: 2 h 1 min
+on a 2-core AMD EPYC, the last 80 min as two jobs pinned to one core each, which nearly doubles
+the throughput of these tiny steps:
+
+  taskset -c 0 python -m nsjax.study ... --variants=full,no_noise,no_randaugment,no_dropout_sd,hard_labels,iterations_1,iterations_2,iterations_3
+  taskset -c 1 python -m nsjax.study ... --variants=no_balance,larger_student,ood_soft,ood_hard
+  python -m nsjax.study ... --report_only
 """
 import copy
 
