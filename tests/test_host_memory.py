@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A jitted function whose 96 MiB output is freed after every call (the shape of one activation
 # buffer of B0's train step); the process reports the minor page faults of each call after warm-up.
 _FAULTS_PER_CALL = r"""
-import json, resource, sys
+import json, os, resource, sys
 import nsjax
 import jax, jax.numpy as jnp
 step = jax.jit(lambda x: jnp.broadcast_to(x, (6144, 4096)) * 2.0)
@@ -26,7 +26,8 @@ for _ in range(30):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   step(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"faults": faults, "applied": nsjax.host_memory.applied()}))
+print(json.dumps({"faults": faults, "applied": nsjax.host_memory.applied(),
+                  "tunables": os.environ.get("GLIBC_TUNABLES", ""), "argv": sys.argv[1:]}))
 """
 _PAGES = 6144 * 4096 * 4 // 4096
 
@@ -106,24 +107,9 @@ def test_huge_pages_are_asked_for_only_where_the_kernel_waits_to_be_asked():
 
 
 # The run commands' start: this process starts again with huge pages, then reports the faults of
-# a jitted function whose 96 MiB output is freed after every call.
-_STARTED_AGAIN = r"""
-import json, os, resource, sys
-from nsjax import command
-command.start_again_with_huge_pages()
-import jax, jax.numpy as jnp
-step = jax.jit(lambda x: jnp.broadcast_to(x, (6144, 4096)) * 2.0)
-x = jnp.ones((4096,), jnp.float32)
-for _ in range(10):
-  step(x).block_until_ready()
-faults = []
-for _ in range(20):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  step(x).block_until_ready()
-  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"faults": faults, "tunables": os.environ.get("GLIBC_TUNABLES", ""),
-                  "argv": sys.argv[1:]}))
-"""
+# each call (the script above).
+_STARTED_AGAIN = ("from nsjax import command\ncommand.start_again_with_huge_pages()\n"
+                  + _FAULTS_PER_CALL)
 
 
 @pytest.mark.skipif(host_memory.thp_mode() != "madvise",
