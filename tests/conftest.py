@@ -35,23 +35,8 @@ def pytest_unconfigure(config):
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
-# The modules with the longest set-ups (end-to-end schedules, subprocesses, the wheel), first: the
-# suite runs on two pytest-xdist workers, one module per worker at a time (pytest.ini), and the
-# last module to start bounds the wall time, so a long one must not start last.
-LONG_MODULES = ("test_multihost", "test_artifacts", "test_study", "test_packaging",
-                "test_pipeline", "test_configs", "test_folders", "test_reliability",
-                "test_export", "test_benchmarks")
-
-
-def _long_first(item) -> int:
-  name = item.path.stem
-  return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
-
-
 def pytest_collection_modifyitems(config, items):
-  """Long modules first (stable: tests keep their order within a module); skip @slow tests unless
-  selected explicitly with -m slow or NSJAX_SLOW=1."""
-  items.sort(key=_long_first)
+  """Skip @slow tests unless selected explicitly with -m slow or NSJAX_SLOW=1."""
   if os.environ.get("NSJAX_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
     return
   skip = pytest.mark.skip(reason="slow: run with `-m slow` or NSJAX_SLOW=1")
