@@ -21,6 +21,8 @@ from typing import Sequence
 
 from absl import app, flags  # light (no JAX or TensorFlow): `nsjax --help` stays fast
 
+from nsjax import command
+
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 # Installed: the configs ship as nsjax/configs/ (pyproject.toml maps the repository's configs/
 # there). In a checkout they sit beside the package.
@@ -147,6 +149,10 @@ def run_subcommand(sub: Subcommand, args: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The `nsjax` program; argv None means this process's own command line, which `nsjax run`
+  may start again with malloc's huge pages (command.start_again_with_huge_pages)."""
+  if argv is None and sys.argv[1:2] == ["run"]:
+    command.start_again_with_huge_pages()
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in HELP_FLAGS:
     print(overview())

@@ -29,10 +29,10 @@ class QuietLibraries:
 
 
 def before_jax(pixels: int) -> None:
-  """Quiet logs; on the CPU, malloc with transparent huge pages (this process starts again with
-  them, see nsjax.host_memory); for steps of `pixels` (images x height x width) large enough, keep
-  freed host memory. Call before JAX's first computation starts its thread pools."""
-  start_again_with_huge_pages()
+  """Quiet logs; for steps of `pixels` (images x height x width) large enough, keep freed host
+  memory. Call before JAX's first computation starts its thread pools. (Huge pages are the
+  programs' own first step, start_again_with_huge_pages: a library call must never restart the
+  process that called it, e.g. pytest.)"""
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(QuietLibraries())
   if host_memory.HUGETLB_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
@@ -44,7 +44,11 @@ def before_jax(pixels: int) -> None:
 
 def start_again_with_huge_pages() -> None:
   """Replaces this process by the same command with malloc's transparent huge pages, where they
-  are wanted and not yet on (nsjax.host_memory.huge_pages_environ); otherwise returns."""
+  are wanted and not yet on (nsjax.host_memory.huge_pages_environ); otherwise returns.
+
+  Only a program's entry point calls this (`python -m nsjax.main`, `python -m nsjax.study`,
+  `nsjax run`), never a main() that tests or notebooks call in process: it re-executes
+  sys.orig_argv, which there is pytest's or the kernel's command line."""
   environ = host_memory.huge_pages_environ()
   if environ is None:
     return

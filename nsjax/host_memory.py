@@ -99,7 +99,8 @@ def retain_freed_memory(environ=os.environ) -> bool:
 # pages instead of 4 KiB ones: the demo's teacher step took ~18,000 page faults and ~100 ms of CPU
 # a step with glibc's defaults, ~300 faults and ~55 ms with huge pages, on a 2-core VM where every
 # fault is expensive (benchmarks/README.md). The tunable is read at process start only, so the run
-# commands start themselves again with it (`command.before_jax`).
+# programs start themselves again with it (`command.start_again_with_huge_pages`, called by their
+# entry points only).
 
 HUGE_PAGES_SWITCH = "NSJAX_HUGE_PAGES"
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb"

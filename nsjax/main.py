@@ -64,6 +64,7 @@ _exit = command.exit_with
 
 
 if __name__ == "__main__":
+  command.start_again_with_huge_pages()
   try:
     resolved_argv = cli.resolve_config_flags(sys.argv)
   except cli.ConfigNotFound as config_error:

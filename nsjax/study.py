@@ -46,6 +46,10 @@ import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+if __name__ == "__main__":  # the program: malloc's huge pages before the heavy imports below
+  from nsjax import command as _command
+  _command.start_again_with_huge_pages()
+
 import ml_collections
 import numpy as np
 from absl import logging

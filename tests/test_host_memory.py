@@ -131,3 +131,46 @@ def test_the_command_starts_again_with_huge_pages_and_faults_far_less(tmp_path):
   # 4 KiB pages: each call faults its whole output in again; 2 MiB pages: ~512x fewer faults.
   assert statistics.median(small["faults"]) > 0.9 * _PAGES, small
   assert statistics.median(huge["faults"]) < 0.05 * _PAGES, huge
+
+
+_MADVISE_ONLY = pytest.mark.skipif(
+    host_memory.thp_mode() != "madvise",
+    reason="the kernel's transparent huge pages are not in madvise mode here, so nsjax does not "
+           "start again with them")
+
+# A config file that reports the environment of the process that loads it, then stops the run.
+_CONFIG_REPORTING_TUNABLES = """
+import os
+def get_config():
+  print("GLIBC_TUNABLES=" + os.environ.get("GLIBC_TUNABLES", ""), flush=True)
+  raise SystemExit(0)
+"""
+
+
+@_MADVISE_ONLY
+@pytest.mark.parametrize("program", [["-m", "nsjax.main"], ["-m", "nsjax.cli", "run"],
+                                     ["-m", "nsjax.study", "--study=smoke"]])
+def test_each_run_program_starts_again_with_huge_pages(tmp_path, program):
+  config = tmp_path / "reporting.py"
+  config.write_text(_CONFIG_REPORTING_TUNABLES)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("GLIBC_TUNABLES", None)
+  env.pop("NSJAX_HUGE_PAGES", None)
+  out = subprocess.run([sys.executable, *program, f"--config={config}", f"--workdir={tmp_path}"],
+                       check=True, text=True, capture_output=True, env=env, cwd=ROOT).stdout
+  assert out.splitlines()[-1] == "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"
+
+
+def test_a_main_called_in_process_never_restarts_its_caller(monkeypatch):
+  # pytest, a notebook's kernel: starting sys.orig_argv again would rerun *them* (it once reran
+  # the whole test suite from inside a test). Only the programs' entry points may.
+  from nsjax import cli, command
+  wanted = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")
+  monkeypatch.setattr(host_memory, "huge_pages_environ", lambda *a, **k: wanted)
+  def execve(*args):
+    raise AssertionError(f"the process was started again: {args}")
+  monkeypatch.setattr(os, "execve", execve)
+  command.before_jax(0)
+  assert cli.main(["run", "--help"]) == 0
+  with pytest.raises(AssertionError, match="started again"):  # the entry point itself does
+    command.start_again_with_huge_pages()
