@@ -31,10 +31,22 @@ VARIABLES_DIR = "variables"
 
 
 def abstract_variables(model: models.EfficientNet, resolution: int | None = None) -> Any:
-  """ShapeDtypeStructs of {"params", "batch_stats"} without allocating them."""
+  """ShapeDtypeStructs of {"params", "batch_stats"} without allocating them.
+
+  Traced with XLA's convolutions: the CPU formulations hold the same variables (tested) in ~10x
+  the traced ops, and each trace is paid at a run's start (validation, teacher loading; an L2
+  took 3.2-3.8 s against 2.1 s)."""
   res = resolution or model.test_resolution
+  model = model.clone(depthwise_impl="xla", stem_impl="xla")
   x = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+
+def count_params(model: models.EfficientNet) -> int:
+  """Trainable parameters (BatchNorm moving statistics excluded), without allocating any. The
+  shapes do not depend on the image size: traced at a small one."""
+  abstract = abstract_variables(model, resolution=32)
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract["params"]))
 
 
 # Overrides that leave every variable's shape and dtype as exported (tested): with only these, the

@@ -20,7 +20,6 @@ import os
 import uuid
 
 import jax
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
@@ -243,17 +242,11 @@ def check_teacher_classes(teacher: str, teacher_classes: int, num_classes: int,
                       "config.data.num_classes to match).")
 
 
-def count_params(model: models.EfficientNet) -> int:
-  """Trainable parameters, from shapes alone (nothing is allocated)."""
-  abstract = exported_model.abstract_variables(model, resolution=32)
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract["params"])))
-
-
 def warn_if_smaller(teacher, student) -> None:
   """(where, model) pairs: a student smaller than its teacher only gets a warning, since the
   method allows it but the paper's gains come from equal or larger students."""
   (t_where, t_model), (s_where, s_model) = teacher, student
-  t, s = count_params(t_model), count_params(s_model)
+  t, s = exported_model.count_params(t_model), exported_model.count_params(s_model)
   if s < t:
     logging.warning("%s (%s, %d params) is smaller than its teacher %s (%s, %d params); Noisy "
                     "Student expects an equal or larger student.", s_where, s_model.model_name, s,

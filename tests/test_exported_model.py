@@ -88,6 +88,19 @@ def test_shape_preserving_overrides_really_keep_every_shape(tmp_path):
   assert exported_model.variables_spec(exported_model.abstract_variables(wider)) != recorded
 
 
+def test_abstract_variables_are_the_cpu_formulations_variables():
+  # abstract_variables traces XLA's convolutions for speed; the model as built on this CPU
+  # (shifted depthwise multiply-adds, the stem's taps) must hold exactly the same variables.
+  model = models.create_model("efficientnet-b0", 10, width=0.25, depth=0.25)
+  assert model.depthwise_impl == model.stem_impl == "auto"  # "shift" and "taps" on the CPU
+  built = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                         jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  abstract = exported_model.abstract_variables(model, resolution=32)
+  assert exported_model.variables_spec(abstract) == exported_model.variables_spec(built)
+  assert exported_model.count_params(model) == sum(
+      int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(built["params"]))
+
+
 def test_older_exports_and_shape_changing_overrides_trace_the_model(tmp_path, monkeypatch):
   model, variables, export = _tiny_export(tmp_path)
   description = exported_model.read_description(export)

@@ -2,8 +2,9 @@
 
   python -m nsjax.tools.model_table [--num_classes=1000] [--models=efficientnet-b0,efficientnet-b7]
 
-Parameter counts come from `jax.eval_shape` of the actual Flax modules (nothing is allocated), so
-the table cannot drift from the code; tests check them against the published counts.
+Parameter counts come from `jax.eval_shape` of the actual Flax modules (nothing is allocated;
+`exported_model.count_params`), so the table cannot drift from the code; tests check them against
+the published counts.
 """
 from __future__ import annotations
 
@@ -12,11 +13,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from nsjax import models
+from nsjax import exported_model, models
 
 HEADER = ("model", "params", "width", "depth", "train res", "test res", "dropout")
 
@@ -36,20 +33,12 @@ class ModelRow:
             str(self.train_resolution), str(self.test_resolution), f"{self.dropout_rate:.1f}")
 
 
-def count_params(model: models.EfficientNet) -> int:
-  """Trainable parameters (BatchNorm moving statistics excluded), without allocating any."""
-  # The parameter shapes do not depend on the image size: trace at a small one.
-  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract["params"]))
-
-
 def model_rows(num_classes: int = 1000, names: Sequence[str] | None = None) -> list[ModelRow]:
   """One row per model of `names` (default: all of MODEL_SPECS, in order)."""
   rows = []
   for name in names or list(models.MODEL_SPECS):
     model = models.create_model(name, num_classes)
-    rows.append(ModelRow(name, count_params(model), model.width, model.depth,
+    rows.append(ModelRow(name, exported_model.count_params(model), model.width, model.depth,
                          model.train_resolution, model.test_resolution, model.dropout_rate))
   return rows
 
