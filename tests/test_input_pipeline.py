@@ -321,3 +321,25 @@ def test_mnist5k_defaults_to_its_own_data_dir(tmp_path, monkeypatch):
   assert ip.load_builder("mnist5k/labels_50").data_dir.startswith(str(tmp_path))
   with pytest.raises(ip.DatasetNotPreparedError, match=f"mnist5k.build\\('{tmp_path}'"):
     ip.train_batches(ip.Source("mnist5k/labels_50", "train"), global_batch_size=8)
+
+
+# --- No autotuning thread: deleting an iterator does not wait out its sleep ----------------------
+
+def test_host_pipelines_run_without_the_autotuning_thread_at_every_core():
+  import os
+  options = ip.untuned(tf.data.Dataset.range(4)).options()
+  assert options.autotune.enabled is False
+  assert options.autotune.initial_parallelism == len(os.sched_getaffinity(0))
+
+
+def test_training_and_evaluation_batches_iterate_through_host_iterator(data_dir, monkeypatch):
+  # The autotuning thread made each student stage's end wait 35-80 s for its input pipelines'
+  # deletion; every training and evaluation stream must start its iterator untuned.
+  started = []
+  untuned_iterator = ip.host_iterator
+  monkeypatch.setattr(ip, "host_iterator",
+                      lambda ds: started.append(ds) or untuned_iterator(ds))
+  next(ip.train_batches(ip.Source("mnist5k/labels_10", "train", data_dir), global_batch_size=8,
+                        seed=0))
+  next(ip.eval_batches(ip.Source("mnist5k/labels_10", "test", data_dir), global_batch_size=8))
+  assert len(started) == 2

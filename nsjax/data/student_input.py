@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-import jax
 import numpy as np
 import tensorflow as tf
 
@@ -111,7 +110,7 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
             .map(decode_and_view, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(local_batch_size, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE))
-  return stream.as_numpy_iterator()
+  return input_pipeline.host_iterator(stream)
 
 
 class StageBatches:

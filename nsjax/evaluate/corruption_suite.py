@@ -41,7 +41,7 @@ def load_local_arrays(src: input_pipeline.Source, max_examples: int = 0):
   decode = input_pipeline.image_decoder(builder, src.image_key)
   ds = ds.skip(start).take(end - start).enumerate().map(decode).ignore_errors()
   images, labels = [], []
-  for _, ex in ds.as_numpy_iterator():
+  for _, ex in input_pipeline.host_iterator(ds):
     images.append(ex[src.image_key])
     labels.append(ex["label"])
   if len(images) < end - start:

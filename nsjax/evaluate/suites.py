@@ -199,7 +199,7 @@ def folder_batches(items: Sequence[tuple[Any, int]], model, *, mesh, batch_size:
       "mask": tf.constant(False)}).repeat()
   batches = (examples.concatenate(padding).take(num_batches * local)
              .batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
-  return batches.as_numpy_iterator()
+  return input_pipeline.host_iterator(batches)
 
 
 def folder_corruption_errors(model, variables, root: str, *, mesh, batch_size: int,
