@@ -32,10 +32,7 @@ def model_stages(config):
 
 def abstract_init_and_forward(model, train_resolution, test_resolution):
   """Shapes of an init at the training resolution and of a forward pass at the test one, traced
-  once (nothing is computed): (variables, logits). Traced with XLA's convolutions, whose shapes are
-  the CPU formulations' (tests/test_models.py) in a fraction of the ops: L2's trace took ~40 s."""
-  model = model.clone(depthwise_impl="xla", stem_impl="xla")
-
+  once (nothing is computed): (variables, logits)."""
   def init_and_forward(x_train, x_test):
     variables = model.init(jax.random.key(0), x_train, train=False)
     return variables, model.apply(variables, x_test, train=False)
