@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
 
 # Pipeline stage folders (nsjax.pipeline.stage_dir): what wrote an artifact under them.
 _STAGE_DIR = re.compile(r"^(teacher|baseline|(student|label|finetune)-\d+)$")
@@ -82,6 +83,41 @@ def looks_damaged(error: BaseException) -> bool:
     return True
   cause = root_cause(error)
   return any(marker in cause for marker in _DAMAGE_MARKERS)
+
+
+def quiet_abandoned_reads() -> None:
+  """Drops the "Event loop is closed" errors of reads a failed Orbax restore left in flight.
+
+  Orbax runs a restore's reads on an event loop of its own and closes that loop as soon as one
+  read fails; TensorStore then completes the others on its threads, and each completion's
+  `call_soon_threadsafe` on the closed loop becomes an unraisable RuntimeError whose traceback
+  lands around our one-line message, before or after it, depending on timing. Called before each
+  restore (once is enough, later calls do nothing): the loop can close, and a completion can
+  arrive, before an `except` after the restore runs. Every other unraisable error still reaches
+  the previous hook.
+  """
+  if getattr(sys.unraisablehook, "_drops_abandoned_reads", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook._drops_abandoned_reads = True  # pytype: disable=attribute-error
+  sys.unraisablehook = hook
+
+
+def _is_abandoned_read(unraisable) -> bool:
+  """A RuntimeError('Event loop is closed') raised inside asyncio's call_soon_threadsafe."""
+  if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != "Event loop is closed":
+    return False
+  frame = unraisable.exc_traceback
+  while frame is not None:
+    if frame.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    frame = frame.tb_next
+  return False
 
 
 def is_disk_full(error: BaseException) -> bool:

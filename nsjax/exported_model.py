@@ -137,6 +137,7 @@ def load_exported(directory: str | os.PathLike, shardings: Any = None,
 
 def _restore_variables(var_dir: epath.Path, abstract: Any) -> Any:
   """Orbax restore; bad bytes become one DamagedArtifact naming the folder and the cause."""
+  artifacts.quiet_abandoned_reads()
   try:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(var_dir, abstract)

@@ -95,6 +95,7 @@ class TrainCheckpoints:
   def _read(self, step: int, read: Any) -> Any:
     """Orbax's errors on bad bytes (buried in TensorStore tracebacks) as one DamagedCheckpoint;
     other errors (a target that does not fit, say) pass unchanged."""
+    artifacts.quiet_abandoned_reads()
     try:
       return read()
     except Exception as error:  # Orbax wraps TensorStore's errors in bare Exceptions
