@@ -310,6 +310,8 @@ MEANINGS = {
     "finetune.train": "train settings (as stage.train) overriding the student's, e.g. ema_decay",
     "model_overrides.width": "width multiplier",
     "model_overrides.depth": "depth multiplier",
+    "model_overrides.block_stages": "the first k of the 7 stages of MBConv blocks (7 = the "
+                                    "published network; fewer for plumbing tests)",
     "model_overrides.dropout_rate": "dropout before the classifier (noise.dropout_rate wins)",
     "model_overrides.stochastic_depth_rate": "stochastic depth (noise.stochastic_depth_rate wins)",
     "model_overrides.small_image": "set from data.small_image",

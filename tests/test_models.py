@@ -34,6 +34,24 @@ def test_block_counts_and_official_names():
   assert params["head"]["dense"]["kernel"].shape == (1280, 10)
 
 
+def test_fewer_block_stages_build_the_first_stages_only():
+  full = models.create_model("efficientnet-b0", 10)
+  two = models.create_model("efficientnet-b0", 10, block_stages=2)
+  assert full.block_stages == 7 and len(full.blocks) == 16
+  assert two.blocks == full.blocks[:3]  # stage 1 has one block, stage 2 two
+  _, abstract = count_params(two)
+  assert sorted(k for k in abstract["params"] if k.startswith("blocks_")) == [
+      "blocks_0", "blocks_1", "blocks_2"]
+  # The head takes whatever the last block gives (24 filters here, 320 for the full network).
+  assert abstract["params"]["head"]["conv2d"]["kernel"].shape == (1, 1, 24, 1280)
+  # A description written before the field existed rebuilds the published network.
+  old = {k: v for k, v in models.describe(full).items() if k != "block_stages"}
+  assert models.model_from_config(old) == full
+  for bad in (0, 8, 2.5):
+    with pytest.raises(ValueError, match=rf"block_stages must be an integer in 1..7 .*got {bad}"):
+      models.create_model("efficientnet-b0", 10, block_stages=bad)
+
+
 def test_round_filters_official_rule():
   assert specs.round_filters(32, 1.0) == 32
   assert specs.round_filters(32, 4.3) == 136

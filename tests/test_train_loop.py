@@ -19,7 +19,8 @@ SIZE = 16
 BATCH = 8
 NUM_STEPS = 16
 MODEL = models.create_model("efficientnet-b0", NUM_CLASSES, width=0.25, depth=0.25,
-                            small_image=True, resolution=SIZE, depthwise_impl="xla")
+                            block_stages=4, small_image=True, resolution=SIZE,
+                            depthwise_impl="xla")  # the loop's plumbing: a small program
 CONFIG = dict(batch_size=BATCH, steps_per_epoch=4, base_learning_rate=0.5, warmup_epochs=1,
               unlabeled_ratio=2.0, log_every_steps=4, checkpoint_every_steps=8,
               keep_checkpoints=2, eval_every_steps=8)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from nsjax.models import layers
+from nsjax.models import layers, specs
 from nsjax.models.efficientnet import EfficientNet
 from nsjax.models.specs import MODEL_SPECS, ModelSpec, get_spec
 
-OVERRIDABLE = ("width", "depth", "dropout_rate", "stochastic_depth_rate", "small_image", "dtype",
+OVERRIDABLE = ("width", "depth", "block_stages", "dropout_rate", "stochastic_depth_rate", "small_image", "dtype",
                "depthwise_impl", "stem_impl", "matmul_operands", "frozen_blocks",
                "train_resolution", "test_resolution")
 DTYPES = ("float32", "bfloat16")
@@ -31,6 +31,7 @@ def model_config(name: str, num_classes: int, **overrides: Any) -> dict[str, Any
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
   config = dict(model_name=name, num_classes=num_classes, width=spec.width, depth=spec.depth,
+                block_stages=len(specs.BASE_BLOCKS),
                 dropout_rate=spec.dropout_rate, stochastic_depth_rate=0.2, small_image=False,
                 dtype="float32", depthwise_impl="auto", stem_impl="auto", matmul_operands="auto",
                 frozen_blocks=-1, train_resolution=spec.train_resolution,
@@ -42,6 +43,10 @@ def model_config(name: str, num_classes: int, **overrides: Any) -> dict[str, Any
                      ("matmul_operands", layers.MATMUL_OPERANDS)):
     if config[key] not in valid:
       raise ValueError(f"{key} must be one of {valid}, got {config[key]!r}.")
+  stages = config["block_stages"]
+  if not isinstance(stages, int) or not 1 <= stages <= len(specs.BASE_BLOCKS):
+    raise ValueError(f"block_stages must be an integer in 1..{len(specs.BASE_BLOCKS)} (the first k "
+                     f"stages of MBConv blocks), got {stages!r}.")
   for key in ("dropout_rate", "stochastic_depth_rate"):
     if not 0.0 <= config[key] < 1.0:
       raise ValueError(f"{key} must be in [0, 1), got {config[key]}.")
@@ -51,7 +56,7 @@ def model_config(name: str, num_classes: int, **overrides: Any) -> dict[str, Any
 def create_model(name: str, num_classes: int, **overrides: Any) -> EfficientNet:
   """An EfficientNet (`efficientnet-b0` ... `-b7`, `-l0`, `-l1`, `-l2`) with optional overrides.
 
-  Overrides: width, depth, dropout_rate, stochastic_depth_rate, small_image, dtype ("float32" or
+  Overrides: width, depth, block_stages, dropout_rate, stochastic_depth_rate, small_image, dtype ("float32" or
   "bfloat16"), depthwise_impl, stem_impl, matmul_operands, frozen_blocks, train_resolution,
   test_resolution, resolution.
   """

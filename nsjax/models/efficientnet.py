@@ -115,6 +115,9 @@ class EfficientNet(nn.Module):
   Attributes:
     num_classes: classifier outputs.
     width, depth: compound-scaling coefficients.
+    block_stages: how many of the seven stages of MBConv blocks to build, the first k (7, all of
+      them, for every published model). Fewer make a smaller program for tests that check
+      plumbing: configs/smoke.py's models have 2 stages and compile in about half the time.
     dropout_rate: dropout before the classifier (train mode only).
     stochastic_depth_rate: the last block's drop rate; block i of N drops with rate * i / N.
     small_image: stages 2 and 3 keep stride 1 (32 px data).
@@ -133,6 +136,7 @@ class EfficientNet(nn.Module):
   num_classes: int
   width: float = 1.0
   depth: float = 1.0
+  block_stages: int = len(specs.BASE_BLOCKS)
   dropout_rate: float = 0.2
   stochastic_depth_rate: float = 0.2
   small_image: bool = False
@@ -147,7 +151,8 @@ class EfficientNet(nn.Module):
 
   @property
   def blocks(self) -> tuple[specs.ScaledBlock, ...]:
-    return specs.scaled_blocks(self.width, self.depth, self.small_image)
+    return specs.scaled_blocks(self.width, self.depth, self.small_image,
+                               specs.BASE_BLOCKS[:self.block_stages])
 
   @nn.compact
   def __call__(self, x, train: bool = False):
