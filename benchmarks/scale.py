@@ -120,15 +120,15 @@ def child(args) -> None:
   if args.phase == "write":
     result = write_set(args.directory, args.n, args.label_hosts)
   elif args.phase == "times":
-    result = measure_times(args.directory.split(","))
+    result = measure_times(args.directory.split(","), args.rounds)
   else:
     result = measure_reader(args.directory)
   print(json.dumps(result))
 
 
-def run_child(phase: str, directory: str, n: int, label_hosts: int) -> dict:
+def run_child(phase: str, directory: str, n: int, label_hosts: int, rounds: int = 5) -> dict:
   out = subprocess.run([sys.executable, __file__, "--child", phase, "--directory", directory,
-                        "--n", str(n), "--label_hosts", str(label_hosts)],
+                        "--n", str(n), "--label_hosts", str(label_hosts), "--rounds", str(rounds)],
                        check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -191,6 +191,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--sizes", default="20000,80000,320000")
   parser.add_argument("--large", action="store_true", help="also 1,280,000 records")
   parser.add_argument("--label_hosts", type=int, default=4, help="hosts that wrote the shards")
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="timing rounds, alternated over the sizes; the median is reported")
   parser.add_argument("--output", default="")
   parser.add_argument("--workdir", default="", help="where the sets go (default: a temp dir)")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -209,7 +211,8 @@ def main(argv=None) -> dict:
       run = {"n": n, **run_child("write", directory, n, args.label_hosts)}
       run.update(run_child("read", directory, n, args.label_hosts))
       runs.append(run)
-    for run, times in zip(runs, run_child("times", ",".join(directories), 0, 0)):
+    for run, times in zip(runs, run_child("times", ",".join(directories), 0, 0,
+                                                  args.rounds)):
       run.update(times)
       print(json.dumps(run), flush=True)
   result = {"runs": runs, "targets_met": check_targets(runs), "projection": project(runs),

@@ -42,9 +42,10 @@ def test_explicit_settings_win_and_bad_ones_are_named(amx):
 
 
 def _tiny(**overrides):
-  # Wide enough that some 1x1 convolutions contract AMX_MIN_CONTRACTION channels or more.
-  model = models.create_model("efficientnet-b0", 10, width=0.5, depth=0.1, small_image=True,
-                              resolution=16, **overrides)
+  # Wide enough that some 1x1 convolutions contract AMX_MIN_CONTRACTION channels or more (stage
+  # 3's projection, 120, and the classifier, 640); three block stages keep the compiles short.
+  model = models.create_model("efficientnet-b0", 10, width=0.5, depth=0.1, block_stages=3,
+                              small_image=True, resolution=16, **overrides)
   images = jnp.asarray(np.random.RandomState(0).normal(size=(4, 16, 16, 3)), jnp.float32)
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images)
   return model, variables, images

@@ -15,10 +15,11 @@ import scale  # noqa: E402
 
 def test_tiny_scale_run_has_the_required_shape(tmp_path):
   output = tmp_path / "scale.json"
-  scale.main(["--sizes=1500,3000", f"--output={output}", f"--workdir={tmp_path}"])
+  scale.main(["--sizes=1500,3000", "--rounds=2", f"--output={output}", f"--workdir={tmp_path}"])
   result = json.loads(output.read_text())
   runs = result["runs"]
   assert [r["n"] for r in runs] == [1500, 3000]
+  assert all(len(r["start_s_rounds"]) == len(r["resume_90_s_rounds"]) == 2 for r in runs)
   for run in runs:
     for key in ("start_s", "resume_90_s", "manifest_bytes_written", "peak_rss_mb"):
       assert run[key] > 0, key
