@@ -2,7 +2,8 @@
 
 For synthetic pseudo-label sets of 20k, 80k and 320k small records (28x28 PNGs, 10 classes, balanced
 to 1/10 of the records per class; `--large` adds 1.28M), written by the real labeling writer
-(`nsjax.data.synthetic`) as `--label_hosts` hosts would, it measures, each set in a fresh process:
+(`nsjax.data.synthetic`) as `--label_hosts` hosts would, it measures (one process writes every set
+and times the readers' starts; each set's reader then runs in a fresh process of its own):
 
   manifest_bytes_written  metadata bytes written while labeling and planning: shard sidecars,
                           host summaries, manifest.json, the plan's read tables (not the shards);
@@ -10,7 +11,7 @@ to 1/10 of the records per class; `--large` adds 1.28M), written by the real lab
                           host 0 of 1) until its first batch is in hand: open plan + manifest,
                           locate, read, decode, view;
   resume_90_s             the same, started at the step 90% into the first epoch (both the median
-                          of 5 rounds that alternate the sizes in one process);
+                          of --rounds (5) rounds that alternate the sizes in one process);
   peak_rss_mb             peak RSS of a process (one per set) that starts a reader, resumes one at
                           90% and reads an epoch as host 0 of 1, 2, 4 and 8;
   bytes_read_host0        bytes host 0 reads from storage (records and read tables) during one
@@ -115,20 +116,29 @@ def measure_times(directories: list[str], rounds: int = 5) -> list[dict]:
           for t in times]
 
 
+def write_and_time(directories: list[str], sizes: list[int], label_hosts: int,
+                   rounds: int) -> list[dict]:
+  """Every set written, then the readers' start and resume times: one process, one start-up
+  (a process is ~8 s of imports here); what is written does not change what is timed."""
+  runs = [write_set(d, n, label_hosts) for d, n in zip(directories, sizes)]
+  return [run | times for run, times in zip(runs, measure_times(directories, rounds))]
+
+
 def child(args) -> None:
-  """One set, in its own process: write (phase "write") or read (phase "read")."""
+  """Phase "write" (every set in --directory, comma-separated: written, then timed) or "read"
+  (one set's reader, in a process of its own for its peak RSS)."""
   if args.phase == "write":
-    result = write_set(args.directory, args.n, args.label_hosts)
-  elif args.phase == "times":
-    result = measure_times(args.directory.split(","), args.rounds)
+    result = write_and_time(args.directory.split(","), [int(n) for n in args.n.split(",")],
+                            args.label_hosts, args.rounds)
   else:
     result = measure_reader(args.directory)
   print(json.dumps(result))
 
 
-def run_child(phase: str, directory: str, n: int, label_hosts: int, rounds: int = 5) -> dict:
+def run_child(phase: str, directory: str, sizes: str = "0", label_hosts: int = 0,
+              rounds: int = 0) -> dict | list:
   out = subprocess.run([sys.executable, __file__, "--child", phase, "--directory", directory,
-                        "--n", str(n), "--label_hosts", str(label_hosts), "--rounds", str(rounds)],
+                        "--n", sizes, "--label_hosts", str(label_hosts), "--rounds", str(rounds)],
                        check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -198,7 +208,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--phase", default="", help=argparse.SUPPRESS)
   parser.add_argument("--directory", default="", help=argparse.SUPPRESS)
-  parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument("--n", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
     args.phase = args.child
@@ -207,14 +217,11 @@ def main(argv=None) -> dict:
   runs = []
   with tempfile.TemporaryDirectory(dir=args.workdir or None) as root:
     directories = [os.path.join(root, f"n{n}") for n in sizes]
-    for n, directory in zip(sizes, directories):
-      run = {"n": n, **run_child("write", directory, n, args.label_hosts)}
-      run.update(run_child("read", directory, n, args.label_hosts))
-      runs.append(run)
-    for run, times in zip(runs, run_child("times", ",".join(directories), 0, 0,
-                                                  args.rounds)):
-      run.update(times)
-      print(json.dumps(run), flush=True)
+    written = run_child("write", ",".join(directories), ",".join(map(str, sizes)),
+                        args.label_hosts, args.rounds)
+    for n, directory, run in zip(sizes, directories, written):
+      runs.append({"n": n, **run, **run_child("read", directory)})
+      print(json.dumps(runs[-1]), flush=True)
   result = {"runs": runs, "targets_met": check_targets(runs), "projection": project(runs),
             "global_batch": GLOBAL_BATCH, "shard_bytes": SHARD_BYTES,
             "label_hosts": args.label_hosts, "cpu": _cpu()}
