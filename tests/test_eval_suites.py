@@ -20,7 +20,7 @@ from nsjax.evaluate import __main__ as cli
 from nsjax.evaluate import suites, metrics, robustness
 
 NUM_EXAMPLES = 8
-TINY = dict(width=0.1, depth=0.1, small_image=True, resolution=32)
+TINY = dict(width=0.1, depth=0.1, block_stages=2, small_image=True, resolution=32)
 
 
 def random_variables(model, seed=0):

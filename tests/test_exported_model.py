@@ -10,8 +10,8 @@ from nsjax import exported_model, models
 
 
 def test_export_then_load_gives_same_logits(tmp_path):
-  model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, small_image=True,
-                              resolution=16)
+  model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, block_stages=2,
+                              small_image=True, resolution=16)
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   variables = jax.jit(model.init)(jax.random.key(1), x)
   export = tmp_path / "teacher"
@@ -32,8 +32,8 @@ def test_missing_export_names_the_fix(tmp_path):
 
 
 def test_load_places_the_variables_with_the_callers_shardings(tmp_path):
-  model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, small_image=True,
-                              resolution=16)
+  model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, block_stages=2,
+                              small_image=True, resolution=16)
   variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
   exported_model.export_model(tmp_path / "m", model, variables)
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
@@ -51,8 +51,8 @@ _SHAPE_PRESERVING = {"dtype": "bfloat16", "dropout_rate": 0.5, "stochastic_depth
 
 
 def _tiny_export(tmp_path):
-  model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, small_image=True,
-                              resolution=16)
+  model = models.create_model("efficientnet-b0", 3, width=0.1, depth=0.1, block_stages=2,
+                              small_image=True, resolution=16)
   variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
   exported_model.export_model(tmp_path / "m", model, variables)
   return model, variables, tmp_path / "m"

@@ -11,7 +11,8 @@ from nsjax.stages import finetune
 from nsjax.train import settings
 from test_eval_suites import random_variables
 
-TINY = dict(width=0.1, depth=0.1, small_image=True, resolution=32)
+# Three block stages: blocks 0-2, enough to freeze two and train one.
+TINY = dict(width=0.1, depth=0.1, block_stages=3, small_image=True, resolution=32)
 
 
 def synthetic_batches(mesh, batch_size=8, resolution=16):
