@@ -12,6 +12,7 @@ the labeling stage would otherwise pay on every call.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -42,9 +43,12 @@ def abstract_variables(model: models.EfficientNet, resolution: int | None = None
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
 
 
+@functools.lru_cache(maxsize=64)
 def count_params(model: models.EfficientNet) -> int:
   """Trainable parameters (BatchNorm moving statistics excluded), without allocating any. The
-  shapes do not depend on the image size: traced at a small one."""
+  shapes do not depend on the image size: traced at a small one. Cached: a schedule's checks ask
+  for each middle student twice (as a student, then as the next one's teacher), and a trace of
+  an L2 takes seconds."""
   abstract = abstract_variables(model, resolution=32)
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract["params"]))
 

@@ -101,6 +101,19 @@ def test_abstract_variables_are_the_cpu_formulations_variables():
       int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(built["params"]))
 
 
+def test_each_model_is_counted_once(monkeypatch):
+  traced = []
+  original = exported_model.abstract_variables
+  monkeypatch.setattr(exported_model, "abstract_variables",
+                      lambda m, *a, **k: traced.append(m) or original(m, *a, **k))
+  exported_model.count_params.cache_clear()
+  model = models.create_model("efficientnet-b0", 10, width=0.1, depth=0.1, block_stages=2)
+  first = exported_model.count_params(model)
+  assert exported_model.count_params(models.model_from_config(models.describe(model))) == first
+  assert len(traced) == 1  # an equal model (the next iteration's teacher) is not traced again
+  assert exported_model.count_params(model.clone(width=0.2)) > first and len(traced) == 2
+
+
 def test_older_exports_and_shape_changing_overrides_trace_the_model(tmp_path, monkeypatch):
   model, variables, export = _tiny_export(tmp_path)
   description = exported_model.read_description(export)
