@@ -8,9 +8,9 @@ from nsjax.models import layers, specs
 from nsjax.models.efficientnet import EfficientNet
 from nsjax.models.specs import MODEL_SPECS, ModelSpec, get_spec
 
-OVERRIDABLE = ("width", "depth", "block_stages", "dropout_rate", "stochastic_depth_rate", "small_image", "dtype",
-               "depthwise_impl", "stem_impl", "matmul_operands", "frozen_blocks",
-               "train_resolution", "test_resolution")
+OVERRIDABLE = ("width", "depth", "block_stages", "dropout_rate", "stochastic_depth_rate",
+               "small_image", "dtype", "depthwise_impl", "stem_impl", "matmul_operands",
+               "frozen_blocks", "train_resolution", "test_resolution")
 DTYPES = ("float32", "bfloat16")
 
 
