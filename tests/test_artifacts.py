@@ -83,8 +83,8 @@ def test_a_damaged_export_gives_one_line_and_exit_2_from_the_eval_command(smoke,
 
 
 def test_late_completions_of_a_failed_restore_are_dropped_and_nothing_else(monkeypatch):
-  """The eval command's stray tracebacks (CI saw them in 1 of ~6 runs): completions that reach
-  Orbax's closed event loop are unraisable errors; only those are dropped."""
+  """The eval command's stray tracebacks (CI failed on them once; 3 of 6 runs here printed them):
+  completions that reach Orbax's closed event loop are unraisable errors; only those are dropped."""
   reported = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(str(u.exc_value)))
   artifacts.quiet_abandoned_reads()
