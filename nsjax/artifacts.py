@@ -15,6 +15,9 @@ import errno
 import os
 import re
 import sys
+from typing import Callable, TypeVar
+
+_T = TypeVar("_T")
 
 # Pipeline stage folders (nsjax.pipeline.stage_dir): what wrote an artifact under them.
 _STAGE_DIR = re.compile(r"^(teacher|baseline|(student|label|finetune)-\d+)$")
@@ -85,16 +88,28 @@ def looks_damaged(error: BaseException) -> bool:
   return any(marker in cause for marker in _DAMAGE_MARKERS)
 
 
+def read_orbax(read: Callable[[], _T], damaged: Callable[[str], ArtifactError]) -> _T:
+  """`read()`, an Orbax restore. Bad bytes (errors buried in TensorStore tracebacks) become
+  `damaged(root cause)`; other errors (a target that does not fit, say) pass unchanged."""
+  quiet_abandoned_reads()
+  try:
+    return read()
+  except Exception as error:  # Orbax wraps TensorStore's errors in bare Exceptions
+    if not looks_damaged(error):
+      raise
+    raise damaged(root_cause(error)) from error
+
+
 def quiet_abandoned_reads() -> None:
   """Drops the "Event loop is closed" errors of reads a failed Orbax restore left in flight.
 
   Orbax runs a restore's reads on an event loop of its own and closes that loop as soon as one
   read fails; TensorStore then completes the others on its threads, and each completion's
   `call_soon_threadsafe` on the closed loop becomes an unraisable RuntimeError whose traceback
-  lands around our one-line message, before or after it, depending on timing. Called before each
-  restore (once is enough, later calls do nothing): the loop can close, and a completion can
-  arrive, before an `except` after the restore runs. Every other unraisable error still reaches
-  the previous hook.
+  lands around our one-line message, before or after it, depending on timing. Called by
+  `read_orbax` before each restore (once is enough, later calls do nothing): the loop can close,
+  and a completion can arrive, before an `except` after the restore runs. Every other unraisable
+  error still reaches the previous hook.
   """
   if getattr(sys.unraisablehook, "_drops_abandoned_reads", False):
     return

@@ -141,15 +141,11 @@ def load_exported(directory: str | os.PathLike, shardings: Any = None,
 
 def _restore_variables(var_dir: epath.Path, abstract: Any) -> Any:
   """Orbax restore; bad bytes become one DamagedArtifact naming the folder and the cause."""
-  artifacts.quiet_abandoned_reads()
-  try:
+  def restore():
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(var_dir, abstract)
-  except Exception as error:  # Orbax wraps TensorStore's errors in bare Exceptions
-    if not artifacts.looks_damaged(error):
-      raise
-    raise artifacts.DamagedArtifact(str(var_dir), "the exported variables cannot be read "
-                                    f"({artifacts.root_cause(error)})") from error
+  return artifacts.read_orbax(restore, lambda cause: artifacts.DamagedArtifact(
+      str(var_dir), f"the exported variables cannot be read ({cause})"))
 
 
 def params_sha256(params: Any) -> str:

@@ -95,13 +95,7 @@ class TrainCheckpoints:
   def _read(self, step: int, read: Any) -> Any:
     """Orbax's errors on bad bytes (buried in TensorStore tracebacks) as one DamagedCheckpoint;
     other errors (a target that does not fit, say) pass unchanged."""
-    artifacts.quiet_abandoned_reads()
-    try:
-      return read()
-    except Exception as error:  # Orbax wraps TensorStore's errors in bare Exceptions
-      if not artifacts.looks_damaged(error):
-        raise
-      raise DamagedCheckpoint(step, self.path(step), artifacts.root_cause(error)) from error
+    return artifacts.read_orbax(read, lambda cause: DamagedCheckpoint(step, self.path(step), cause))
 
   def previous_step(self, step: int) -> int | None:
     """The newest kept checkpoint before `step`, or None."""
