@@ -328,7 +328,7 @@ def _write_jpegs(folder: str, count: int, resolution: int) -> None:
 def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str) -> dict[str, Any]:
   """`nsjax.stages.label.label_unlabeled` end to end over a locally built TFDS (folder) dataset, and
   `infer_only` over as many batches, alternating, `--rounds` passes of each."""
-  from nsjax import exported_model
+  from nsjax import exported_model, parallel
   from nsjax.data import folder, input_pipeline
   from nsjax.stages import label
 
@@ -359,23 +359,25 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
   kwargs = dict(global_batch_size=args.batch_size, mesh=mesh, small_image=False)
   num_batches = -(-args.label_images // args.batch_size)
 
-  def infer_pass() -> float:
-    t = time.perf_counter()
+  def infer_pass() -> None:
     for _ in range(num_batches):
       infer_only()
-    return time.perf_counter() - t
 
-  def label_pass(name: str) -> float:
-    t = time.perf_counter()
+  def label_pass(name: str) -> None:
     manifest = label.label_unlabeled(teacher, source, os.path.join(workdir, name), **kwargs)
-    seconds = time.perf_counter() - t
     if manifest["num_examples"] != args.label_images:
       raise RuntimeError(f"labeled {manifest['num_examples']} images, expected {args.label_images}")
-    return seconds
 
-  # The passes alternate A B B A ... (inference alone, labeling, labeling, inference alone, ...):
-  # the machine's drift over the minutes they take falls on both sides of the ratio.
-  infer_s, label_s = [], []
+  def input_pass() -> None:  # the stage's own input alone: read, decode, eval view, to the device
+    batches = label.labeling_batches(source, model.test_resolution, **kwargs)
+    for batch in batches:
+      parallel.process_local_rows(batch["image"])
+
+  # The passes alternate A B C C B A ... (inference alone, labeling, input alone, ...): the
+  # machine's drift over the minutes they take falls on every side of the ratios.
+  passes = {"infer": infer_pass, "label": label_pass, "input": input_pass}
+  wall = {name: [] for name in passes}
+  cpu = {name: [] for name in passes}
   label.make_pseudo_label_step = shared_predict_step
   try:
     t = time.perf_counter()
@@ -384,14 +386,14 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
     label.label_unlabeled(teacher, warmup, os.path.join(workdir, "labels_cold"), **kwargs)
     out["label_e2e_first_pass_s"] = time.perf_counter() - t
     for r in range(args.rounds):
-      if r % 2 == 0:
-        infer_s.append(infer_pass())
-        label_s.append(label_pass(f"labels_{r}"))
-      else:
-        label_s.append(label_pass(f"labels_{r}"))
-        infer_s.append(infer_pass())
+      for name in (passes if r % 2 == 0 else reversed(passes)):
+        t, c = time.perf_counter(), time.process_time()  # CPU time of every thread
+        passes[name](*([f"labels_{r}"] if name == "label" else []))
+        wall[name].append(time.perf_counter() - t)
+        cpu[name].append(time.process_time() - c)
   finally:
     label.make_pseudo_label_step = original
+  infer_s, label_s = wall["infer"], wall["label"]
   images = num_batches * args.batch_size
   out["nsjax_infer_only_pass_s"] = sum(infer_s) / len(infer_s)
   out["nsjax_infer_only_img_s"] = images / out["nsjax_infer_only_pass_s"]
@@ -402,6 +404,16 @@ def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str)
   out["label_e2e_images"] = args.label_images
   out["label_e2e_img_s"] = args.label_images / out["label_e2e_s"]
   out["label_e2e_img_s_per_round"] = [args.label_images / s for s in label_s]
+  # Where labeling's extra time goes: the CPU time (all threads) each pass spends per image. On a
+  # CPU whose cores inference keeps busy, the input's work adds to inference's, so even a labeling
+  # loop that added nothing else could reach at most infer / (infer + input) of inference's rate.
+  per_image = {name: 1e3 * statistics.mean(c) / images for name, c in cpu.items()}
+  out["nsjax_infer_only_cpu_ms_per_img"] = per_image["infer"]
+  out["label_e2e_cpu_ms_per_img"] = per_image["label"]
+  out["label_input_only_cpu_ms_per_img"] = per_image["input"]
+  out["label_input_only_img_s"] = images / statistics.mean(wall["input"])
+  out["label_e2e_vs_infer_only_cpu_bound"] = per_image["infer"] / (per_image["infer"]
+                                                                    + per_image["input"])
   out["label_peak_rss_mb"] = _rss_mb()
   return out
 
@@ -548,7 +560,11 @@ def print_table(results: dict[str, Any]) -> None:
     print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
   ratio = results.get("label_e2e_vs_infer_only")
   if ratio is not None:
-    print(f"label end to end / infer on host batches: {ratio:.3f}")
+    print(f"label end to end / infer on host batches: {ratio:.3f} (CPU ms per image: infer "
+          f"{results['nsjax_infer_only_cpu_ms_per_img']:.2f}, label "
+          f"{results['label_e2e_cpu_ms_per_img']:.2f}, its input alone "
+          f"{results['label_input_only_cpu_ms_per_img']:.2f}; bound "
+          f"{results['label_e2e_vs_infer_only_cpu_bound']:.3f})")
   print(f"{results['device']}; jax {results['jax_version']}; threads {results['threads']}")
 
 

@@ -50,11 +50,18 @@ def test_tiny_run_reports_every_required_number(tmp_path, capsys):
   assert results["nsjax_infer_only_median_img_s"] > 0
   assert math.isclose(results["label_e2e_vs_infer_only"],
                       results["label_e2e_img_s"] / results["nsjax_infer_only_img_s"])
+  # Each pass's CPU time per image, the stage's input alone included, and the ratio's CPU bound.
+  cpu = {key: results[key] for key in ("nsjax_infer_only_cpu_ms_per_img", "label_e2e_cpu_ms_per_img",
+                                       "label_input_only_cpu_ms_per_img", "label_input_only_img_s")}
+  assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in cpu.values()), cpu
+  infer, read = cpu["nsjax_infer_only_cpu_ms_per_img"], cpu["label_input_only_cpu_ms_per_img"]
+  assert math.isclose(results["label_e2e_vs_infer_only_cpu_bound"], infer / (infer + read))
   assert results["flags"]["resolution"] == 32 and results["flags"]["batch_size"] == 4
   assert results["jax_version"] and results["device"] and results["threads"] >= 1
   assert returned["nsjax_train_img_s"] == results["nsjax_train_img_s"]
   printed = capsys.readouterr().out
   assert "nsjax train" in printed and "keras train" in printed and "label end to end" in printed
+  assert "its input alone" in printed
 
 
 def test_flags_default_to_the_b0_224_benchmark():

@@ -92,10 +92,8 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
   num_classes = model.num_classes
   variables = jax.device_put(variables, parallel.replicated(mesh))
   predict = make_pseudo_label_step(model, mesh, top_k)
-  batches = input_pipeline.unlabeled_batches(
-      source, global_batch_size=global_batch_size, keep_encoded_image=True, mesh=mesh,
-      preprocess_fn=views.eval_view_fn(model.test_resolution, small_image, source.image_key,
-                                        units="pixels", label=False, keep_id=True))
+  batches = labeling_batches(source, model.test_resolution, global_batch_size=global_batch_size,
+                             mesh=mesh, small_image=small_image)
   host = jax.process_index()
   writer = pseudo_labels.HostShardWriter(out_dir, host, num_classes, top_k)
   own_done = batches.num_batches if writer.complete else writer.num_batches_done
@@ -114,6 +112,16 @@ def label_unlabeled(teacher_dir: str, source: input_pipeline.Source, out_dir: st
     pseudo_labels.merge_manifests(out_dir, jax.process_count())
   parallel.sync("pseudo-labels-merged")
   return pseudo_labels.read_manifest(out_dir)
+
+
+def labeling_batches(source: input_pipeline.Source, resolution: int, *, global_batch_size: int,
+                     mesh, small_image: bool = False) -> input_pipeline.BatchIterator:
+  """What the labeling stage reads: one ordered pass of the teacher's eval view (pixel units, at
+  its test `resolution`), with each image's id and its encoded bytes for the pseudo-label records."""
+  return input_pipeline.unlabeled_batches(
+      source, global_batch_size=global_batch_size, keep_encoded_image=True, mesh=mesh,
+      preprocess_fn=views.eval_view_fn(resolution, small_image, source.image_key,
+                                        units="pixels", label=False, keep_id=True))
 
 
 def agreed_start(own_done: int) -> int:
