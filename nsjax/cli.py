@@ -14,12 +14,17 @@ the package (`smoke`, `demo`, `configs/smoke.py` from outside a checkout): see `
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
+import importlib.util
 import pathlib
+import re
 import sys
 from typing import Sequence
 
 from absl import app, flags  # light (no JAX or TensorFlow): `nsjax --help` stays fast
+from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 
 from nsjax import command
 
@@ -79,6 +84,24 @@ def bundled_configs() -> dict[str, pathlib.Path]:
   return found
 
 
+def define_config_flag(help_string: str, flag_values: flags.FlagValues = flags.FLAGS,
+                       sys_argv: Sequence[str] | None = None):
+  """The `--config` flag of the commands that take a schedule (run, study, memory).
+
+  Its `--config.a.b=value` overrides may also set keys the file leaves out: a config file writes
+  only what it changes, and every other key nsjax reads has its default in nsjax.config_lib, so
+  `--config.teacher.train.label_smoothing=0` must work for a file that never mentions it. A value
+  for such a key is read as a Python literal (a number, True, a list), else as a string. A
+  mistyped key is then not refused by the flag parser, with a traceback, but by the config check
+  each command makes before computing anything (nsjax.validate.check_keys): exit 2, naming the key
+  and the nearest one nsjax reads. `sys_argv`: the command line the overrides are read from
+  (default: this process's).
+  """
+  return config_flags.DEFINE_config_file("config", None, help_string, flag_values=flag_values,
+                                         lock_config=False, accept_new_attributes=True,
+                                         sys_argv=sys_argv)
+
+
 def resolve_config(value: str) -> str:
   """A `--config` value with its file part made a real path.
 
@@ -99,14 +122,70 @@ def resolve_config(value: str) -> str:
 
 
 def resolve_config_flags(argv: Sequence[str]) -> list[str]:
-  """argv with every `--config=X` / `--config X` resolved (`--config.key=...` overrides untouched)."""
+  """argv with every `--config=X` / `--config X` resolved (`--config.key=...` overrides untouched),
+  after `check_override_paths`."""
   out = list(argv)
   for i, arg in enumerate(out):
     if arg.startswith("--config="):
       out[i] = "--config=" + resolve_config(arg[len("--config="):])
     elif arg == "--config" and i + 1 < len(out):
       out[i + 1] = resolve_config(out[i + 1])
+  check_override_paths(out)
   return out
+
+
+def check_override_paths(argv: Sequence[str]) -> None:
+  """Raises UnknownOverride for a `--config.a.b.c=...` whose holder (`a.b`) the config lacks.
+
+  The last key may be new (define_config_flag; validate.check_keys judges it), but the flag parser
+  cannot create the sections above it, and fails with a traceback: `--config.teachr.train.x=1`,
+  or a section the file leaves as None. Loads the config (its file only) when there are overrides.
+  """
+  overrides = [a.split("=", 1)[0].lstrip("-").removeprefix("no")[len("config."):]
+               for a in argv if re.match(r"^--?(no)?config\.", a)]
+  files = [a[len("--config="):] for a in argv if a.startswith("--config=")]
+  files += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+  if not overrides or not files:
+    return
+  config = _load_config(files[-1])
+  for override in overrides:
+    node, where = config, "config"
+    for key in config_path.split(override)[:-1]:
+      if not _holds(node, key):
+        raise UnknownOverride(_missing_holder_message(override, node, key, where))
+      node, where = node[key], f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]"
+
+
+class UnknownOverride(ConfigNotFound):
+  """A `--config.a.b=...` override naming a section the config does not have."""
+
+
+def _load_config(value: str):
+  file_part, _, argument = value.partition(":")
+  spec = importlib.util.spec_from_file_location("nsjax_cli_config", file_part)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(argument) if argument else module.get_config()
+
+
+def _holds(node, key) -> bool:
+  if isinstance(key, int):
+    return isinstance(node, (list, tuple)) and -len(node) <= key < len(node)
+  return hasattr(node, "keys") and key in node.keys() and node[key] is not None
+
+
+def _missing_holder_message(override: str, node, key, where: str) -> str:
+  if isinstance(key, int):
+    size = f"{len(node)} entries" if isinstance(node, (list, tuple)) else "not a list"
+    return f"--config.{override}: {where} has no entry [{key}] ({size}). Fix the flag's path."
+  if hasattr(node, "keys") and key in node.keys():  # present but None
+    return (f"--config.{override}: {where}.{key} is None in this config, so it has no keys to "
+            f"override; give it a value in the config file first.")
+  keys = [str(k) for k in node.keys()] if hasattr(node, "keys") else []
+  close = difflib.get_close_matches(str(key), keys, n=1, cutoff=0.6)
+  hint = f" Did you mean {where}.{close[0]}?" if close else ""
+  return (f"--config.{override}: {where} has no {key!r} (it has: {', '.join(sorted(keys)) or 'no keys'})."
+          f"{hint} Fix the flag's path.")
 
 
 def overview() -> str:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from nsjax import cli, command
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: a file (configs/*.py) "
-                                          "or a bundled config's name (smoke, demo, ...).",
-                                          lock_config=True)
+_CONFIG = cli.define_config_flag("Experiment config: a file (configs/*.py) or a bundled config's "
+                                 "name (smoke, demo, ...); --config.a.b=value overrides any key.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, labels and results go.")
 _STAGE = flags.DEFINE_string("stage", None, "Run only this stage, e.g. teacher, label-1, student-1, "
                              "baseline, eval-student-2, summary (default: the whole schedule).")

@@ -596,9 +596,8 @@ def write_report(config, study: Study, seeds: Sequence[int], workdir: str,
 def define_flags() -> None:
   """Flags are defined on demand (absl flags are process-global; nsjax.main defines --config)."""
   from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file("config", None, "The schedule the variants modify: a config file "
-                                  "or a bundled config's name (demo, smoke, ...).", lock_config=True)
+  cli.define_config_flag("The schedule the variants modify: a config file or a bundled config's "
+                         "name (demo, smoke, ...); --config.a.b=value overrides any key.")
   flags.DEFINE_string("study", None, "A study file (path/to/study.py defining get_study) or a "
                       "bundled study's name (configs/studies/: paper, smoke).")
   flags.DEFINE_string("seeds", "0", "Comma-separated seeds, e.g. 0,1,2.")

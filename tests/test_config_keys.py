@@ -153,7 +153,9 @@ def test_every_accepted_key_is_read_somewhere_in_nsjax():
   assert not unread, f"config keys nothing reads: {unread}"
 
 
-def test_the_command_line_refuses_a_typo_with_exit_2_before_any_compute(tmp_path):
+@pytest.mark.parametrize("where", ["config_file", "override_flag"])
+def test_the_command_line_refuses_a_typo_with_exit_2_before_any_compute(where, tmp_path):
+  """A mistyped key in the config file, or in a `--config.a.b=` override on the command line."""
   config = tmp_path / "typo.py"
   config.write_text("import importlib.util, os\n"
                     f"spec = importlib.util.spec_from_file_location('s', {ROOT!r} + "
@@ -161,10 +163,11 @@ def test_the_command_line_refuses_a_typo_with_exit_2_before_any_compute(tmp_path
                     "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
                     "def get_config():\n"
                     "  c = m.get_config()\n"
-                    "  c.label.shard_batch = 4\n"
-                    "  return c\n")
+                    + ("  c.label.shard_batch = 4\n" if where == "config_file" else "")
+                    + "  return c\n")
   workdir = tmp_path / "work"
-  done = subprocess.run([sys.executable, "-m", "nsjax.main", f"--config={config}",
+  flag = ["--config.label.shard_batch=4"] if where == "override_flag" else []
+  done = subprocess.run([sys.executable, "-m", "nsjax.main", f"--config={config}", *flag,
                          f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True,
                         timeout=300)
   assert done.returncode == 2, done.stderr[-2000:]
@@ -172,6 +175,47 @@ def test_the_command_line_refuses_a_typo_with_exit_2_before_any_compute(tmp_path
   assert "did you mean label.shard_bytes?" in done.stderr
   assert "Traceback" not in done.stderr
   assert not (workdir / "tensorflow_datasets").exists()  # nothing was built
+
+
+def _parse_config_flags(argv):
+  """FLAGS.config after parsing `argv` with nsjax's --config flag (a private flag registry)."""
+  from absl import flags
+  from nsjax import cli
+  argv = ["prog", *cli.resolve_config_flags(argv)]
+  registry = flags.FlagValues()
+  cli.define_config_flag("test", flag_values=registry, sys_argv=argv)  # not pytest's sys.argv
+  registry(argv)
+  return registry.config
+
+
+def test_an_override_may_set_a_key_the_config_file_leaves_to_its_default():
+  smoke = os.path.join(ROOT, "configs", "smoke.py")
+  assert "rmsprop_decay" not in load_config("smoke")[1].teacher.train  # a default of config_lib's
+  config = _parse_config_flags([f"--config={smoke}", "--config.teacher.train.rmsprop_decay=0.8",
+                                "--config.teacher.train.num_train_steps=5",
+                                "--config.students[0].train.pseudo_labels=hard"])
+  assert config.teacher.train.rmsprop_decay == 0.8
+  assert config.teacher.train.num_train_steps == 5  # a key the file sets keeps its type (int)
+  assert config.students[0].train.pseudo_labels == "hard"
+  validate.check_keys(config)
+  assert config_lib.with_defaults(config).teacher.train.rmsprop_decay == 0.8
+
+
+@pytest.mark.parametrize("override, words", [
+    ("teachr.train.num_train_steps=3", "config has no 'teachr'"),
+    ("baseline.seed_offset=3", "config.baseline is None in this config"),
+    ("students[3].seed_offset=3", "config.students has no entry [3] (1 entries)"),
+])
+def test_an_override_under_a_section_the_config_lacks_names_it_before_parsing(override, words):
+  """The flag parser could only fail with a traceback there; cli refuses first (exit 2 in the
+  commands, which catch ConfigNotFound)."""
+  from nsjax import cli
+  smoke = os.path.join(ROOT, "configs", "smoke.py")
+  with pytest.raises(cli.UnknownOverride, match=re.escape(words)) as caught:
+    cli.resolve_config_flags(["prog", f"--config={smoke}", f"--config.{override}"])
+  assert isinstance(caught.value, cli.ConfigNotFound)
+  if override.startswith("teachr"):
+    assert "Did you mean config.teacher?" in str(caught.value)
 
 
 def _meaning_names(schema) -> set[str]:

@@ -15,15 +15,15 @@ tests/test_train_steps.py.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 from absl import app, flags
 from jax.sharding import AbstractMesh
-from ml_collections import config_flags
 
-from nsjax import config_lib, parallel, schedule
+from nsjax import cli, command, config_lib, parallel, schedule, validate
 from nsjax.stages import train as train_stage
 from nsjax.train import optimizer as opt
 from nsjax.train import settings
@@ -148,8 +148,8 @@ def define_flags() -> None:
   global _CONFIG, _NUM_DEVICES
   if "num_devices" in flags.FLAGS:
     return
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/*.py or "
-                                            "a bundled config's name with `nsjax memory`).")
+  _CONFIG = cli.define_config_flag("Experiment config (configs/*.py or a bundled config's name "
+                                   "with `nsjax memory`); --config.a.b=value overrides any key.")
   _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices on the data axis (default: "
                                       "this machine's); they need not exist here.")
   flags.mark_flags_as_required(["config"])
@@ -158,6 +158,10 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    validate.check_keys(_CONFIG.value)  # a mistyped --config.* override included
+  except validate.ConfigError as error:
+    command.exit_with(command.EXIT_BAD_CONFIG, f"Config error: {error}")
   num_devices = _NUM_DEVICES.value or jax.device_count()
   rows = schedule_memory(_CONFIG.value, num_devices)
   print(format_report(rows, num_devices), flush=True)
@@ -165,4 +169,8 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  try:
+    resolved_argv = cli.resolve_config_flags(sys.argv)
+  except cli.ConfigNotFound as config_error:
+    command.exit_with(command.EXIT_BAD_CONFIG, f"Config error: {config_error}")
+  app.run(main, argv=resolved_argv)
