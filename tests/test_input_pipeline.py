@@ -343,3 +343,24 @@ def test_training_and_evaluation_batches_iterate_through_host_iterator(data_dir,
                         seed=0))
   next(ip.eval_batches(ip.Source("mnist5k/labels_10", "test", data_dir), global_batch_size=8))
   assert len(started) == 2
+
+
+def test_the_corruption_suite_reads_its_first_rows_without_tfds_autocache(data_dir, monkeypatch):
+  """TFDS caches a small split in memory when asked for it whole; the suite reads only its first
+  rows, so the cache was discarded, with a warning, at every evaluation (the demo's four)."""
+  from nsjax.evaluate import corruption_suite
+  builder = ip.load_builder("mnist5k/labels_10", data_dir)
+  calls = []
+  original = type(builder).as_dataset
+
+  def spy(self, *args, **kwargs):
+    calls.append(kwargs.get("read_config"))
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(type(builder), "as_dataset", spy)
+  images, labels, first = corruption_suite.load_local_arrays(
+      ip.Source("mnist5k/labels_10", "test", data_dir), max_examples=100)
+  assert images.shape[0] == labels.shape[0] == 100 and first == 0
+  assert calls and all(c is not None and c.try_autocache is False for c in calls), calls
+  whole = next(iter(tfds.as_numpy(builder.as_dataset(split="test[:100]", batch_size=100))))
+  np.testing.assert_array_equal(labels, whole["label"])

@@ -36,8 +36,11 @@ def load_local_arrays(src: input_pipeline.Source, max_examples: int = 0):
   if max_examples:
     total = min(total, int(max_examples))
   start, end = parallel.local_share(total, jax.process_index(), jax.process_count())
+  # No autocache: TFDS would cache a small split in memory, then discard it with a warning when
+  # the take() below stops early (every evaluation of the demo did).
   ds = builder.as_dataset(split=src.split, shuffle_files=False,
-                          decoders={src.image_key: tfds.decode.SkipDecoding()})
+                          decoders={src.image_key: tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(try_autocache=False))
   decode = input_pipeline.image_decoder(builder, src.image_key)
   ds = ds.skip(start).take(end - start).enumerate().map(decode).ignore_errors()
   images, labels = [], []
