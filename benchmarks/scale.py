@@ -135,11 +135,14 @@ def child(args) -> None:
   print(json.dumps(result))
 
 
-def run_child(phase: str, directory: str, sizes: str = "0", label_hosts: int = 0,
+def run_child(phase: str, directory: str, sizes: str | None = None, label_hosts: int = 0,
               rounds: int = 0) -> dict | list:
-  out = subprocess.run([sys.executable, __file__, "--child", phase, "--directory", directory,
-                        "--n", sizes, "--label_hosts", str(label_hosts), "--rounds", str(rounds)],
-                       check=True, capture_output=True, text=True)
+  """A child process's JSON result: "write" (every set, with `sizes`, `label_hosts`, `rounds`) or
+  "read" (one set's reader; it needs only the directory)."""
+  command = [sys.executable, __file__, "--child", phase, "--directory", directory]
+  if phase == "write":
+    command += ["--n", sizes, "--label_hosts", str(label_hosts), "--rounds", str(rounds)]
+  out = subprocess.run(command, check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
