@@ -276,3 +276,31 @@ def test_randaugment_inside_parallel_tf_data_map():
   for i in (0, 9):
     np.testing.assert_array_equal(
         by_index[i], ra.randaugment(image, tf.constant([i, i + 1], tf.int64), config).numpy())
+
+
+def test_each_layer_calls_its_op_instead_of_being_lowered_into_all_sixteen():
+  """tf.switch_case's Case is lowered into Switch/Merge (all 16 ops' nodes in every image's graph,
+  dead tensors through 15 of them); randaugment's Case stays a call of the drawn op's function.
+  The images are the same as applying the drawn ops in turn (test above), for int32 and int64
+  seeds alike."""
+  config = ra.RandAugmentConfig(num_layers=2, magnitude=9)
+  for dtype in (tf.int32, tf.int64):
+    fn = tf.function(lambda image, seed: ra.randaugment(image, seed, config))
+    graph = fn.get_concrete_function(tf.TensorSpec([None, None, 3], tf.uint8),
+                                     tf.TensorSpec([2], dtype)).graph
+    cases = [op for op in graph.get_operations() if op.type == "Case"]
+    assert len(cases) == 2
+    for op in cases:
+      try:
+        lowered = op.get_attr("_lower_using_switch_merge")
+      except ValueError:
+        lowered = False
+      assert not lowered
+    image = _smooth_image()
+    seed = tf.constant([3, 4], dtype)
+    choices, op_seeds = ra.layer_plan(seed, config)
+    expected = tf.constant(image)
+    for layer in range(2):
+      expected = ra.apply_op(expected, config.op_names[int(choices[layer])], 9, op_seeds[layer],
+                             config)
+    np.testing.assert_array_equal(fn(image, seed).numpy(), expected.numpy())

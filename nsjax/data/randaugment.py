@@ -21,6 +21,7 @@ sampling and constant fill 128, as the official `contrib.image` calls did via wr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import tensorflow as tf
@@ -337,17 +338,33 @@ def layer_plan(seed, config: RandAugmentConfig) -> tuple[tf.Tensor, tf.Tensor]:
   return choices, seeds[1::2][:num_layers]
 
 
+@functools.lru_cache(maxsize=None)
+def op_functions(config: RandAugmentConfig, seed_dtype: tf.DType) -> tuple:
+  """`apply_op` of each of `config.op_names`, traced once: (uint8 [H, W, 3], seed [2]) -> uint8."""
+  def traced(name):
+    fn = tf.function(lambda image, seed: tf.ensure_shape(
+        apply_op(image, name, config.magnitude, seed, config), [None, None, 3]), autograph=False)
+    return fn.get_concrete_function(tf.TensorSpec([None, None, 3], tf.uint8),
+                                    tf.TensorSpec([2], seed_dtype))
+  return tuple(traced(name) for name in config.op_names)
+
+
 def randaugment(image: tf.Tensor, seed, config: RandAugmentConfig = RandAugmentConfig()) -> tf.Tensor:
   """RandAugment v1: N layers, each applies one op drawn uniformly (always applied) at magnitude M.
 
   image: uint8 [H, W, 3], any size. seed: int32/int64 [2] per-example seed. Returns uint8 [H, W, 3].
+
+  Each layer calls the drawn op's function through a `Case` op that stays a call. `tf.switch_case`
+  marks its `Case` to be lowered into Switch/Merge, which puts all 16 ops' nodes into the graph
+  of every image and sends dead tensors through the 15 not taken: ~80 us of a 28 px image's ~100
+  us a layer on one core. Called, a layer costs ~60 us (benchmarks/README.md); the images are
+  the same bit for bit.
   """
   image = check_uint8_rgb(image)
   choices, op_seeds = layer_plan(seed, config)
+  branches = op_functions(config, op_seeds.dtype) if config.num_layers else ()
   for layer in range(config.num_layers):
-    branches = [
-        (lambda name=name, layer_image=image, op_seed=op_seeds[layer]:
-         apply_op(layer_image, name, config.magnitude, op_seed, config))
-        for name in config.op_names]
-    image = tf.ensure_shape(tf.switch_case(choices[layer], branches), [None, None, 3])
+    image = tf.raw_ops.Case(branch_index=choices[layer], input=[image, op_seeds[layer]],
+                            Tout=[tf.uint8], branches=list(branches))[0]
+    image = tf.ensure_shape(image, [None, None, 3])
   return image
