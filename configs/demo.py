@@ -6,9 +6,10 @@ then two noisy students of the same size trained on labeled + filtered, balanced
 with RandAugment, dropout and stochastic depth; plus a supervised baseline: the final student's
 architecture and noise on the labels alone, trained as long as the (converged) teacher.
 
-Hardware: a 2-core CPU, 4-8 minutes with a cold XLA compilation cache (3 min 42 s on an Intel Xeon
-with AMX-bf16; 7 min 38 s on an AMD EPYC, measured before XLA's memory-optimized scheduler). Published result: none (this is nsjax's own demo); the 3-seed numbers and the
-convergence checks are in the README.
+Hardware: a 2-core CPU; with a cold XLA compilation cache, 3 min 42 s on an Intel Xeon with
+AMX-bf16, 7 min 38 s on an AMD EPYC (measured there before XLA's memory-optimized scheduler).
+Published result: none (this is nsjax's own demo); the 3-seed numbers and the convergence checks
+are in the README.
 
   python -m nsjax.main --config=configs/demo.py --workdir=/tmp/nsjax-demo
   python -m nsjax.main --config=configs/demo.py --config.seed=1 --workdir=/tmp/nsjax-demo-seed1
