@@ -326,8 +326,9 @@ def _write_jpegs(folder: str, count: int, resolution: int) -> None:
 
 
 def bench_label(args, model, variables, predict, mesh, infer_only, workdir: str) -> dict[str, Any]:
-  """`nsjax.stages.label.label_unlabeled` end to end over a locally built TFDS (folder) dataset, and
-  `infer_only` over as many batches, alternating, `--rounds` passes of each."""
+  """`nsjax.stages.label.label_unlabeled` end to end over a locally built TFDS (folder) dataset,
+  `infer_only` over as many batches, and the stage's input alone, alternating, `--rounds` passes
+  of each, with each pass's wall and CPU time."""
   from nsjax import exported_model, parallel
   from nsjax.data import folder, input_pipeline
   from nsjax.stages import label
