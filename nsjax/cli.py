@@ -125,29 +125,39 @@ def resolve_config_flags(argv: Sequence[str]) -> list[str]:
   """argv with every `--config=X` / `--config X` resolved (`--config.key=...` overrides untouched),
   after `check_override_paths`."""
   out = list(argv)
+  config = None  # the last --config value, resolved
   for i, arg in enumerate(out):
     if arg.startswith("--config="):
-      out[i] = "--config=" + resolve_config(arg[len("--config="):])
+      config = resolve_config(arg[len("--config="):])
+      out[i] = "--config=" + config
     elif arg == "--config" and i + 1 < len(out):
-      out[i + 1] = resolve_config(out[i + 1])
-  check_override_paths(out)
+      config = out[i + 1] = resolve_config(out[i + 1])
+  if config is not None:
+    check_override_paths(out, config)
   return out
 
 
-def check_override_paths(argv: Sequence[str]) -> None:
+def resolve_config_flags_or_exit(argv: Sequence[str]) -> list[str]:
+  """`resolve_config_flags`, or the commands' one-line config error and exit 2."""
+  try:
+    return resolve_config_flags(argv)
+  except ConfigNotFound as error:
+    command.exit_with(command.EXIT_BAD_CONFIG, f"Config error: {error}")
+
+
+def check_override_paths(argv: Sequence[str], config_value: str) -> None:
   """Raises UnknownOverride for a `--config.a.b.c=...` whose holder (`a.b`) the config lacks.
 
   The last key may be new (define_config_flag; validate.check_keys judges it), but the flag parser
   cannot create the sections above it, and fails with a traceback: `--config.teachr.train.x=1`,
-  or a section the file leaves as None. Loads the config (its file only) when there are overrides.
+  or a section the file leaves as None. Loads the config (`config_value`, a resolved --config)
+  only when there are overrides.
   """
   overrides = [a.split("=", 1)[0].lstrip("-").removeprefix("no")[len("config."):]
                for a in argv if re.match(r"^--?(no)?config\.", a)]
-  files = [a[len("--config="):] for a in argv if a.startswith("--config=")]
-  files += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-  if not overrides or not files:
+  if not overrides:
     return
-  config = _load_config(files[-1])
+  config = _load_config(config_value)
   for override in overrides:
     node, where = config, "config"
     for key in config_path.split(override)[:-1]:

@@ -58,13 +58,8 @@ def main(argv):
 
 
 pixels_per_step = command.pixels_per_step
-_exit = command.exit_with
 
 
 if __name__ == "__main__":
   command.start_again_with_huge_pages()
-  try:
-    resolved_argv = cli.resolve_config_flags(sys.argv)
-  except cli.ConfigNotFound as config_error:
-    _exit(EXIT_BAD_CONFIG, f"Config error: {config_error}")
-  app.run(main, argv=resolved_argv)
+  app.run(main, argv=cli.resolve_config_flags_or_exit(sys.argv))

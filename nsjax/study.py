@@ -645,11 +645,7 @@ def run_command(argv) -> None:
   """`python -m nsjax.study ...`: flags, --config resolution, then main."""
   from absl import app
   define_flags()
-  try:
-    resolved_argv = cli.resolve_config_flags(argv)
-  except cli.ConfigNotFound as config_error:
-    command.exit_with(command.EXIT_BAD_CONFIG, f"Config error: {config_error}")
-  app.run(main, argv=resolved_argv)
+  app.run(main, argv=cli.resolve_config_flags_or_exit(argv))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from nsjax import parallel
@@ -51,7 +52,6 @@ def test_an_option_in_xla_flags_stands(monkeypatch, flag, left):
 
 def test_the_memory_optimized_scheduler_computes_the_same_bits():
   """Only the order of the instructions changes: a small conv net's gradients, bit for bit."""
-  import numpy as np
   rng = np.random.default_rng(0)
   kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.float32)
   images = jnp.asarray(rng.standard_normal((4, 12, 12, 4)), jnp.float32)

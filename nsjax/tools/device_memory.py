@@ -158,10 +158,8 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    validate.check_keys(_CONFIG.value)  # a mistyped --config.* override included
-  except validate.ConfigError as error:
-    command.exit_with(command.EXIT_BAD_CONFIG, f"Config error: {error}")
+  # A mistyped --config.* override included: exit 2 with the nearest key, as the run command.
+  command.run_with_exit_codes(lambda: validate.check_keys(_CONFIG.value))
   num_devices = _NUM_DEVICES.value or jax.device_count()
   rows = schedule_memory(_CONFIG.value, num_devices)
   print(format_report(rows, num_devices), flush=True)
@@ -169,8 +167,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  try:
-    resolved_argv = cli.resolve_config_flags(sys.argv)
-  except cli.ConfigNotFound as config_error:
-    command.exit_with(command.EXIT_BAD_CONFIG, f"Config error: {config_error}")
-  app.run(main, argv=resolved_argv)
+  app.run(main, argv=cli.resolve_config_flags_or_exit(sys.argv))
