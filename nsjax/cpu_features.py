@@ -18,23 +18,22 @@ MATRIX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 
 
 @functools.lru_cache
-def _read(cpuinfo_path: str) -> tuple[str, frozenset[str]]:
-  """(model name, flags) of the first processor listed; ("", {}) where the file cannot be read."""
-  model, flags = "", frozenset()
+def _read(cpuinfo_path: str) -> tuple[str, frozenset[str], str]:
+  """(model name, flags, "family/model") of the first processor listed; ("", {}, "") where the
+  file cannot be read."""
+  fields: dict[str, str] = {}
   try:
     with open(cpuinfo_path) as f:
       for line in f:
+        if not line.strip():
+          break  # the first processor's block ends at its blank line
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not model:
-          model = value.strip()
-        elif key == "flags" and not flags:
-          flags = frozenset(value.split())
-        if model and flags:
-          break
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  return model, flags
+  family, number = fields.get("cpu family", ""), fields.get("model", "")
+  return (fields.get("model name", ""), frozenset(fields.get("flags", "").split()),
+          f"{family}/{number}" if family and number else "")
 
 
 def has(flag: str, cpuinfo_path: str = CPUINFO) -> bool:
@@ -43,8 +42,12 @@ def has(flag: str, cpuinfo_path: str = CPUINFO) -> bool:
 
 
 def describe(cpuinfo_path: str = CPUINFO) -> dict[str, object]:
-  """The CPU's model and the vector / matrix extensions nsjax's choices depend on."""
-  model, flags = _read(cpuinfo_path)
+  """The CPU's model, its x86 family/model numbers and the vector / matrix extensions nsjax's
+  choices depend on. Cloud VMs often name only the vendor line ("AMD EPYC"); the numbers tell
+  its generations apart (family 25, model 1: Zen 3, AVX2 only; family 25, model 17: Zen 4,
+  AVX-512)."""
+  model, flags, family_model = _read(cpuinfo_path)
   return {"model": model or platform.processor() or platform.machine(),
+          "family_model": family_model,
           "vector": [f for f in VECTOR_FLAGS if f in flags],
           "matrix": [f for f in MATRIX_FLAGS if f in flags]}

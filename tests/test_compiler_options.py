@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nsjax import parallel
+from nsjax import cpu_features, parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,19 @@ def test_avx512_is_read_from_cpuinfo_flags(tmp_path, flags, expected):
 
 def test_avx512_unknown_without_cpuinfo(tmp_path):
   assert parallel.cpu_has_avx512(str(tmp_path / "missing")) is False
+
+
+def test_cpu_description_names_the_generation_and_the_extensions(tmp_path):
+  """Benchmarks record it: a VM's model name alone ("AMD EPYC") does not tell Zen 3 from Zen 4."""
+  cpuinfo = tmp_path / "cpuinfo"
+  first = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+           "model name\t: AMD EPYC\nflags\t\t: fpu avx fma avx2 sse4_2\n\n")
+  second = first.replace("processor\t: 0", "processor\t: 1").replace("avx2", "avx2 avx512f")
+  cpuinfo.write_text(first + second)
+  assert cpu_features.describe(str(cpuinfo)) == {
+      "model": "AMD EPYC", "family_model": "25/1", "vector": ["avx2", "fma"], "matrix": []}
+  unknown = cpu_features.describe(str(tmp_path / "missing"))
+  assert unknown["family_model"] == "" and unknown["vector"] == [] and unknown["matrix"] == []
 
 
 MEMORY_SCHEDULER = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
