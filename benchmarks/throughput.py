@@ -42,9 +42,9 @@ process, never alongside the JAX part, so the two never compete for the CPUs or 
 
 Rounds: a shared machine's speed drifts by 10-20% over minutes, more than the differences being
 measured. So the step timings alternate, `--rounds` times (default 2): nsjax (compile, time),
-labeling, Keras worker (compile, time), nsjax again (the compiled steps), Keras worker again, ...
-Each img/s is the median over the timed steps of all rounds (`*_img_s_per_round` keeps each
-round's); compile times are the first round's.
+labeling, Keras worker (compile, time), nsjax again (the compiled steps), the same Keras worker
+again (its compiled model; it waits idle in between), ... Each img/s is the median over the timed
+steps of all rounds (`*_img_s_per_round` keeps each round's); compile times are the first round's.
 
   python benchmarks/throughput.py --output=benchmarks/results/cpu_b0_224.json
   python benchmarks/throughput.py --width=0.1 --depth=0.1 --resolution=32 --batch_size=4 \
@@ -63,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nsjax import host_memory  # noqa: E402  (imports no JAX: runs before any thread pool starts)
@@ -438,7 +438,9 @@ def _keras_model(args):
   return model, f"keras EfficientNet(width_coefficient={width}, depth_coefficient={depth})"
 
 
-def bench_keras(args) -> dict[str, Any]:
+def bench_keras(args) -> Iterator[dict[str, Any]]:
+  """Keras rounds: the first builds, compiles and times the model; each later one times the same
+  compiled calls again, one warm-up call each (as nsjax's later rounds do)."""
   import numpy as np
   import tensorflow as tf
   tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -467,21 +469,29 @@ def bench_keras(args) -> dict[str, Any]:
   out.update(_summary("keras_infer", times, batch_size))
   out["keras_infer_compile_s"] = max(first - out["keras_infer_step_s"], 0.0)
   out["keras_peak_rss_mb"] = _rss_mb()
-  return out
+  yield out
+  while True:
+    yield {"keras_train_step_times": _time_calls(lambda: model.train_on_batch(images, labels), 1,
+                                                 args.steps),
+           "keras_infer_step_times": _time_calls(
+               lambda: np.asarray(model.predict_on_batch(images)), 1, args.steps)}
 
 
-def bench_timm(args) -> dict[str, Any]:
-  """timm's EfficientNet-B0 family in torch (CPU or CUDA), only when timm imports."""
+def bench_timm(args) -> Iterator[dict[str, Any]]:
+  """timm's EfficientNet-B0 family in torch (CPU or CUDA), only when timm imports; rounds as
+  `bench_keras`'s."""
   try:
     import timm
     import torch
   except Exception:  # noqa: BLE001  -- optional
-    return {}
+    yield from iter(dict, None)  # no timm: empty rounds
+    return
   torch.set_num_threads(args.threads)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   name = args.model.replace("-", "_")
   if args.width is not None or args.depth is not None:
-    return {}  # timm has no width/depth override for the named models; tiny runs skip it
+    yield from iter(dict, None)  # timm has no width/depth override for the named models
+    return
   model = timm.create_model(name, pretrained=False, num_classes=args.num_classes).to(device)
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
   loss_fn = torch.nn.CrossEntropyLoss()
@@ -508,27 +518,69 @@ def bench_timm(args) -> dict[str, Any]:
 
   out.update(_summary("timm_infer", _time_calls(infer_once, args.warmup, args.steps),
                       args.batch_size))
-  return out
+  yield out
+  while True:
+    model.train()
+    train_times = _time_calls(train_once, 1, args.steps)
+    model.eval()
+    yield {"timm_train_step_times": train_times,
+           "timm_infer_step_times": _time_calls(infer_once, 1, args.steps)}
+
+
+WORKER_ROUND_WRITTEN = "nsjax-benchmark-worker: round written"
 
 
 def _run_worker(args) -> None:
-  out = bench_keras(args) if args._worker == "keras" else bench_timm(args)
-  with open(args._worker_output, "w") as f:
-    json.dump(out, f)
+  """Serves rounds: writes one to --_worker_output, says so on stdout, then waits (idle) for a
+  line on stdin: "again" times another round of the model it has built and compiled, anything
+  else (or the parent's exit) ends the process."""
+  for out in (bench_keras(args) if args._worker == "keras" else bench_timm(args)):
+    with open(args._worker_output, "w") as f:
+      json.dump(dict(out, **{f"{args._worker}_worker_pid": os.getpid()}), f)
+    print(WORKER_ROUND_WRITTEN, flush=True)
+    if sys.stdin.readline().strip() != "again":
+      return
 
 
-def _in_worker(args, which: str, argv: list[str]) -> dict[str, Any]:
-  with tempfile.TemporaryDirectory(prefix="nsjax-bench-") as tmp:
-    path = os.path.join(tmp, "out.json")
+class _PeerWorker:
+  """A Keras (or timm) process that stays up between rounds, idle while nsjax runs: later rounds
+  reuse its compiled model, as nsjax's reuse its compiled steps, instead of paying a fresh
+  process's imports and compilation again."""
+
+  def __init__(self, args, which: str, argv: list[str]):
+    self.which = which
+    self._tmp = tempfile.TemporaryDirectory(prefix="nsjax-bench-")
+    self._path = os.path.join(self._tmp.name, "out.json")
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     env[host_memory.ENV_SWITCH] = "1" if args.peers_retain_freed_memory else "0"
-    cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--_worker={which}",
-           f"--_worker_output={path}"]
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-      raise RuntimeError(f"the {which} worker failed (exit {proc.returncode}): {' '.join(cmd)}")
-    with open(path) as f:
+    self._cmd = [sys.executable, os.path.abspath(__file__), *argv, f"--_worker={which}",
+                 f"--_worker_output={self._path}"]
+    self._proc = subprocess.Popen(self._cmd, env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+    self._rounds = 0
+
+  def next_round(self) -> dict[str, Any]:
+    if self._rounds:
+      self._proc.stdin.write("again\n")
+      self._proc.stdin.flush()
+    for line in self._proc.stdout:  # the worker's own output passes through
+      if line.strip() == WORKER_ROUND_WRITTEN:
+        break
+      sys.stdout.write(line)
+    else:
+      code = self._proc.wait()
+      raise RuntimeError(f"the {self.which} worker failed (exit {code}): {' '.join(self._cmd)}")
+    self._rounds += 1
+    with open(self._path) as f:
       return json.load(f)
+
+  def close(self) -> None:
+    try:
+      self._proc.stdin.close()
+      self._proc.wait(timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+      self._proc.kill()
+    self._tmp.cleanup()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -620,15 +672,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   rounds = [nsjax_results]
   if not args.skip_keras:
     peers = ["keras"] + (["timm"] if importlib.util.find_spec("timm") is not None else [])
-    for r in range(args.rounds):
-      t = time.perf_counter()
-      if r:
-        rounds.append(another_round())
-      for which in peers:  # a fresh worker each round: compiles are timed in the first one
-        peer = _in_worker(args, which, argv)
-        rounds.append(peer)
-        results.update({k: v for k, v in peer.items() if r == 0 or "compile" not in k})
-      phases[f"round_{r + 1}"] = time.perf_counter() - t
+    workers: dict[str, _PeerWorker] = {}
+    try:
+      for r in range(args.rounds):
+        t = time.perf_counter()
+        if r:
+          rounds.append(another_round())
+        for which in peers:  # one process per peer, started in round 1 (its compiles are timed)
+          worker = workers.setdefault(which, _PeerWorker(args, which, argv))
+          peer = worker.next_round()
+          rounds.append(peer)
+          pid = peer.pop(f"{which}_worker_pid")
+          results.setdefault("peer_worker_pids", {}).setdefault(which, []).append(pid)
+          results.update({k: v for k, v in peer.items() if r == 0 or "step_times" not in k})
+        phases[f"round_{r + 1}"] = time.perf_counter() - t
+    finally:
+      for worker in workers.values():
+        worker.close()
     _pool_rounds(results, rounds, args.batch_size)
   results["rounds"] = args.rounds if not args.skip_keras else 1
   for key in REQUIRED_KEYS:

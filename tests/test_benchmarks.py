@@ -20,7 +20,8 @@ TINY = ["--width=0.1", "--depth=0.1", "--resolution=32", "--batch_size=4", "--nu
 
 
 def test_tiny_run_reports_every_required_number(tmp_path, capsys):
-  """In this process (the session's 4 CPU devices, so the steps run sharded); Keras in a worker."""
+  """In this process (the session's 4 CPU devices, so the steps run sharded); Keras in a worker
+  process that serves both rounds."""
   output = tmp_path / "tiny.json"
   returned = throughput.main(TINY + [f"--output={output}"])
   results = json.loads(output.read_text())
@@ -34,6 +35,9 @@ def test_tiny_run_reports_every_required_number(tmp_path, capsys):
   assert results["label_e2e_images"] == 8 and results["label_reused_compiled_step"] is True
   # Two rounds (nsjax, Keras, nsjax, Keras), each one's steps pooled: 1 timed step per round.
   assert results["rounds"] == 2
+  # One Keras process serves both rounds (its second reuses the compiled model, as nsjax's does).
+  pids = results["peer_worker_pids"]["keras"]
+  assert len(pids) == 2 and pids[0] == pids[1] and pids[0] != os.getpid()
   for prefix in ("nsjax_train", "nsjax_infer", "keras_train", "keras_infer"):
     assert len(results[f"{prefix}_img_s_per_round"]) == 2, prefix
     assert len(results[f"{prefix}_step_times"]) == 2, prefix
