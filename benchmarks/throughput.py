@@ -484,14 +484,14 @@ def bench_timm(args) -> Iterator[dict[str, Any]]:
     import timm
     import torch
   except Exception:  # noqa: BLE001  -- optional
-    yield from iter(dict, None)  # no timm: empty rounds
-    return
+    while True:  # no timm: empty rounds
+      yield {}
   torch.set_num_threads(args.threads)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   name = args.model.replace("-", "_")
   if args.width is not None or args.depth is not None:
-    yield from iter(dict, None)  # timm has no width/depth override for the named models
-    return
+    while True:  # timm has no width/depth override for the named models: empty rounds
+      yield {}
   model = timm.create_model(name, pretrained=False, num_classes=args.num_classes).to(device)
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
   loss_fn = torch.nn.CrossEntropyLoss()
@@ -561,8 +561,11 @@ class _PeerWorker:
 
   def next_round(self) -> dict[str, Any]:
     if self._rounds:
-      self._proc.stdin.write("again\n")
-      self._proc.stdin.flush()
+      try:
+        self._proc.stdin.write("again\n")
+        self._proc.stdin.flush()
+      except BrokenPipeError:  # it has exited: its status is reported below
+        pass
     for line in self._proc.stdout:  # the worker's own output passes through
       if line.strip() == WORKER_ROUND_WRITTEN:
         break

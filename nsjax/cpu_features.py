@@ -26,7 +26,9 @@ def _read(cpuinfo_path: str) -> tuple[str, frozenset[str], str]:
     with open(cpuinfo_path) as f:
       for line in f:
         if not line.strip():
-          break  # the first processor's block ends at its blank line
+          if fields:
+            break  # the first processor's block ends at its blank line
+          continue
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
   except OSError:

@@ -81,3 +81,15 @@ def test_counts_below_one_are_refused_by_name(flag, capsys):
   with pytest.raises(SystemExit):
     throughput.parse_args([flag])
   assert "--warmup, --steps and --rounds must be >= 1" in capsys.readouterr().err
+
+
+def test_a_worker_that_dies_is_reported_with_its_exit_status():
+  """The Keras worker refuses its flags (as any failure before it writes a round): the parent
+  names the worker, its exit status and its command instead of waiting or reading stale output."""
+  args = throughput.parse_args([])
+  worker = throughput._PeerWorker(args, "keras", ["--steps=0"])
+  try:
+    with pytest.raises(RuntimeError, match=r"the keras worker failed \(exit 2\): .*--steps=0"):
+      worker.next_round()
+  finally:
+    worker.close()
