@@ -682,12 +682,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if r:
           rounds.append(another_round())
         for which in peers:  # one process per peer, started in round 1 (its compiles are timed)
-          worker = workers.setdefault(which, _PeerWorker(args, which, argv))
-          peer = worker.next_round()
+          if which not in workers:  # (not setdefault: its default would start a process each round)
+            workers[which] = _PeerWorker(args, which, argv)
+          peer = workers[which].next_round()
           rounds.append(peer)
           pid = peer.pop(f"{which}_worker_pid")
           results.setdefault("peer_worker_pids", {}).setdefault(which, []).append(pid)
-          results.update({k: v for k, v in peer.items() if r == 0 or "step_times" not in k})
+          if r == 0:  # later rounds hold only step times, pooled below
+            results.update(peer)
         phases[f"round_{r + 1}"] = time.perf_counter() - t
     finally:
       for worker in workers.values():

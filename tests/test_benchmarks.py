@@ -19,10 +19,18 @@ TINY = ["--width=0.1", "--depth=0.1", "--resolution=32", "--batch_size=4", "--nu
         "--warmup=1", "--steps=1", "--label_images=8", "--fast_compile"]
 
 
-def test_tiny_run_reports_every_required_number(tmp_path, capsys):
+def test_tiny_run_reports_every_required_number(tmp_path, capsys, monkeypatch):
   """In this process (the session's 4 CPU devices, so the steps run sharded); Keras in a worker
   process that serves both rounds."""
   output = tmp_path / "tiny.json"
+  started = []
+
+  class CountedWorker(throughput._PeerWorker):
+    def __init__(self, args, which, argv):
+      started.append(which)
+      super().__init__(args, which, argv)
+
+  monkeypatch.setattr(throughput, "_PeerWorker", CountedWorker)
   returned = throughput.main(TINY + [f"--output={output}"])
   results = json.loads(output.read_text())
   required = throughput.REQUIRED_KEYS + (
@@ -38,6 +46,7 @@ def test_tiny_run_reports_every_required_number(tmp_path, capsys):
   # One Keras process serves both rounds (its second reuses the compiled model, as nsjax's does).
   pids = results["peer_worker_pids"]["keras"]
   assert len(pids) == 2 and pids[0] == pids[1] and pids[0] != os.getpid()
+  assert started == list(results["peer_worker_pids"]), started  # no process started per round
   for prefix in ("nsjax_train", "nsjax_infer", "keras_train", "keras_infer"):
     assert len(results[f"{prefix}_img_s_per_round"]) == 2, prefix
     assert len(results[f"{prefix}_step_times"]) == 2, prefix
