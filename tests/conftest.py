@@ -35,28 +35,8 @@ def pytest_unconfigure(config):
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
-# The slowest modules, slowest first (per-module seconds of a clean-clone run on a 2-core AMD EPYC
-# Zen 3, one process: 85, 72, 69, 63, 62, 58, 50, 48, 37, ...; most start processes or build
-# smoke runs). Under `pytest -n 2` each module runs whole on one worker (pytest.ini), and the two
-# workers take modules in this order: started last, a minute-long module would leave one worker
-# alone at the end. Modules not listed follow in their usual order.
-SLOWEST_FIRST = ("test_multihost", "test_packaging", "test_export", "test_models", "test_artifacts",
-                 "test_reliability", "test_study", "test_benchmarks", "test_train_loop",
-                 "test_scale_benchmark", "test_keras_equivalence", "test_workdir_lock",
-                 "test_configs", "test_folders", "test_pipeline", "test_train_steps",
-                 "test_host_memory", "test_eval_suites", "test_device_memory", "test_config_keys",
-                 "test_matmul_operands", "test_notebook")
-
-
-def module_rank(item) -> int:
-  name = item.path.stem
-  return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
-
-
 def pytest_collection_modifyitems(config, items):
-  """Orders modules slowest first (a stable sort: tests keep their order within a module); skips
-  @slow tests unless selected explicitly with -m slow or NSJAX_SLOW=1."""
-  items.sort(key=module_rank)
+  """Skip @slow tests unless selected explicitly with -m slow or NSJAX_SLOW=1."""
   if os.environ.get("NSJAX_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
     return
   skip = pytest.mark.skip(reason="slow: run with `-m slow` or NSJAX_SLOW=1")
