@@ -6,7 +6,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent XLA cache per test session, shared with the subprocesses tests start (they run
 # `python -m nsjax.main`, which reads NSJAX_COMPILATION_CACHE): the smoke schedule compiles the same
-# functions in many tests.
+# functions in many tests. Under `pytest -n 2` the controller runs this first, so both workers
+# inherit its directory (and only the controller, which made it, removes it).
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 _SESSION_CACHE = None

@@ -1,4 +1,5 @@
 """nsjax's steps compile through `parallel.jit`, which asks XLA:CPU for 512-bit vectors on AVX-512."""
+import os
 import pathlib
 
 import jax
@@ -108,3 +109,15 @@ def test_every_jit_in_the_library_goes_through_parallel_jit():
                if path.name != "parallel.py"
                for n, line in enumerate(path.read_text().splitlines(), 1) if "jax.jit" in line]
   assert not offenders, f"use nsjax.parallel.jit instead of jax.jit: {offenders}"
+
+
+def test_test_workers_share_one_session_compilation_cache():
+  """Under `pytest -n 2` the controller's conftest picks the cache directory before the workers
+  start: a worker that made its own would compile the smoke schedule's programs again."""
+  import conftest  # tests/conftest.py, loaded by pytest under this name
+  cache = os.environ["NSJAX_COMPILATION_CACHE"]
+  assert jax.config.jax_compilation_cache_dir == cache
+  assert os.path.isdir(cache)
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    pytest.skip("not a pytest-xdist worker: nothing is shared")
+  assert conftest._SESSION_CACHE is None  # inherited, not made (and so not removed) here
