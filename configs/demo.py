@@ -27,12 +27,13 @@ def get_config():
   c.data.test = config_lib.data_source("mnist5k/labels_10", "test")
 
   # 100 labeled images: an "epoch" is ~3 steps of 32, so schedules are given in steps; the cosine
-  # decay spans the whole run (lr_decay_epochs = steps * batch / 100).
+  # decay spans the whole run (lr_decay_epochs = steps * batch / 100). Steps this small are mostly
+  # fixed cost on a CPU, so each compiled call makes 10 of them (steps_per_call).
   def train(steps, **kw):
     base = dict(batch_size=32, num_train_steps=steps, optimizer="adamw", base_learning_rate=0.16,
                 warmup_epochs=5, lr_schedule="cosine", lr_decay_epochs=steps * 32 / 100,
                 weight_decay=5e-5, ema_decay=0.99, label_smoothing=0.1, log_every_steps=100,
-                checkpoint_every_steps=500)
+                checkpoint_every_steps=500, steps_per_call=10)
     base.update(kw)
     return base
 

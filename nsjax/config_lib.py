@@ -69,7 +69,7 @@ def train_defaults() -> ml_collections.ConfigDict:
       weight_decay=1e-5, label_smoothing=0.1, unlabeled_ratio=1.0, pseudo_labels="soft",
       temperature=1.0, ema_decay=0.9999, compute_dtype="", fsdp=False, log_every_steps=100,
       checkpoint_every_steps=1000, keep_checkpoints=3, eval_every_steps=0, export=True,
-      export_dir=""))
+      export_dir="", steps_per_call=1))
 
 
 def finetune_config(resolution: int, epochs: float = 1.5, frozen_blocks: int = 0,
@@ -299,6 +299,10 @@ MEANINGS = {
     "train.eval_every_steps": "test evaluation during training (0 = only at the end)",
     "train.export": "export the EMA variables + model.json at the end",
     "train.export_dir": "'' = <stage>/export",
+    "train.steps_per_call": "updates per compiled call (a lax.scan over that many batches, like "
+                            "Keras's steps_per_execution); calls end at every log, checkpoint, "
+                            "evaluation and the last step. 1 = a call per step; other values "
+                            "round differently but resume exactly (docs/models.md)",
     "finetune.resolution": "the test resolution to fine-tune at (required)",
     "finetune.epochs": "labeled epochs",
     "finetune.frozen_blocks": "k: the stem and blocks 0..k-1 frozen (-1 = none)",

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax._src import distributed  # the coordination client; no public API for its barrier
 from jax.experimental import multihost_utils
@@ -42,6 +43,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def data_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over the data axis."""
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def stacked_data_sharding(mesh: Mesh) -> NamedSharding:
+  """Several batches stacked on a new leading axis (steps of one call): their batch axis, the
+  second, split over the data axis."""
+  return NamedSharding(mesh, P(None, DATA_AXIS))
 
 
 def fsdp_spec(shape: tuple[int, ...], num_shards: int, min_size: int = 2**14) -> P:
@@ -115,6 +122,19 @@ def to_global_batch(batch: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
   return jax.tree.map(one, batch)
+
+
+def to_global_batches(batches: list[Any], mesh: Mesh) -> Any:
+  """Batches for one call of several steps (each as `to_global_batch` takes it) -> one tree of
+  global arrays, stacked on a new leading axis, batch axis sharded over `data`."""
+  sharding = stacked_data_sharding(mesh)
+
+  def one(*xs):
+    if all(isinstance(x, jax.Array) for x in xs):
+      return jax.device_put(jnp.stack(xs), sharding)
+    return jax.make_array_from_process_local_data(sharding, np.stack([np.asarray(x) for x in xs]))
+
+  return jax.tree.map(one, *batches)
 
 
 def sync(name: str) -> None:

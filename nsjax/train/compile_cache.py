@@ -74,12 +74,14 @@ def run_functions(model: nn.Module, mesh: jax.sharding.Mesh, hashable_cfg: tuple
 
 @functools.lru_cache(maxsize=8)
 def train_step(fns: RunFunctions, teacher_model: nn.Module | None,
-               teacher_image_shape: tuple[int, ...] | None, fsdp: bool) -> Callable:
+               teacher_image_shape: tuple[int, ...] | None, fsdp: bool,
+               steps_per_call: int = 1) -> Callable:
   placed_teacher = None  # the teacher variables' shardings, with an online teacher
   if teacher_model is not None:
     placed_teacher = teacher_shardings(teacher_model, fns.mesh, fsdp, teacher_image_shape)
   return steps.make_train_step(fns.model, fns.tx, fns.schedule, fns.loss_config, fns.mesh,
-                               fns.shardings, fns.decay_mask, teacher_model, placed_teacher)
+                               fns.shardings, fns.decay_mask, teacher_model, placed_teacher,
+                               steps_per_call)
 
 
 def teacher_shardings(teacher_model: nn.Module, mesh: jax.sharding.Mesh, fsdp: bool,

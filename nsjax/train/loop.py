@@ -207,6 +207,7 @@ class _Run:
   cfg: ml_collections.ConfigDict
   total_steps: int
   step_fn: Callable | None
+  multi_step_fn: Callable | None  # cfg.steps_per_call updates a call; None when that is 1
   extra_args: tuple
   mesh: jax.sharding.Mesh
   batches: Iterator
@@ -233,21 +234,68 @@ def _initial_state(fns: compile_cache.RunFunctions, restored: Any, latest: int |
   return fns.init(steps.init_key(cfg.seed))
 
 
-def _step_function(fns: compile_cache.RunFunctions, batch: Any, teacher: Teacher | None,
-                   cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                   ) -> tuple[Callable | None, tuple]:
-  """(the compiled train step, the arguments after (state, batch): the seed, then the placed
-  teacher variables with an online teacher); (None, ()) when nothing is left to train."""
+def _step_functions(fns: compile_cache.RunFunctions, batch: Any, teacher: Teacher | None,
+                    cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                    ) -> tuple[Callable | None, Callable | None, tuple]:
+  """(the train step, the step of cfg.steps_per_call updates or None when that is 1, the
+  arguments after (state, batch): the seed, then the placed teacher variables with an online
+  teacher); (None, None, ()) when nothing is left to train. Each compiles at its first call, so
+  a run whose calls all make several steps never compiles the single one."""
   if batch is None:
-    return None, ()
+    return None, None, ()
   teacher_shape = tuple(batch["unlabeled"]["teacher_image"].shape[1:]) if teacher else None
-  step_fn = compile_cache.train_step(fns, teacher.model if teacher else None, teacher_shape,
-                                     cfg.fsdp)
+  teacher_model = teacher.model if teacher else None
+  step_fn = compile_cache.train_step(fns, teacher_model, teacher_shape, cfg.fsdp)
+  multi_step_fn = (compile_cache.train_step(fns, teacher_model, teacher_shape, cfg.fsdp,
+                                            cfg.steps_per_call)
+                   if cfg.steps_per_call > 1 else None)
   seed = steps.seed_argument(cfg.seed, mesh)
   if teacher is None:
-    return step_fn, (seed,)
-  return step_fn, (seed, jax.device_put(teacher.variables, compile_cache.teacher_shardings(
-      teacher.model, mesh, cfg.fsdp, teacher_shape)))
+    return step_fn, multi_step_fn, (seed,)
+  return step_fn, multi_step_fn, (seed, jax.device_put(
+      teacher.variables, compile_cache.teacher_shardings(teacher.model, mesh, cfg.fsdp,
+                                                         teacher_shape)))
+
+
+def steps_in_call(step: int, total_steps: int, steps_per_call: int,
+                  cadences: Iterable[int]) -> int:
+  """How many updates the call after `step` makes: `steps_per_call` when the call starts at a
+  multiple of it and no log, checkpoint or evaluation (`cadences`, in steps) nor the last step
+  falls inside it -- they may fall on its last step -- otherwise 1.
+
+  A function of the step alone, so a resumed run makes the same calls as one that never stopped,
+  and ends bitwise the same."""
+  k = steps_per_call
+  if k <= 1 or step % k or step + k > total_steps:
+    return 1
+  if any((step // every + 1) * every < step + k for every in cadences if every > 0):
+    return 1
+  return k
+
+
+def _cadences(run: _Run) -> tuple[int, ...]:
+  cfg = run.cfg
+  return (cfg.log_every_steps, cfg.checkpoint_every_steps,
+          cfg.eval_every_steps if run.eval_fn else 0)
+
+
+def _next_batch(run: _Run, step: int) -> Any:
+  batch = next(run.batches, None)
+  if batch is None:
+    raise ValueError(f"train_iter ran out after step {step} of {run.total_steps}; make it "
+                     "repeat (or lower num_train_steps).")
+  return batch
+
+
+def _call(run: _Run, state: state_lib.TrainState, step: int, num_steps: int
+          ) -> tuple[state_lib.TrainState, Any]:
+  """Updates `num_steps` times from `step`, starting with `run.batch` (the later batches are
+  read here). Returns the state and the metrics (leaves stacked when num_steps > 1)."""
+  if num_steps == 1:
+    return run.step_fn(state, parallel.to_global_batch(run.batch, run.mesh), *run.extra_args)
+  batches = [run.batch] + [_next_batch(run, step + i) for i in range(1, num_steps)]
+  return run.multi_step_fn(state, parallel.to_global_batches(batches, run.mesh),
+                           *run.extra_args)
 
 
 def _train_steps(run: _Run, state: state_lib.TrainState, step: int
@@ -255,12 +303,14 @@ def _train_steps(run: _Run, state: state_lib.TrainState, step: int
   """Runs steps `step` .. total_steps: logs, checkpoints, evaluates and stops for preemption.
   Returns the final state and step."""
   cfg, total_steps = run.cfg, run.total_steps
+  cadences = _cadences(run)
   while step < total_steps:
-    state, step_metrics = run.step_fn(state, parallel.to_global_batch(run.batch, run.mesh),
-                                      *run.extra_args)
-    step += 1
-    run.reporter.add(step, step_metrics)
-    run.progress(step)
+    num_steps = steps_in_call(step, total_steps, cfg.steps_per_call, cadences)
+    state, step_metrics = _call(run, state, step, num_steps)
+    for done in range(step + 1, step + num_steps + 1):
+      run.progress(done)  # clu's progress wants every step
+    step += num_steps
+    run.reporter.add(step, step_metrics, num_steps)
     log_now = step % cfg.log_every_steps == 0 or step == total_steps
     save_now = step % cfg.checkpoint_every_steps == 0 or step == total_steps
     eval_now = bool(run.eval_fn and cfg.eval_every_steps and step % cfg.eval_every_steps == 0
@@ -280,10 +330,7 @@ def _train_steps(run: _Run, state: state_lib.TrainState, step: int
     if step < total_steps and run.preemption.should_stop(step):
       _save_and_stop(step, state, run.reporter, run.checkpoints, run.batches)
     if step < total_steps:
-      run.batch = next(run.batches, None)
-      if run.batch is None:
-        raise ValueError(f"train_iter ran out after step {step} of {total_steps}; make it "
-                         "repeat (or lower num_train_steps).")
+      run.batch = _next_batch(run, step)
   run.checkpoints.wait()
   return state, step
 
@@ -364,8 +411,9 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
     if jax.process_index() == 0:
       stats = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
       parameter_overview.log_parameter_overview(state.params, include_stats=stats)
-    step_fn, extra_args = _step_function(fns, batch, teacher, cfg, mesh)
-    run = _Run(cfg=cfg, total_steps=total_steps, step_fn=step_fn, extra_args=extra_args,
+    step_fn, multi_step_fn, extra_args = _step_functions(fns, batch, teacher, cfg, mesh)
+    run = _Run(cfg=cfg, total_steps=total_steps, step_fn=step_fn, multi_step_fn=multi_step_fn,
+               extra_args=extra_args,
                mesh=mesh, batches=batches, batch=batch, checkpoints=checkpoints, writer=writer,
                reporter=Reporter(writer, checkpoints, latest), preemption=preemption,
                progress=periodic_actions.ReportProgress(num_train_steps=total_steps,

@@ -26,29 +26,33 @@ class Reporter:
     self.checkpoints = checkpoints
     self.last_good = last_good
     self.window: list[dict[str, Any]] = []
-    self.pending: tuple[int, Any] | None = None
+    self.pending: tuple[int, Any, int] | None = None
     self.latest: dict[str, float] = {}
 
-  def add(self, step: int, step_metrics: Any) -> None:
-    """Checks the PREVIOUS step while this one runs: a host sync per step, one step late."""
+  def add(self, step: int, step_metrics: Any, num_steps: int = 1) -> None:
+    """Checks the PREVIOUS call while this one runs: a host sync per call, one call late.
+    `step` is the call's last step; with num_steps > 1 each metric holds one value a step."""
     self.flush_pending()
-    self.pending = (step, step_metrics)
+    self.pending = (step, step_metrics, num_steps)
 
   def flush_pending(self) -> None:
     if self.pending is None:
       return
-    done_step, step_metrics = self.pending
+    last_step, step_metrics, num_steps = self.pending
     self.pending = None
     values = jax.device_get(step_metrics)
-    if not bool(values["is_finite"]):
-      self.checkpoints.wait()
-      self.writer.flush()
-      raise NonFiniteError(
-          f"Training step {done_step} (state.step {done_step - 1} -> {done_step}) produced a "
-          "non-finite loss, gradient or state; that update was skipped and training stopped. "
-          f"Last good checkpoint: {self.checkpoints.path(self.last_good)}. Check the inputs for "
-          "NaN/Inf, lower the learning rate, or train in float32.")
-    self.window.append(values)
+    per_step = ([values] if num_steps == 1 else
+                [{k: v[i] for k, v in values.items()} for i in range(num_steps)])
+    for done_step, step_values in enumerate(per_step, start=last_step - num_steps + 1):
+      if not bool(step_values["is_finite"]):
+        self.checkpoints.wait()
+        self.writer.flush()
+        raise NonFiniteError(
+            f"Training step {done_step} (state.step {done_step - 1} -> {done_step}) produced a "
+            "non-finite loss, gradient or state; that update was skipped and training stopped. "
+            f"Last good checkpoint: {self.checkpoints.path(self.last_good)}. Check the inputs "
+            "for NaN/Inf, lower the learning rate, or train in float32.")
+      self.window.append(step_values)
 
   def write_window(self, step: int) -> None:
     if not self.window:

@@ -41,6 +41,9 @@ def resolve_config(config: Any = None, **overrides: Any) -> ml_collections.Confi
   if cfg.compute_dtype not in ("", "float32", "bfloat16"):
     raise ValueError(f"config.compute_dtype must be '', 'float32' or 'bfloat16', "
                      f"got {cfg.compute_dtype!r}.")
+  if isinstance(cfg.steps_per_call, bool) or cfg.steps_per_call < 1:
+    raise ValueError(f"config.steps_per_call must be an integer >= 1 (updates per compiled "
+                     f"call), got {cfg.steps_per_call!r}.")
   steps_per_epoch(cfg)
   num_train_steps(cfg)
   objective.loss_config(cfg, num_classes=1)  # checks the loss settings

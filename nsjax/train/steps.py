@@ -94,16 +94,34 @@ def seed_argument(seed: int, mesh: jax.sharding.Mesh) -> jax.Array:
   return jax.device_put(np.int32(seed), parallel.replicated(mesh))
 
 
+def scanned(step_fn: Callable[..., tuple[TrainState, Any]]) -> Callable[..., Any]:
+  """`step_fn(state, batch, *args)` -> `fn(state, batches, *args)`: one update per batch of
+  `batches` (each leaf stacked on a new leading axis), in order; metrics stacked the same way.
+
+  Why: a step of a small model on a CPU is mostly fixed cost -- the call, and XLA:CPU allocating
+  (and the kernel zeroing) the step's buffers afresh -- which one call of several steps pays once
+  (docs/models.md, "Several steps per call"). Same updates, but XLA fuses the loop body
+  differently, so the floats round differently from one call per step.
+  """
+  def fn(state, batches, *args):
+    return jax.lax.scan(lambda carry, batch: step_fn(carry, batch, *args), state, batches)
+  return fn
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: opt.Schedule,
                     loss_config: objective.LossConfig, mesh: jax.sharding.Mesh,
                     state_shardings: Any, decay_mask: Any, teacher_model: nn.Module | None = None,
-                    teacher_shardings: Any = None) -> Callable[..., Any]:
+                    teacher_shardings: Any = None, steps_per_call: int = 1) -> Callable[..., Any]:
   """`step(state, batch, seed) -> (state, metrics)`, or `step(state, batch, seed,
   teacher_variables)` when `teacher_model` is given. Jitted with explicit shardings; the state's
   buffers are donated. The seed (an int32 scalar, see `seed_argument`) is an argument, not a
   constant: runs that differ only in their seed share one compilation.
+
+  With `steps_per_call` k > 1 it makes k updates a call (`scanned`): `batch` holds k batches
+  stacked on a leading axis (`parallel.to_global_batches`), and each metric k values.
   """
-  data = parallel.data_sharding(mesh)
+  data = (parallel.data_sharding(mesh) if steps_per_call == 1
+          else parallel.stacked_data_sharding(mesh))
   rep = parallel.replicated(mesh)
   kwargs = dict(model=model, tx=tx, schedule=schedule, loss_config=loss_config,
                 decay_mask=decay_mask)
@@ -115,5 +133,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                                                       teacher_model=teacher_model,
                                                       teacher_variables=tvars, **kwargs)
     in_shardings = (state_shardings, data, rep, teacher_shardings)  # None: as placed
+  if steps_per_call > 1:
+    fn = scanned(fn)
   return parallel.jit(fn, in_shardings=in_shardings, out_shardings=(state_shardings, rep),
                       donate_argnums=(0,))
