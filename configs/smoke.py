@@ -20,9 +20,11 @@ def get_config():
   # Two of the seven block stages (2 blocks): the tests check plumbing, and the train step
   # compiles in about half the time of the 7-block network.
   tiny = dict(width=0.1, depth=0.1, block_stages=2)
+  # Two updates per compiled call, as the demo makes ten: the tests that run this schedule (resume,
+  # preemption, several hosts) then go through that path; 2 divides every log and checkpoint step.
   train = dict(batch_size=32, num_train_steps=12, optimizer="adamw", base_learning_rate=0.02,
                warmup_epochs=0.5, lr_schedule="cosine", ema_decay=0.9, log_every_steps=4,
-               checkpoint_every_steps=6, weight_decay=1e-4)
+               checkpoint_every_steps=6, weight_decay=1e-4, steps_per_call=2)
   c.teacher = config_lib.model_stage("efficientnet-b0", 28, model_overrides=tiny, train=train,
                                      noise_cfg=config_lib.noise(randaugment_magnitude=5))
   c.students = [config_lib.model_stage(

@@ -59,9 +59,9 @@ if kill:
     pseudo_labels.HostShardWriter.write_shard = write_then_die
   else:
     add = reporter.Reporter.add
-    def add_then_die(self, step, metrics):
-      add(self, step, metrics)
-      if self.checkpoints.directory.parent.name == stage and step == n:
+    def add_then_die(self, step, metrics, num_steps=1):  # dies after the call making step n
+      add(self, step, metrics, num_steps)
+      if self.checkpoints.directory.parent.name == stage and step - num_steps < n <= step:
         self.checkpoints.wait()
         die()
     reporter.Reporter.add = add_then_die
@@ -369,12 +369,13 @@ class SimulatedCrash(Exception):
 
 
 def crash_after_step(monkeypatch, stage, n):
-  """Like the SIGKILL wrapper, in process: the run dies right after step n (checkpoints flushed)."""
+  """Like the SIGKILL wrapper, in process: the run dies right after the call that makes step n
+  (checkpoints flushed; a call may make several steps, train.steps_per_call)."""
   add = reporter.Reporter.add
 
-  def add_then_crash(self, step, metrics):
-    add(self, step, metrics)
-    if self.checkpoints.directory.parent.name == stage and step == n:
+  def add_then_crash(self, step, metrics, num_steps=1):
+    add(self, step, metrics, num_steps)
+    if self.checkpoints.directory.parent.name == stage and step - num_steps < n <= step:
       self.checkpoints.wait()
       raise SimulatedCrash(f"{stage} step {n}")
 
