@@ -75,6 +75,13 @@ def runs(tmp_path_factory):
               compiled=(compiled_single, compiled_after))
 
 
+def test_no_warning_when_every_cadence_is_a_multiple(runs, tmp_path, caplog):
+  with caplog.at_level("WARNING", logger="nsjax.train.loop"):
+    loop.train(dict(CONFIG, num_train_steps=8, steps_per_call=4, export=False,
+                    eval_every_steps=0), MODEL, batches, tmp_path, mesh=runs["mesh"])
+  assert not [r for r in caplog.records if "steps_per_call" in r.getMessage()]
+
+
 def test_every_call_makes_four_steps_and_the_single_step_never_compiles(runs):
   compiled_single, compiled_after = runs["compiled"]
   assert compiled_single >= 1  # the run with steps_per_call = 1 compiled it ...
@@ -130,13 +137,20 @@ def test_a_non_finite_step_inside_a_call_is_named_and_nothing_is_saved(runs, tmp
   assert kept == ["8"]
 
 
-def test_calls_cut_short_by_a_log_resume_exactly(runs, tmp_path):
-  """Logs every 6 steps and checkpoints every 5 with 4-step calls: single steps fill the gaps,
-  and a run stopped at step 10 resumes to the same state as one that never stopped."""
+def test_calls_cut_short_by_a_log_resume_exactly(runs, tmp_path, caplog):
+  """Logs every 6 steps and checkpoints every 5 with 4-step calls: single steps fill the gaps
+  (the run says why), and a run stopped at step 10 resumes to the same state as one that never
+  stopped."""
   config = dict(CONFIG, log_every_steps=6, checkpoint_every_steps=5, eval_every_steps=0,
                 export=False, steps_per_call=4)
-  full = loop.train(dict(config, num_train_steps=14), MODEL, batches, tmp_path / "full",
-                    mesh=runs["mesh"])
+  with caplog.at_level("WARNING", logger="nsjax.train.loop"):
+    full = loop.train(dict(config, num_train_steps=14), MODEL, batches, tmp_path / "full",
+                      mesh=runs["mesh"])
+  warned = [r.getMessage() for r in caplog.records if "steps_per_call=4" in r.getMessage()]
+  assert warned and all(f"{key}=" in warned[0] for key in ("log_every_steps",
+                                                           "checkpoint_every_steps",
+                                                           "num_train_steps"))
+  assert "eval_every_steps" not in warned[0]
   loop.train(dict(config, num_train_steps=10), MODEL, batches, tmp_path / "resumed",
              mesh=runs["mesh"])
   resumed = loop.train(dict(config, num_train_steps=14), MODEL, batches, tmp_path / "resumed",

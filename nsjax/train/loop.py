@@ -273,6 +273,23 @@ def steps_in_call(step: int, total_steps: int, steps_per_call: int,
   return k
 
 
+def _warn_if_calls_are_cut(cfg: ml_collections.ConfigDict, total_steps: int,
+                           evaluates: bool) -> None:
+  """Says which cadences make single steps (and compile the one-step program as well)."""
+  k = cfg.steps_per_call
+  if k <= 1:
+    return
+  named = {"log_every_steps": cfg.log_every_steps,
+           "checkpoint_every_steps": cfg.checkpoint_every_steps,
+           "eval_every_steps": cfg.eval_every_steps if evaluates else 0,
+           "num_train_steps": total_steps}
+  uneven = [f"{name}={every}" for name, every in named.items() if every > 0 and every % k]
+  if uneven:
+    log.warning("steps_per_call=%d does not divide %s: the steps up to those run one per call, "
+                "and the one-step program compiles too. Choose multiples of %d to avoid it.",
+                k, ", ".join(uneven), k)
+
+
 def _cadences(run: _Run) -> tuple[int, ...]:
   cfg = run.cfg
   return (cfg.log_every_steps, cfg.checkpoint_every_steps,
@@ -399,6 +416,7 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   total_steps = num_train_steps(cfg)
+  _warn_if_calls_are_cut(cfg, total_steps, eval_fn is not None)
   train_model = model.clone(dtype=cfg.compute_dtype) if cfg.compute_dtype else model
   checkpoints = TrainCheckpoints(workdir / "checkpoints", cfg.checkpoint_every_steps,
                                  cfg.keep_checkpoints)
