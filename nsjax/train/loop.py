@@ -273,27 +273,25 @@ def steps_in_call(step: int, total_steps: int, steps_per_call: int,
   return k
 
 
+def _cadences(cfg: ml_collections.ConfigDict, evaluates: bool) -> dict[str, int]:
+  """{setting: its interval in steps} of the events no call may pass (0 = none)."""
+  return {"log_every_steps": cfg.log_every_steps,
+          "checkpoint_every_steps": cfg.checkpoint_every_steps,
+          "eval_every_steps": cfg.eval_every_steps if evaluates else 0}
+
+
 def _warn_if_calls_are_cut(cfg: ml_collections.ConfigDict, total_steps: int,
                            evaluates: bool) -> None:
   """Says which cadences make single steps (and compile the one-step program as well)."""
   k = cfg.steps_per_call
   if k <= 1:
     return
-  named = {"log_every_steps": cfg.log_every_steps,
-           "checkpoint_every_steps": cfg.checkpoint_every_steps,
-           "eval_every_steps": cfg.eval_every_steps if evaluates else 0,
-           "num_train_steps": total_steps}
+  named = {**_cadences(cfg, evaluates), "num_train_steps": total_steps}
   uneven = [f"{name}={every}" for name, every in named.items() if every > 0 and every % k]
   if uneven:
     log.warning("steps_per_call=%d does not divide %s: the steps up to those run one per call, "
                 "and the one-step program compiles too. Choose multiples of %d to avoid it.",
                 k, ", ".join(uneven), k)
-
-
-def _cadences(run: _Run) -> tuple[int, ...]:
-  cfg = run.cfg
-  return (cfg.log_every_steps, cfg.checkpoint_every_steps,
-          cfg.eval_every_steps if run.eval_fn else 0)
 
 
 def _next_batch(run: _Run, step: int) -> Any:
@@ -320,7 +318,7 @@ def _train_steps(run: _Run, state: state_lib.TrainState, step: int
   """Runs steps `step` .. total_steps: logs, checkpoints, evaluates and stops for preemption.
   Returns the final state and step."""
   cfg, total_steps = run.cfg, run.total_steps
-  cadences = _cadences(run)
+  cadences = tuple(_cadences(cfg, run.eval_fn is not None).values())
   while step < total_steps:
     num_steps = steps_in_call(step, total_steps, cfg.steps_per_call, cadences)
     state, step_metrics = _call(run, state, step, num_steps)
