@@ -114,3 +114,15 @@ def test_the_stream_does_not_depend_on_how_many_hosts_labeled(tmp_path):
 def test_a_plan_that_keeps_nothing_is_refused():
   with pytest.raises(ValueError, match="keeps no pseudo-labeled images"):
     balanced_order.BalancedOrder([0, 0], lambda k: np.zeros(3, np.int64), seed=0, window=10)
+
+
+def test_an_image_that_does_not_decode_stops_the_stream_naming_the_fix(tmp_path, monkeypatch):
+  # The label stage writes only images that decoded: one that does not is damage, never dropped
+  # (that would shift every later batch off its step).
+  monkeypatch.setattr(synthetic, "png_images", lambda n, seed: [b"not an image"] * n)
+  directory = str(tmp_path)
+  plan, _ = synthetic.write_label_set(directory, 100, num_classes=5, batch=50)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=rf"(?s)Reading the pseudo-labeled records in {directory} failed: .*"
+                           rf"damaged shard: delete {directory} and rerun the label stage"):
+    batches((directory, plan), 1, n=1)
