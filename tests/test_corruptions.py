@@ -165,3 +165,43 @@ def test_corrupted_sets_are_reused_per_key_within_a_byte_budget(digits):
   assert cache.get(("src", 6), images, "contrast", 1, 0, 0) is not third
   assert cache.get(None, images, "gaussian_noise", 3, 0, 0) is not first
   assert cache.nbytes == 2 * images.nbytes
+
+
+def test_the_suite_corrupts_the_next_setting_while_it_evaluates_this_one(digits, monkeypatch):
+  import threading
+
+  from nsjax.evaluate import corruption_suite as stage
+  images, labels = digits[:8], np.arange(8) % 10
+  started = {}  # setting index -> Event set when its corruption began
+  settings = [("gaussian_noise", 1), ("gaussian_noise", 2), ("contrast", 1), ("contrast", 2)]
+  for k in range(len(settings)):
+    started[k] = threading.Event()
+  cache = stage.CorruptedSets()
+  real_get = cache.get
+
+  def get(key, imgs, name, severity, seed, first_index):
+    started[settings.index((name, severity))].set()
+    return real_get(key, imgs, name, severity, seed, first_index)
+
+  evaluated, overlapped = [], []
+
+  def fake_accuracy(model, variables, corrupted, labels, **kw):
+    k = len(evaluated)
+    np.testing.assert_array_equal(
+        corrupted, corruptions.corrupt_batch(images, *settings[k], seed=5, first_index=3))
+    # A sequential suite would corrupt setting k + 1 only after this returns: wait for it.
+    overlapped.append(k + 1 == len(settings) or started[k + 1].wait(timeout=30))
+    evaluated.append(k)
+    return {"top1": 0.1 * (k + 1)}
+
+  monkeypatch.setattr(cache, "get", get)
+  monkeypatch.setattr(stage, "CORRUPTED_SETS", cache)
+  monkeypatch.setattr(stage, "accuracy_on_arrays", fake_accuracy)
+  result = stage.corruption_accuracy(None, None, images, labels, mesh=None, batch_size=8,
+                                     small_image=True, names=["gaussian_noise", "contrast"],
+                                     severities=[1, 2], seed=5, first_index=3, cache_key=("k",))
+  assert overlapped == [True] * 4
+  assert result["per_setting"] == pytest.approx({"gaussian_noise/1": 0.1, "gaussian_noise/2": 0.2,
+                                                 "contrast/1": 0.3, "contrast/2": 0.4})
+  assert result["corruptions"] == pytest.approx({"gaussian_noise": 0.15, "contrast": 0.35})
+  assert result["corruption_top1"] == pytest.approx(0.25)

@@ -7,6 +7,7 @@ jitted eval step; counts are global sums, so every host sees the same numbers.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from typing import Any, Sequence
@@ -91,7 +92,7 @@ def batch_view(resolution: int, small_image: bool):
   tf.function per call retraced it for every corruption setting (seconds each on a small CPU)."""
   return tf.function(lambda x: tf.map_fn(
       lambda im: preprocess.eval_view(im, resolution, small_image=small_image), x,
-      fn_output_signature=tf.float32), reduce_retracing=True)
+      fn_output_signature=tf.float32), reduce_retracing=True, autograph=False)
 
 
 def _all_process_sizes(own: int) -> np.ndarray:
@@ -138,16 +139,27 @@ def corruption_accuracy(model, variables, images, labels, *, mesh, batch_size: i
   """{"per_setting": {"name/severity": top1}, "corruptions": {name: mean over severities},
   "corruption_top1": mean over everything}. `cache_key` names `images` (e.g. (source, count)) so
   calls for other models on the same images reuse the corrupted copies (CORRUPTED_SETS)."""
-  per_setting, per_name = {}, {}
-  for name in names:
-    accs = []
-    for severity in severities:
-      corrupted = CORRUPTED_SETS.get(cache_key, images, name, severity, seed, first_index)
-      acc = accuracy_on_arrays(model, variables, corrupted, labels, mesh=mesh,
-                               batch_size=batch_size, small_image=small_image)["top1"]
-      per_setting[f"{name}/{severity}"] = acc
-      accs.append(acc)
-    per_name[name] = float(np.mean(accs))
+  settings = [(name, severity) for name in names for severity in severities]
+
+  def corrupted(k):
+    name, severity = settings[k]
+    return CORRUPTED_SETS.get(cache_key, images, name, severity, seed, first_index)
+
+  per_setting = {}
+  # One setting is corrupted ahead, in a thread, while the model evaluates the one before: the
+  # corruptions are mostly single-threaded Python and numpy, the evaluation mostly XLA, which
+  # releases the GIL (the teacher's eval stage in the demo: corrupting its 45 sets took ~6 s).
+  # One ahead, not all: a set of full-size images takes gigabytes.
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    ahead = pool.submit(corrupted, 0) if settings else None
+    for k, (name, severity) in enumerate(settings):
+      current = ahead.result()
+      ahead = pool.submit(corrupted, k + 1) if k + 1 < len(settings) else None
+      per_setting[f"{name}/{severity}"] = accuracy_on_arrays(
+          model, variables, current, labels, mesh=mesh, batch_size=batch_size,
+          small_image=small_image)["top1"]
+  per_name = {name: float(np.mean([per_setting[f"{name}/{severity}"] for severity in severities]))
+              for name in names}
   return {"per_setting": per_setting, "corruptions": per_name,
           "corruption_top1": float(np.mean(list(per_name.values())))}
 
