@@ -205,3 +205,17 @@ def test_the_suite_corrupts_the_next_setting_while_it_evaluates_this_one(digits,
                                                  "contrast/1": 0.3, "contrast/2": 0.4})
   assert result["corruptions"] == pytest.approx({"gaussian_noise": 0.15, "contrast": 0.35})
   assert result["corruption_top1"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("shape", [(5, 28, 28, 1), (5, 28, 28, 3)])
+def test_eval_views_of_small_arrays_are_the_tf_views_bit_for_bit(shape):
+  import tensorflow as tf
+
+  from nsjax.evaluate import corruption_suite as stage
+  images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  views = stage.eval_views(images, 28, small_image=True)  # numpy: normalising only
+  expected = stage.batch_view(28, True)(tf.constant(images)).numpy()
+  assert views.dtype == np.float32 and views.shape == (5, 28, 28, 3)
+  np.testing.assert_array_equal(views, expected)
+  # Other sizes go through the TF view (resized to 28 px).
+  assert stage.eval_views(images[:, :20, :20], 28, small_image=True).shape == (5, 28, 28, 3)

@@ -71,19 +71,36 @@ def _array_batches(model, images: np.ndarray, labels: np.ndarray, batch_size: in
   # Every host runs the same number of steps: the largest slice decides (and every host must join
   # the all-gather, even one without images).
   num_batches = int(math.ceil(np.max(_all_process_sizes(len(images))) / local))
-  view = batch_view(model.test_resolution, small_image)
   for b in range(num_batches):
     chunk, chunk_labels = images[b * local:(b + 1) * local], labels[b * local:(b + 1) * local]
     mask = np.zeros(local, np.float32)
     mask[:len(chunk)] = 1
     pad = local - len(chunk)
     if len(chunk):
-      views = view(tf.constant(chunk)).numpy()
+      views = eval_views(chunk, model.test_resolution, small_image)
     else:
       views = np.zeros((0, model.test_resolution, model.test_resolution, 3), np.float32)
     views = np.concatenate([views, np.zeros((pad,) + views.shape[1:], np.float32)])
     chunk_labels = np.concatenate([chunk_labels, np.zeros(pad, np.int32)])
     yield {"image": views, "label": chunk_labels, "mask": mask}
+
+
+def eval_views(images: np.ndarray, resolution: int, small_image: bool) -> np.ndarray:
+  """uint8 [n,H,W,C] -> float32 eval views [n,S,S,3], as preprocess.eval_view makes each.
+
+  Small images already at the model's resolution only need normalising: done in numpy on the
+  whole batch instead of a TF loop over the images (~5 ms a batch of 100 digits, a fifth of an
+  evaluation of the demo's corruption suite), with the float32 operations of the TF path, whose
+  graph optimiser turns the division by the standard deviation into a product with its
+  reciprocal: the same views, bit for bit."""
+  if small_image and images.ndim == 4 and images.shape[1:3] == (resolution, resolution) and (
+      images.dtype == np.uint8 and images.shape[3] in (1, 3)):
+    pixels = images.astype(np.float32)
+    if pixels.shape[3] == 1:  # grey, repeated (preprocess.to_rgb_uint8)
+      pixels = np.repeat(pixels, 3, axis=3)
+    inverse_std = np.float32(1) / np.asarray(preprocess.STDDEV_RGB, np.float32)
+    return (pixels - np.asarray(preprocess.MEAN_RGB, np.float32)) * inverse_std
+  return batch_view(resolution, small_image)(tf.constant(images)).numpy()
 
 
 @functools.lru_cache(maxsize=8)

@@ -253,12 +253,12 @@ def frame_classifier(model, variables, batch_size: int) -> Callable[[np.ndarray]
   variables = jax.device_put(jax.device_get(variables), parallel.replicated(mesh))
   classify = parallel.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1),
                           in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)))
-  view = corruption_suite.batch_view(model.test_resolution, model.small_image)
 
   def predict(frames: np.ndarray) -> np.ndarray:
     classes = []
     for start in range(0, len(frames), local):
-      chunk = view(tf.constant(frames[start:start + local])).numpy()
+      chunk = corruption_suite.eval_views(frames[start:start + local], model.test_resolution,
+                                          model.small_image)
       padded = np.concatenate([chunk, np.zeros((local - len(chunk),) + chunk.shape[1:],
                                                chunk.dtype)])
       classes.append(np.asarray(classify(variables, padded))[:len(chunk)])
