@@ -54,7 +54,8 @@ def main(argv):
   command.after_jax()
   from nsjax import pipeline
   command.run_with_exit_codes(
-      lambda: pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value))
+      lambda: pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value,
+                           compile_ahead=True))
 
 
 pixels_per_step = command.pixels_per_step

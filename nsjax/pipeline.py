@@ -61,20 +61,30 @@ def resolve_data(config, workdir: str):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = None,
-        mesh=None) -> dict[str, Any]:
+        mesh=None, compile_ahead: bool = False) -> dict[str, Any]:
   """Runs the schedule (or one stage of it) in `workdir`; returns the state file's content.
 
   The run holds the workdir (nsjax.workdir_lock) from before it reads the state file until it
-  returns: a second run, a --stage job too, stops with WorkdirBusy instead of working beside it."""
+  returns: a second run, a --stage job too, stops with WorkdirBusy instead of working beside it.
+  `compile_ahead`: before the first stage, start compiling every model stage's train step in the
+  background, in schedule order (`nsjax.train.compile_ahead`): each compiles while the stages
+  before it run and its own stage sets up, instead of at its first step (the commands do; a
+  library call that stops early, e.g. in a test, would compile for nothing)."""
   validate.check_keys(config)  # before anything, folder conversions included
   validate.check_workdir(workdir)
   with workdir_lock.hold(workdir, stage, process_index=jax.process_index(),
                          process_count=jax.process_count()):
-    return _run_held(config, workdir, stage, mesh)
+    return _run_held(config, workdir, stage, mesh, compile_ahead)
+
+
+def _compile_ahead(stages: list[Stage], ctx: Context, state: RunState, workdir: str) -> None:
+  for s in stages:
+    if s.kind in ("teacher", "student", "baseline") and not _done(state, workdir, s.name):
+      train_stage.compile_ahead(s, ctx)
 
 
 def _run_held(config: ml_collections.ConfigDict, workdir: str, stage: str | None,
-              mesh) -> dict[str, Any]:
+              mesh, compile_ahead: bool = False) -> dict[str, Any]:
   """`run` once the workdir is held."""
   # The state file keys on the config as written; image folders have their own fingerprints.
   config_fingerprint = fingerprint(config)
@@ -101,6 +111,9 @@ def _run_held(config: ml_collections.ConfigDict, workdir: str, stage: str | None
   state.data.setdefault("started_at", started)
   preemption = PreemptionWatch().start()  # SIGTERM: stop at the next step/shard/stage end
   try:
+    if compile_ahead:
+      _compile_ahead(stages, Context(config, workdir, data_dir, mesh, state, started), state,
+                     workdir)
     for s in stages:
       if _done(state, workdir, s.name):
         logging.info("Stage %s already complete; skipping.", s.name)

@@ -13,7 +13,7 @@ from nsjax.data import preprocess, pseudo_labels
 from nsjax.stages import context, label
 from nsjax.stages import train as train_stage
 from nsjax.stages.context import Context
-from nsjax.train import loop
+from nsjax.train import compile_ahead, compile_cache, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,8 +29,45 @@ def load_config(name):
 def smoke(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("smoke"))
   config = load_config("smoke")
-  state = pipeline.run(config, workdir)
+  state = pipeline.run(config, workdir, compile_ahead=True)  # as the commands run it
   return config, workdir, state
+
+
+def step_program(config, stage_cfg, workdir):
+  """The jitted k-step program a model stage of `config` trains with (as loop.train reaches it)."""
+  labeled = context.source(config.data.labeled, pipeline.prepare_data(config, workdir))
+  cfg = train_stage.train_config(stage_cfg, config, context.num_examples(labeled))
+  fns = compile_cache.run_functions(
+      train_stage.build_model(stage_cfg, config), parallel.make_mesh(),
+      compile_cache.hashable_config(cfg), (stage_cfg.resolution,) * 2 + (3,), -1)
+  return compile_cache.train_step(fns, None, None, cfg.fsdp, cfg.steps_per_call)
+
+
+def test_the_commands_compile_each_train_step_ahead_and_jit_compiles_none(smoke):
+  config, workdir, _ = smoke
+  teacher, student = (step_program(config, stage_cfg, workdir)
+                      for stage_cfg in (config.teacher, config.students[0]))
+  # Here one jitted step serves both (their compiled settings are the same), with two programs:
+  # batches with and without pseudo-labeled images.
+  assert teacher is student and compile_ahead.started(teacher) == 2
+  assert teacher._cache_size() == 0  # every call ran an executable compiled ahead
+
+
+@pytest.mark.parametrize("name", ["teacher", "student-1"])
+def test_a_stages_batch_spec_is_its_first_batch(smoke, name):
+  config, workdir, _ = smoke
+  stage = next(s for s in pipeline.schedule(config) if s.name == name)
+  stage_cfg = pipeline.stage_config(stage, config)
+  ctx = Context(config, workdir, pipeline.prepare_data(config, workdir), parallel.make_mesh(),
+                state=None, started=0.0)
+  cfg = train_stage.train_config(stage_cfg, config, 100)
+  batch = next(iter(train_stage.training_batches(stage, ctx, cfg)[0](0)))
+  spec = train_stage.batch_spec(stage, config, cfg)
+  as_spec = lambda x: (tuple(x.shape), np.dtype(x.dtype))
+  assert jax.tree.map(as_spec, spec) == jax.tree.map(as_spec, batch)
+  online = load_config("smoke")
+  online.students[0].online_teacher = True  # its batches carry the teacher's view: not known
+  assert train_stage.batch_spec(pipeline.Stage("student-1", "student", 1), online, cfg) is None
 
 
 def test_smoke_schedule_runs_every_stage(smoke):

@@ -42,6 +42,40 @@ def run(stage: schedule.Stage, ctx: Context) -> dict:
           **result.skipped_fields()}
 
 
+def compile_ahead(stage: schedule.Stage, ctx: Context) -> None:
+  """Starts compiling the stage's train step in the background (loop.compile_ahead), so that it
+  overlaps the stages and set-up before its first step; skipped where the batches are not known
+  from the config alone (an online teacher) or nothing is trained (an imported teacher)."""
+  config = ctx.config
+  stage_cfg = schedule.stage_config(stage, config)
+  if stage.kind == "teacher" and stage_cfg.get("checkpoint"):
+    return
+  cfg = train_config(stage_cfg, config, num_examples(ctx.source("labeled")))
+  spec = batch_spec(stage, config, cfg)
+  if spec is not None:
+    loop.compile_ahead(cfg, build_model(stage_cfg, config), spec, mesh=ctx.mesh)
+
+
+def batch_spec(stage: schedule.Stage, config, cfg: ml_collections.ConfigDict) -> dict | None:
+  """One global batch of the stage's training stream (`training_batches`) as
+  jax.ShapeDtypeStructs; None for an online teacher (its batches carry the teacher's view)."""
+  stage_cfg = schedule.stage_config(stage, config)
+  size = stage_cfg.resolution
+
+  def images(n):
+    return jax.ShapeDtypeStruct((n, size, size, 3), np.float32)
+
+  spec = {"labeled": {"image": images(cfg.batch_size),
+                      "label": jax.ShapeDtypeStruct((cfg.batch_size,), np.int32)}}
+  if stage.kind == "student":
+    if stage_cfg.online_teacher:
+      return None
+    unlabeled = int(round(float(cfg.unlabeled_ratio) * cfg.batch_size))
+    spec["unlabeled"] = {"image": images(unlabeled), "probs": jax.ShapeDtypeStruct(
+        (unlabeled, int(config.data.num_classes)), np.float32)}
+  return spec
+
+
 def build_model(stage_cfg, config) -> models.EfficientNet:
   overrides = dict(stage_cfg.model_overrides or {})
   noise = stage_cfg.noise

@@ -33,6 +33,7 @@ import ml_collections
 from etils import epath
 
 from nsjax import artifacts, exported_model, models, parallel
+from nsjax.train import compile_ahead as ahead
 from nsjax.train import compile_cache, input_position
 from nsjax.train import state as state_lib
 from nsjax.train import steps
@@ -245,9 +246,8 @@ def _step_functions(fns: compile_cache.RunFunctions, batch: Any, teacher: Teache
     return None, None, ()
   teacher_shape = tuple(batch["unlabeled"]["teacher_image"].shape[1:]) if teacher else None
   teacher_model = teacher.model if teacher else None
-  step_fn = compile_cache.train_step(fns, teacher_model, teacher_shape, cfg.fsdp)
-  multi_step_fn = (compile_cache.train_step(fns, teacher_model, teacher_shape, cfg.fsdp,
-                                            cfg.steps_per_call)
+  step_fn = _step_program(fns, teacher_model, teacher_shape, cfg, 1)
+  multi_step_fn = (_step_program(fns, teacher_model, teacher_shape, cfg, cfg.steps_per_call)
                    if cfg.steps_per_call > 1 else None)
   seed = steps.seed_argument(cfg.seed, mesh)
   if teacher is None:
@@ -255,6 +255,48 @@ def _step_functions(fns: compile_cache.RunFunctions, batch: Any, teacher: Teache
   return step_fn, multi_step_fn, (seed, jax.device_put(
       teacher.variables, compile_cache.teacher_shardings(teacher.model, mesh, cfg.fsdp,
                                                          teacher_shape)))
+
+
+def _step_program(fns: compile_cache.RunFunctions, teacher_model: nn.Module | None,
+                  teacher_shape: tuple[int, ...] | None, cfg: ml_collections.ConfigDict,
+                  num_steps: int) -> Callable:
+  """The jitted step of `num_steps` updates a call (one cached object per program: `train` and
+  `compile_ahead` must reach the same one)."""
+  if num_steps == 1:
+    return compile_cache.train_step(fns, teacher_model, teacher_shape, cfg.fsdp)
+  return compile_cache.train_step(fns, teacher_model, teacher_shape, cfg.fsdp, num_steps)
+
+
+def _train_model(cfg: ml_collections.ConfigDict, model: nn.Module) -> nn.Module:
+  return model.clone(dtype=cfg.compute_dtype) if cfg.compute_dtype else model
+
+
+def compile_ahead(config: Any, model: nn.Module, batch_spec: Any,
+                  mesh: jax.sharding.Mesh | None = None, evaluates: bool = True) -> None:
+  """Starts compiling the program of the first call of `train(config, model, ...)` from step 0,
+  in the background (nsjax.train.compile_ahead), for batches like `batch_spec`: one global batch
+  {"labeled": {"image", "label"}[, "unlabeled": {"image", "probs"}]} of jax.ShapeDtypeStructs.
+  `evaluates`: whether `train` will get an eval_fn (its cadence shapes the calls). The call then
+  uses it if its arguments match (else it compiles as usual). Not for an online teacher, whose
+  variables are the step's argument too."""
+  cfg = resolve_config(config)
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  train_model = _train_model(cfg, model)
+  fns = compile_cache.run_functions(
+      train_model, mesh, compile_cache.hashable_config(cfg),
+      tuple(batch_spec["labeled"]["image"].shape[1:]), int(getattr(model, "frozen_blocks", -1)))
+  num_steps = steps_in_call(0, num_train_steps(cfg), cfg.steps_per_call,
+                            tuple(_cadences(cfg, evaluates).values()))
+  if num_steps == 1:
+    sharding, leading = parallel.data_sharding(mesh), ()
+  else:
+    sharding, leading = parallel.stacked_data_sharding(mesh), (num_steps,)
+  batches = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(leading + tuple(x.shape), x.dtype, sharding=sharding),
+      batch_spec)
+  state = state_lib.with_shardings(fns.abstract_state, fns.shardings)
+  seed = jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh))
+  ahead.start(_step_program(fns, None, None, cfg, num_steps), state, batches, seed)
 
 
 def steps_in_call(step: int, total_steps: int, steps_per_call: int,
@@ -307,10 +349,13 @@ def _call(run: _Run, state: state_lib.TrainState, step: int, num_steps: int
   """Updates `num_steps` times from `step`, starting with `run.batch` (the later batches are
   read here). Returns the state and the metrics (leaves stacked when num_steps > 1)."""
   if num_steps == 1:
-    return run.step_fn(state, parallel.to_global_batch(run.batch, run.mesh), *run.extra_args)
+    args = (state, parallel.to_global_batch(run.batch, run.mesh), *run.extra_args)
+    run.step_fn = ahead.ready(run.step_fn, *args)  # compiled ahead, if it was
+    return run.step_fn(*args)
   batches = [run.batch] + [_next_batch(run, step + i) for i in range(1, num_steps)]
-  return run.multi_step_fn(state, parallel.to_global_batches(batches, run.mesh),
-                           *run.extra_args)
+  args = (state, parallel.to_global_batches(batches, run.mesh), *run.extra_args)
+  run.multi_step_fn = ahead.ready(run.multi_step_fn, *args)
+  return run.multi_step_fn(*args)
 
 
 def _train_steps(run: _Run, state: state_lib.TrainState, step: int
@@ -415,7 +460,7 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
   workdir.mkdir(parents=True, exist_ok=True)
   total_steps = num_train_steps(cfg)
   _warn_if_calls_are_cut(cfg, total_steps, eval_fn is not None)
-  train_model = model.clone(dtype=cfg.compute_dtype) if cfg.compute_dtype else model
+  train_model = _train_model(cfg, model)
   checkpoints = TrainCheckpoints(workdir / "checkpoints", cfg.checkpoint_every_steps,
                                  cfg.keep_checkpoints)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
