@@ -78,9 +78,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
 
 
 def _compile_ahead(stages: list[Stage], ctx: Context, state: RunState, workdir: str) -> None:
+  """Starts the train step of every model stage still to run, in schedule order. Only time
+  depends on it: a stage whose program could not be started compiles it at its first call (and
+  meets any error there, in its own context)."""
   for s in stages:
     if s.kind in ("teacher", "student", "baseline") and not _done(state, workdir, s.name):
-      train_stage.compile_ahead(s, ctx)
+      try:
+        train_stage.compile_ahead(s, ctx)
+      except Exception as error:  # noqa: BLE001 -- see the docstring
+        logging.warning("Stage %s: its train step is not compiled ahead (%s: %s); it compiles "
+                        "at its first step.", s.name, type(error).__name__, error)
 
 
 def _run_held(config: ml_collections.ConfigDict, workdir: str, stage: str | None,

@@ -63,3 +63,39 @@ def test_train_uses_the_step_compiled_ahead_and_ends_where_it_would_have(tmp_pat
   assert four_steps._cache_size() == 0  # every call ran the program compiled ahead
   for a, b in zip(jax.tree.leaves(plain.state), jax.tree.leaves(ahead.state)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_whose_batches_are_not_the_spec_compiles_at_its_call_and_looks_once(
+    tmp_path, monkeypatch):
+  mesh = parallel.make_mesh()
+  config = dict(CONFIG, base_learning_rate=0.25)  # a step function of this test's own
+  fns = compile_cache.run_functions(MODEL, mesh, compile_cache.hashable_config(
+      settings.resolve_config(config)), (SIZE, SIZE, 3), -1)
+  four_steps = compile_cache.train_step(fns, None, None, False, 4)
+  other = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2 * x.shape[0],) + x.shape[1:], x.dtype),
+                       SPEC)  # twice the batch the run will have
+  loop.compile_ahead(config, MODEL, other, mesh=mesh, evaluates=False)
+  looks = []
+  real_ready = compile_ahead.ready
+  monkeypatch.setattr(compile_ahead, "ready", lambda fn, *a: looks.append(fn) or real_ready(fn, *a))
+  loop.train(config, MODEL, batches, tmp_path, mesh=mesh)
+  assert looks == [four_steps]  # once for the run's two calls
+  assert four_steps._cache_size() == 1  # compiled at the call, as without compile_ahead
+
+
+def test_a_stage_that_cannot_compile_ahead_is_left_to_its_first_step(monkeypatch, caplog):
+  from nsjax import pipeline
+  from nsjax.stages import train as train_stage
+
+  def broken(stage, ctx):
+    raise KeyError("resolution")
+
+  monkeypatch.setattr(train_stage, "compile_ahead", broken)
+  monkeypatch.setattr(pipeline, "_done", lambda state, workdir, name: name == "teacher")
+  stages = [pipeline.Stage("teacher", "teacher", 0), pipeline.Stage("label-1", "label", 1),
+            pipeline.Stage("student-1", "student", 1)]
+  with caplog.at_level("WARNING"):
+    pipeline._compile_ahead(stages, ctx=None, state=None, workdir="unused")
+  warnings = [r.getMessage() for r in caplog.records]
+  assert warnings == ["Stage student-1: its train step is not compiled ahead (KeyError: "
+                      "'resolution'); it compiles at its first step."]

@@ -3,9 +3,10 @@
 XLA compiles a train step at its first call (15-25 s for the demo's programs on a 2-core CPU),
 after the stage has built its input pipelines and initialised its state: mostly single-threaded
 Python, which leaves a core idle, and a later stage's step could compile while an earlier one
-trains. `start` traces and lowers a jitted function for abstract arguments in the calling thread
-(tracing is Python) and queues the compilation on one background thread (XLA compiles outside
-Python). `ready(fn, args)`, called with a call's real arguments, hands back that executable when
+trains. `start` queues a jitted function and abstract arguments on one background thread, which
+traces, lowers and compiles them in the order they came (tracing is Python and XLA's compile holds
+the GIL for part of its time, so this pays against idle cores and waiting: benchmarks/README.md).
+`ready(fn, args)`, called with a call's real arguments, hands back that executable when
 `args` are exactly what it was compiled for (shapes, dtypes, weak types, shardings), and otherwise
 `fn` itself, which compiles at the call as usual. The executable is the one the call would have
 compiled, so nothing depends on this but the time.
@@ -40,18 +41,16 @@ def signature(args: Any) -> tuple:
 
 
 def start(fn: Callable, *abstract_args: Any) -> None:
-  """Lowers jitted `fn` for `abstract_args` (jax.ShapeDtypeStructs with shardings) here and
-  queues its compilation; nothing happens if that program is already started."""
+  """Queues jitted `fn` for `abstract_args` (jax.ShapeDtypeStructs with shardings) to be traced,
+  lowered and compiled in the background; nothing happens if that program is already queued."""
   key = signature(abstract_args)
   with _lock:
     if key in _programs.get(fn, {}):
       return
-  lowered = fn.lower(*abstract_args)  # raises here, like the call would, on a bad function
-  future = concurrent.futures.Future()
-  _queue.put((lowered, future))
-  with _lock:
-    _start_worker()
+    future = concurrent.futures.Future()
     _programs.setdefault(fn, {})[key] = future
+    _queue.put((fn, abstract_args, future))
+    _start_worker()
     _programs.move_to_end(fn)
     while len(_programs) > _MAX_FUNCTIONS:
       _programs.popitem(last=False)
@@ -68,9 +67,9 @@ def _start_worker() -> None:
 
 def _compile_queued() -> None:
   while True:
-    lowered, future = _queue.get()
+    fn, abstract_args, future = _queue.get()
     try:
-      future.set_result(lowered.compile())
+      future.set_result(fn.lower(*abstract_args).compile())
     except Exception as error:  # noqa: BLE001 -- handed to whoever waits for the program
       future.set_exception(error)
 
@@ -78,13 +77,10 @@ def _compile_queued() -> None:
 def ready(fn: Callable, *args: Any) -> Callable:
   """The executable compiled ahead for exactly `args` (waiting for it if it is not done yet), or
   `fn` itself. Either is called as `fn(*args)`."""
+  key = signature(args)
   with _lock:
-    programs = _programs.get(fn)
-  if not programs:
-    return fn
-  future = programs.get(signature(args))
+    future = _programs.get(fn, {}).get(key)
   if future is None:
-    logging.info("No program compiled ahead for these arguments; compiling at the call.")
     return fn
   try:
     return future.result()
@@ -92,7 +88,7 @@ def ready(fn: Callable, *args: Any) -> Callable:
     logging.warning("Compiling ahead failed (%s: %s); compiling at the call instead.",
                     type(error).__name__, error)
     with _lock:
-      _programs.get(fn, {}).pop(signature(args), None)
+      _programs.get(fn, {}).pop(key, None)
     return fn
 
 

@@ -220,6 +220,8 @@ class _Run:
   preemption: PreemptionWatch
   eval_fn: Callable[[Any], dict[str, float]] | None
   saved_position: dict[str, Any] | None
+  # Calls of these many steps have looked for an executable compiled ahead (once each).
+  looked_ahead: set[int] = dataclasses.field(default_factory=set)
 
 
 def _initial_state(fns: compile_cache.RunFunctions, restored: Any, latest: int | None,
@@ -350,12 +352,22 @@ def _call(run: _Run, state: state_lib.TrainState, step: int, num_steps: int
   read here). Returns the state and the metrics (leaves stacked when num_steps > 1)."""
   if num_steps == 1:
     args = (state, parallel.to_global_batch(run.batch, run.mesh), *run.extra_args)
-    run.step_fn = ahead.ready(run.step_fn, *args)  # compiled ahead, if it was
-    return run.step_fn(*args)
-  batches = [run.batch] + [_next_batch(run, step + i) for i in range(1, num_steps)]
-  args = (state, parallel.to_global_batches(batches, run.mesh), *run.extra_args)
-  run.multi_step_fn = ahead.ready(run.multi_step_fn, *args)
-  return run.multi_step_fn(*args)
+  else:
+    batches = [run.batch] + [_next_batch(run, step + i) for i in range(1, num_steps)]
+    args = (state, parallel.to_global_batches(batches, run.mesh), *run.extra_args)
+  return _program(run, num_steps, args)(*args)
+
+
+def _program(run: _Run, num_steps: int, args: tuple) -> Callable:
+  """The step of `num_steps` updates a call; at its first call, the executable compiled ahead for
+  exactly these arguments, where there is one (nsjax.train.compile_ahead)."""
+  if num_steps not in run.looked_ahead:
+    run.looked_ahead.add(num_steps)
+    if num_steps == 1:
+      run.step_fn = ahead.ready(run.step_fn, *args)
+    else:
+      run.multi_step_fn = ahead.ready(run.multi_step_fn, *args)
+  return run.step_fn if num_steps == 1 else run.multi_step_fn
 
 
 def _train_steps(run: _Run, state: state_lib.TrainState, step: int
