@@ -81,8 +81,9 @@ def _compile_ahead(stages: list[Stage], ctx: Context, state: RunState, workdir: 
   """Starts the train step of every model stage still to run, in schedule order. Only time
   depends on it: a stage whose program could not be started compiles it at its first call (and
   meets any error there, in its own context)."""
+  trained = set(model_stage_names(ctx.config))
   for s in stages:
-    if s.kind in ("teacher", "student", "baseline") and not _done(state, workdir, s.name):
+    if s.name in trained and not _done(state, workdir, s.name):
       try:
         train_stage.compile_ahead(s, ctx)
       except Exception as error:  # noqa: BLE001 -- see the docstring

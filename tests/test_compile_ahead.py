@@ -1,8 +1,11 @@
 """Compiling a train step ahead, in the background (nsjax.train.compile_ahead): the call gets that
 executable when its arguments match exactly, else compiles as usual; a run trained with it ends
 bitwise where one without it does."""
+import types
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from nsjax import parallel
@@ -95,7 +98,8 @@ def test_a_stage_that_cannot_compile_ahead_is_left_to_its_first_step(monkeypatch
   stages = [pipeline.Stage("teacher", "teacher", 0), pipeline.Stage("label-1", "label", 1),
             pipeline.Stage("student-1", "student", 1)]
   with caplog.at_level("WARNING"):
-    pipeline._compile_ahead(stages, ctx=None, state=None, workdir="unused")
+    ctx = types.SimpleNamespace(config=ml_collections.ConfigDict({"students": [{}]}))
+    pipeline._compile_ahead(stages, ctx=ctx, state=None, workdir="unused")
   warnings = [r.getMessage() for r in caplog.records]
   assert warnings == ["Stage student-1: its train step is not compiled ahead (KeyError: "
                       "'resolution'); it compiles at its first step."]

@@ -70,10 +70,15 @@ def batch_spec(stage: schedule.Stage, config, cfg: ml_collections.ConfigDict) ->
   if stage.kind == "student":
     if stage_cfg.online_teacher:
       return None
-    unlabeled = int(round(float(cfg.unlabeled_ratio) * cfg.batch_size))
+    unlabeled = unlabeled_batch_size(cfg)
     spec["unlabeled"] = {"image": images(unlabeled), "probs": jax.ShapeDtypeStruct(
         (unlabeled, int(config.data.num_classes)), np.float32)}
   return spec
+
+
+def unlabeled_batch_size(cfg: ml_collections.ConfigDict) -> int:
+  """Pseudo-labeled images in a student's global batch: round(unlabeled_ratio * batch_size)."""
+  return int(round(float(cfg.unlabeled_ratio) * cfg.batch_size))
 
 
 def build_model(stage_cfg, config) -> models.EfficientNet:
@@ -124,7 +129,7 @@ def training_batches(stage: schedule.Stage, ctx: Context, cfg: ml_collections.Co
 
   teacher, unlabeled = None, None
   if stage.kind == "student":
-    unlabeled_batch = int(round(float(cfg.unlabeled_ratio) * cfg.batch_size))
+    unlabeled_batch = unlabeled_batch_size(cfg)
     if stage_cfg.online_teacher:
       teacher = loop.Teacher.load(schedule.teacher_export_of(stage, config, workdir))
       unlabeled = _online_unlabeled(ctx, stage_cfg, teacher.model, unlabeled_batch, cfg.seed)

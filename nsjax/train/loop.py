@@ -143,8 +143,8 @@ def _start(train_iter: Any, start_step: int, total_steps: int, cfg: ml_collectio
 
 
 def _resume(checkpoints: TrainCheckpoints, train_iter: Any, total_steps: int,
-            cfg: ml_collections.ConfigDict, teacher: Teacher | None, train_model: nn.Module,
-            model: nn.Module, mesh: jax.sharding.Mesh) -> tuple:
+            cfg: ml_collections.ConfigDict, teacher: Teacher | None, model: nn.Module,
+            mesh: jax.sharding.Mesh) -> tuple:
   """(latest readable checkpoint step or None, its input position, batches from there, the first
   batch, the run functions, the restored state or None).
 
@@ -158,9 +158,7 @@ def _resume(checkpoints: TrainCheckpoints, train_iter: Any, total_steps: int,
       position = checkpoints.input_position(latest) if latest is not None else None
       batches, batch = _start(train_iter, step, total_steps, cfg, teacher,
                               input_position.own(position, step))
-      fns = compile_cache.run_functions(train_model, mesh, compile_cache.hashable_config(cfg),
-                                        _image_shape(batch, model),
-                                        int(getattr(model, "frozen_blocks", -1)))
+      fns = _run_functions(cfg, model, mesh, _image_shape(batch, model))
       state = (checkpoints.restore(fns.abstract_state, fns.shardings, latest)
                if latest is not None else None)
       return latest, position, batches, batch, fns, state
@@ -269,8 +267,13 @@ def _step_program(fns: compile_cache.RunFunctions, teacher_model: nn.Module | No
   return compile_cache.train_step(fns, teacher_model, teacher_shape, cfg.fsdp, num_steps)
 
 
-def _train_model(cfg: ml_collections.ConfigDict, model: nn.Module) -> nn.Module:
-  return model.clone(dtype=cfg.compute_dtype) if cfg.compute_dtype else model
+def _run_functions(cfg: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh,
+                   image_shape: tuple[int, ...]) -> compile_cache.RunFunctions:
+  """The run's cached functions, for `model` in cfg.compute_dtype (`train` and `compile_ahead`
+  must reach the same ones)."""
+  train_model = model.clone(dtype=cfg.compute_dtype) if cfg.compute_dtype else model
+  return compile_cache.run_functions(train_model, mesh, compile_cache.hashable_config(cfg),
+                                     image_shape, int(getattr(model, "frozen_blocks", -1)))
 
 
 def compile_ahead(config: Any, model: nn.Module, batch_spec: Any,
@@ -283,10 +286,7 @@ def compile_ahead(config: Any, model: nn.Module, batch_spec: Any,
   variables are the step's argument too."""
   cfg = resolve_config(config)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  train_model = _train_model(cfg, model)
-  fns = compile_cache.run_functions(
-      train_model, mesh, compile_cache.hashable_config(cfg),
-      tuple(batch_spec["labeled"]["image"].shape[1:]), int(getattr(model, "frozen_blocks", -1)))
+  fns = _run_functions(cfg, model, mesh, tuple(batch_spec["labeled"]["image"].shape[1:]))
   num_steps = steps_in_call(0, num_train_steps(cfg), cfg.steps_per_call,
                             tuple(_cadences(cfg, evaluates).values()))
   if num_steps == 1:
@@ -472,14 +472,13 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
   workdir.mkdir(parents=True, exist_ok=True)
   total_steps = num_train_steps(cfg)
   _warn_if_calls_are_cut(cfg, total_steps, eval_fn is not None)
-  train_model = _train_model(cfg, model)
   checkpoints = TrainCheckpoints(workdir / "checkpoints", cfg.checkpoint_every_steps,
                                  cfg.keep_checkpoints)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = PreemptionWatch().start()
   try:
     latest, saved_position, batches, batch, fns, restored = _resume(
-        checkpoints, train_iter, total_steps, cfg, teacher, train_model, model, mesh)
+        checkpoints, train_iter, total_steps, cfg, teacher, model, mesh)
     state = _initial_state(fns, restored, latest, initial_variables, cfg, writer, checkpoints)
     if jax.process_index() == 0:
       stats = all(x.is_fully_addressable for x in jax.tree.leaves(state.params))
