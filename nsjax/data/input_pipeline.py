@@ -315,11 +315,10 @@ def train_batches(source: Source, *, global_batch_size: int,
   if epoch_size == 0:
     raise ValueError(f"Split {source.split!r} of {source.name} has no examples.")
   index_dir = index_dir or default_index_dir(builder)
-  random_access.index_tfds_files(paths, index_dir, index, count)
+  index_paths = random_access.index_tfds_files(paths, index_dir, index, count)
   reader = random_access.RecordReader(
-      paths, table=lambda k: (random_access.load_offsets(index_dir, paths[k]), None),
-      table_bytes=lambda k: tf.io.gfile.stat(random_access.offsets_path(index_dir, paths[k])).length,
-      first_record=skips)
+      paths, table=lambda k: (random_access.load_offsets(index_paths[k]), None),
+      table_bytes=lambda k: tf.io.gfile.stat(index_paths[k]).length, first_record=skips)
   order = balanced_order.BalancedOrder(takes, lambda k: np.ones(takes[k], np.int64),
                                        seed=seed * 1009 + _SHUFFLE_STREAM, window=shuffle_block)
   first_record, skipped_before = _resume_point(position, int(start_step) * global_batch_size)

@@ -7,8 +7,8 @@ offset:
   - pseudo-label shards store them in their sidecars when they are written;
   - TFDS's TFRecord files do not, so `index_tfds_files` computes them once per file, by walking
     the record headers (8-byte lengths; the payloads are skipped, not read, on local disk), and
-    caches them as `<file name>.offsets.npy` in an index directory (the workdir's
-    `record_index/` in a run). The hosts split the files between them.
+    caches them as `<file name>.<size>-<mtime>.offsets.npy` in an index directory (the
+    workdir's `record_index/` in a run). The hosts split the files between them.
 
 Why TFRecord and not ArrayRecord (+ Grain): the open-source ArrayRecord reader cannot open gs://
 paths (google/array_record#120; riegeli has no open GCS reader), while a TPU run keeps its data
@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,6 +33,7 @@ from nsjax.files import atomic_write
 RECORD_FRAMING = 16  # uint64 length, uint32 masked crc of it, payload, uint32 masked crc of payload
 PAYLOAD_START = 12
 _HEADER_CHUNK = 1 << 20
+_IO_THREADS = 16
 
 
 def is_local(path: str) -> bool:
@@ -68,11 +70,20 @@ def tfrecord_offsets(path: str) -> np.ndarray:
   return np.asarray(offsets, np.int64)
 
 
-def offsets_path(index_dir: str, path: str) -> str:
-  return os.path.join(index_dir, os.path.basename(path) + ".offsets.npy")
+def offsets_path(index_dir: str, path: str, fingerprint: str) -> str:
+  """Where `path`'s offsets are cached: named by the file and its fingerprint, so a file rebuilt
+  or replaced in place (another dataset version, a regenerated split) is indexed afresh instead
+  of being read at the old file's offsets."""
+  return os.path.join(index_dir, f"{os.path.basename(path)}.{fingerprint}.offsets.npy")
 
 
-def _save_offsets(index_dir: str, path: str) -> None:
+def fingerprint(path: str) -> str:
+  """The file's size and modification time (as make and rsync judge a file changed)."""
+  stat = tf.io.gfile.stat(path)
+  return f"{stat.length}-{stat.mtime_nsec}"
+
+
+def _save_offsets(path: str, index_path: str) -> None:
   buffer = io.BytesIO()
   np.save(buffer, tfrecord_offsets(path))
 
@@ -80,27 +91,42 @@ def _save_offsets(index_dir: str, path: str) -> None:
     with tf.io.gfile.GFile(tmp, "wb") as f:
       f.write(buffer.getvalue())
 
-  atomic_write(offsets_path(index_dir, path), write)
+  atomic_write(index_path, write)
+
+
+def _in_parallel(fn: Callable, items: Sequence) -> list:
+  """fn over items on a few threads: each call is a file-system request, which on GCS waits
+  tens of milliseconds, and a split has hundreds to thousands of files."""
+  with ThreadPoolExecutor(_IO_THREADS) as pool:
+    return list(pool.map(fn, items))
+
+
+def _index_missing(paths: Sequence[str], index_paths: Sequence[str]) -> None:
+  missing = [not exists for exists in _in_parallel(tf.io.gfile.exists, index_paths)]
+  _in_parallel(lambda pair: _save_offsets(*pair),
+               [(p, i) for p, i, m in zip(paths, index_paths, missing) if m])
 
 
 def index_tfds_files(paths: Sequence[str], index_dir: str, process_index: int,
-                     process_count: int) -> None:
-  """Makes sure every file has its offsets in `index_dir`: each process indexes its share of the
-  files, waits for the others, then indexes whatever is still missing (an index directory that is
-  not shared between hosts). Every process of a run must call it (it holds a barrier): whether an
-  index exists is not known alike on all hosts while another host may be writing it."""
+                     process_count: int) -> list[str]:
+  """The offset index of each file (read them with `load_offsets`), built where missing: each
+  process indexes its share of the files, waits for the others, then indexes whatever is still
+  missing (an index directory that is not shared between hosts). Every process of a run must
+  call it (it holds a barrier): whether an index exists is not known alike on all hosts while
+  another host may be writing it."""
   tf.io.gfile.makedirs(index_dir)
-  for path in list(paths)[process_index::process_count]:
-    if not tf.io.gfile.exists(offsets_path(index_dir, path)):
-      _save_offsets(index_dir, path)
+  paths = list(paths)
+  index_paths = [offsets_path(index_dir, path, stamp)
+                 for path, stamp in zip(paths, _in_parallel(fingerprint, paths))]
+  share = slice(process_index, None, process_count)
+  _index_missing(paths[share], index_paths[share])
   parallel.host_barrier("record-index-built")
-  for path in paths:
-    if not tf.io.gfile.exists(offsets_path(index_dir, path)):
-      _save_offsets(index_dir, path)
+  _index_missing(paths, index_paths)
+  return index_paths
 
 
-def load_offsets(index_dir: str, path: str) -> np.ndarray:
-  with tf.io.gfile.GFile(offsets_path(index_dir, path), "rb") as f:
+def load_offsets(index_path: str) -> np.ndarray:
+  with tf.io.gfile.GFile(index_path, "rb") as f:
     return np.load(io.BytesIO(f.read()))
 
 
