@@ -10,6 +10,7 @@ import pytest
 
 from nsjax import exported_model, parallel, pipeline
 from nsjax.data import preprocess, pseudo_labels
+from nsjax.evaluate import accuracy
 from nsjax.stages import context, label
 from nsjax.stages import train as train_stage
 from nsjax.stages.context import Context
@@ -32,13 +33,17 @@ def smoke(tmp_path_factory):
   # Programs jit compiles for the smoke steps during the run (other modules of this worker may
   # have compiled some before: the count is the difference).
   steps = [step_program(config, c, workdir) for c in (config.teacher, config.students[0])]
-  before = [program._cache_size() for program in steps]
+  evals = [accuracy.make_eval_step(train_stage.build_model(c, config), parallel.make_mesh())
+           for c in (config.teacher, config.students[0])]
+  before = [program._cache_size() for program in steps + evals]
   state = pipeline.run(config, workdir, compile_ahead=True)  # as the commands run it
-  SMOKE_JIT_COMPILES[:] = [p._cache_size() - b for p, b in zip(steps, before)]
+  compiles = [p._cache_size() - b for p, b in zip(steps + evals, before)]
+  SMOKE_JIT_COMPILES[:], SMOKE_EVAL_COMPILES[:] = compiles[:2], compiles[2:]
   return config, workdir, state
 
 
 SMOKE_JIT_COMPILES = []
+SMOKE_EVAL_COMPILES = []
 
 
 def step_program(config, stage_cfg, workdir):
@@ -59,6 +64,13 @@ def test_the_commands_compile_each_train_step_ahead_and_jit_compiles_none(smoke)
   # batches with and without pseudo-labeled images.
   assert teacher is student and compile_ahead.started(teacher) >= 2
   assert SMOKE_JIT_COMPILES == [0, 0]  # every call ran an executable compiled ahead
+
+
+def test_each_model_compiles_one_eval_program(smoke):
+  # The final evaluation in training and the eval stage's clean split (pipeline batches) and
+  # corrupted sets (numpy batches) share one program: same shapes, and a bool mask in both.
+  # (At most one: another module of this worker may have compiled it before the run.)
+  assert all(count <= 1 for count in SMOKE_EVAL_COMPILES) and len(SMOKE_EVAL_COMPILES) == 2
 
 
 @pytest.mark.parametrize("name", ["teacher", "student-1"])

@@ -73,8 +73,9 @@ def _array_batches(model, images: np.ndarray, labels: np.ndarray, batch_size: in
   num_batches = int(math.ceil(np.max(_all_process_sizes(len(images))) / local))
   for b in range(num_batches):
     chunk, chunk_labels = images[b * local:(b + 1) * local], labels[b * local:(b + 1) * local]
-    mask = np.zeros(local, np.float32)
-    mask[:len(chunk)] = 1
+    # bool, as eval_batches' mask: one compiled eval program serves the clean split and these.
+    mask = np.zeros(local, bool)
+    mask[:len(chunk)] = True
     pad = local - len(chunk)
     if len(chunk):
       views = eval_views(chunk, model.test_resolution, small_image)
