@@ -109,6 +109,13 @@ def test_blur_parameters_scale_with_image_size_and_others_do_not():
   assert corruptions.severity_parameters("jpeg_compression", 1, (28, 28)) == 25
 
 
+def test_a_defocus_kernel_is_made_once_per_setting_and_shared_read_only():
+  params = corruptions.severity_parameters("defocus_blur", 3, (28, 28, 1))
+  kernel = corruptions._disk_kernel(*params)
+  assert corruptions._disk_kernel(*params) is kernel and not kernel.flags.writeable
+  np.testing.assert_array_equal(kernel, corruptions._disk_kernel.__wrapped__(*params))
+
+
 def test_contrast_and_brightness_match_their_formulas():
   image = np.array([[[51, 102, 153], [0, 0, 0]], [[255, 255, 255], [128, 64, 32]]], np.uint8)
   x = image / 255.0
