@@ -6,6 +6,7 @@ This module defines no flags (absl flags are process-global), so both commands c
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any, Callable
@@ -87,6 +88,15 @@ def after_jax() -> None:
   parallel.enable_compilation_cache()
   logging.info("JAX process %d/%d, %d devices.", jax.process_index(), jax.process_count(),
                jax.device_count())
+
+
+def freeze_startup_objects() -> None:
+  """Takes what the imports made (JAX, TensorFlow, TFDS, flax, Orbax: ~540k objects, all living
+  as long as the process) out of the garbage collector's view. Every full collection walked them
+  again, ~0.3 s each with the GIL held; the demo ran 16, ~5 s. Objects made later are collected
+  as usual. Commands call it once their modules are imported, before the first stage."""
+  gc.collect()
+  gc.freeze()
 
 
 def _known_stops() -> tuple:

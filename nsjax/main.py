@@ -53,6 +53,7 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   command.after_jax()
   from nsjax import pipeline
+  command.freeze_startup_objects()
   command.run_with_exit_codes(
       lambda: pipeline.run(_CONFIG.value, _WORKDIR.value, stage=_STAGE.value,
                            compile_ahead=True))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -619,6 +620,7 @@ def main(argv) -> None:
                          "--workdir=/tmp/nsjax-study")
   command.before_jax(command.pixels_per_step(values.config))
   command.after_jax()
+  command.freeze_startup_objects()
 
   def go():
     try:
@@ -634,7 +636,9 @@ def main(argv) -> None:
     if values.report_only:
       results = write_report(values.config, study, seeds, values.workdir, name)
     else:
-      results = run_study(values.config, study, seeds, values.workdir, values.variants, name)
+      # As `python -m nsjax.main` runs: each stage's train step compiles while it sets up.
+      results = run_study(values.config, study, seeds, values.workdir, values.variants, name,
+                          run_fn=functools.partial(pipeline.run, compile_ahead=True))
     print(format_table(results), flush=True)
     print(f"{RESULTS_JSON}, {RESULTS_TABLE}, {RESULTS_PLOT} in {values.workdir}", flush=True)
 
