@@ -73,3 +73,31 @@ def test_a_file_rebuilt_in_place_is_indexed_again(tmp_path):
   assert os.path.getsize(path) == before.st_size
   os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
   assert read_all([path], index([path], tmp_path / "index")) == [shuffled]
+
+
+def test_a_tfds_datasets_files_are_stamped_by_its_dataset_info(tmp_path, monkeypatch):
+  # At pod scale a split has thousands of files and every host checks them at every stage start:
+  # one stat of dataset_info.json (rewritten whenever TFDS prepares the dataset) stands for all.
+  folder = tmp_path / "mnist" / "3.0.1"
+  folder.mkdir(parents=True)
+  paths = [str(folder / f"mnist-train.tfrecord-0000{k}-of-00004") for k in range(4)]
+  for k, path in enumerate(paths):
+    write_records(path, [bytes([k]) * 3] * (k + 2))
+  (folder / "dataset_info.json").write_text('{"version": 1}')
+  first = index(paths, tmp_path / "index")
+  assert [len(records) for records in read_all(paths, first)] == [2, 3, 4, 5]
+  stats = []  # a later stage or a resume: the indexes exist
+  real_stat = tf.io.gfile.stat
+  monkeypatch.setattr(tf.io.gfile, "stat", lambda p: stats.append(p) or real_stat(p))
+  assert index(paths, tmp_path / "index") == first
+  assert stats == [str(folder / "dataset_info.json")]
+
+  # Prepared again in place: other records in the same file names, and a new dataset_info.json.
+  for path in paths:
+    write_records(path, [b"new record"] * 7)
+  before = os.stat(folder / "dataset_info.json")
+  (folder / "dataset_info.json").write_text('{"version": 2}')
+  os.utime(folder / "dataset_info.json", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+  again = index(paths, tmp_path / "index")
+  assert again != first
+  assert read_all(paths, again) == [[b"new record"] * 7] * 4

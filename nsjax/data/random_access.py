@@ -7,8 +7,9 @@ offset:
   - pseudo-label shards store them in their sidecars when they are written;
   - TFDS's TFRecord files do not, so `index_tfds_files` computes them once per file, by walking
     the record headers (8-byte lengths; the payloads are skipped, not read, on local disk), and
-    caches them as `<file name>.<size>-<mtime>.offsets.npy` in an index directory (the
-    workdir's `record_index/` in a run). The hosts split the files between them.
+    caches them as `<file name>.<fingerprint>.offsets.npy` in an index directory (the workdir's
+    `record_index/` in a run; the fingerprint is the size and mtime of the dataset's
+    dataset_info.json). The hosts split the files between them.
 
 Why TFRecord and not ArrayRecord (+ Grain): the open-source ArrayRecord reader cannot open gs://
 paths (google/array_record#120; riegeli has no open GCS reader), while a TPU run keeps its data
@@ -70,17 +71,34 @@ def tfrecord_offsets(path: str) -> np.ndarray:
   return np.asarray(offsets, np.int64)
 
 
-def offsets_path(index_dir: str, path: str, fingerprint: str) -> str:
+def offsets_path(index_dir: str, path: str, stamp: str) -> str:
   """Where `path`'s offsets are cached: named by the file and its fingerprint, so a file rebuilt
   or replaced in place (another dataset version, a regenerated split) is indexed afresh instead
   of being read at the old file's offsets."""
-  return os.path.join(index_dir, f"{os.path.basename(path)}.{fingerprint}.offsets.npy")
+  return os.path.join(index_dir, f"{os.path.basename(path)}.{stamp}.offsets.npy")
 
 
 def fingerprint(path: str) -> str:
   """The file's size and modification time (as make and rsync judge a file changed)."""
   stat = tf.io.gfile.stat(path)
   return f"{stat.length}-{stat.mtime_nsec}"
+
+
+def _fingerprints(paths: Sequence[str]) -> list[str]:
+  """Each file's fingerprint. The files of a prepared TFDS dataset take that of its
+  dataset_info.json, which TFDS writes anew whenever it prepares the dataset: one request per
+  dataset instead of one per file (a split can have thousands, and every host of a run asks at
+  every stage start). Other files take their own."""
+  folders = sorted({os.path.dirname(path) for path in paths})
+
+  def dataset_stamp(folder):
+    info = os.path.join(folder, "dataset_info.json")
+    return "info-" + fingerprint(info) if tf.io.gfile.exists(info) else None
+
+  by_folder = dict(zip(folders, _in_parallel(dataset_stamp, folders)))
+  loose = [path for path in paths if by_folder[os.path.dirname(path)] is None]
+  by_file = dict(zip(loose, _in_parallel(fingerprint, loose)))
+  return [by_folder[os.path.dirname(path)] or by_file[path] for path in paths]
 
 
 def _save_offsets(path: str, index_path: str) -> None:
@@ -96,15 +114,15 @@ def _save_offsets(path: str, index_path: str) -> None:
 
 def _in_parallel(fn: Callable, items: Sequence) -> list:
   """fn over items on a few threads: each call is a file-system request, which on GCS waits
-  tens of milliseconds, and a split has hundreds to thousands of files."""
+  tens of milliseconds."""
   with ThreadPoolExecutor(_IO_THREADS) as pool:
     return list(pool.map(fn, items))
 
 
-def _index_missing(paths: Sequence[str], index_paths: Sequence[str]) -> None:
-  missing = [not exists for exists in _in_parallel(tf.io.gfile.exists, index_paths)]
+def _index_missing(paths: Sequence[str], index_paths: Sequence[str], index_dir: str) -> None:
+  present = set(tf.io.gfile.listdir(index_dir))  # one listing, not a request per file
   _in_parallel(lambda pair: _save_offsets(*pair),
-               [(p, i) for p, i, m in zip(paths, index_paths, missing) if m])
+               [(p, i) for p, i in zip(paths, index_paths) if os.path.basename(i) not in present])
 
 
 def index_tfds_files(paths: Sequence[str], index_dir: str, process_index: int,
@@ -113,15 +131,19 @@ def index_tfds_files(paths: Sequence[str], index_dir: str, process_index: int,
   process indexes its share of the files, waits for the others, then indexes whatever is still
   missing (an index directory that is not shared between hosts). Every process of a run must
   call it (it holds a barrier): whether an index exists is not known alike on all hosts while
-  another host may be writing it."""
+  another host may be writing it.
+
+  An index is named by its file and the file's fingerprint (`_fingerprints`), so a dataset
+  prepared again in place, or another one at the same path, is indexed afresh instead of being
+  read at the old files' offsets (its records would fail to parse and be dropped, silently)."""
   tf.io.gfile.makedirs(index_dir)
   paths = list(paths)
   index_paths = [offsets_path(index_dir, path, stamp)
-                 for path, stamp in zip(paths, _in_parallel(fingerprint, paths))]
+                 for path, stamp in zip(paths, _fingerprints(paths))]
   share = slice(process_index, None, process_count)
-  _index_missing(paths[share], index_paths[share])
+  _index_missing(paths[share], index_paths[share], index_dir)
   parallel.host_barrier("record-index-built")
-  _index_missing(paths, index_paths)
+  _index_missing(paths, index_paths, index_dir)
   return index_paths
 
 
