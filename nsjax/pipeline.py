@@ -77,13 +77,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, stage: str | None = Non
     return _run_held(config, workdir, stage, mesh, compile_ahead)
 
 
-def _compile_ahead(stages: list[Stage], ctx: Context, state: RunState, workdir: str) -> None:
+def _compile_ahead(stages: list[Stage], ctx: Context) -> None:
   """Starts the train step of every model stage still to run, in schedule order. Only time
   depends on it: a stage whose program could not be started compiles it at its first call (and
   meets any error there, in its own context)."""
   trained = set(model_stage_names(ctx.config))
   for s in stages:
-    if s.name in trained and not _done(state, workdir, s.name):
+    if s.name in trained and not _done(ctx.state, ctx.workdir, s.name):
       try:
         train_stage.compile_ahead(s, ctx)
       except Exception as error:  # noqa: BLE001 -- see the docstring
@@ -120,8 +120,7 @@ def _run_held(config: ml_collections.ConfigDict, workdir: str, stage: str | None
   preemption = PreemptionWatch().start()  # SIGTERM: stop at the next step/shard/stage end
   try:
     if compile_ahead:
-      _compile_ahead(stages, Context(config, workdir, data_dir, mesh, state, started), state,
-                     workdir)
+      _compile_ahead(stages, Context(config, workdir, data_dir, mesh, state, started))
     for s in stages:
       if _done(state, workdir, s.name):
         logging.info("Stage %s already complete; skipping.", s.name)

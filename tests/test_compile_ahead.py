@@ -57,6 +57,9 @@ def test_train_uses_the_step_compiled_ahead_and_ends_where_it_would_have(tmp_pat
   fns = compile_cache.run_functions(MODEL, mesh, compile_cache.hashable_config(cfg),
                                     (SIZE, SIZE, 3), -1)
   four_steps = compile_cache.train_step(fns, None, None, False, 4)
+  # One object per program however it is asked for (the single step by default or as 1).
+  assert (compile_cache.train_step(fns, None, None, False)
+          is compile_cache.train_step(fns, None, None, False, 1) is not four_steps)
   plain = loop.train(CONFIG, MODEL, batches, tmp_path / "plain", mesh=mesh)
   assert four_steps._cache_size() == 1  # compiled at its first call
   jax.clear_caches()
@@ -98,8 +101,9 @@ def test_a_stage_that_cannot_compile_ahead_is_left_to_its_first_step(monkeypatch
   stages = [pipeline.Stage("teacher", "teacher", 0), pipeline.Stage("label-1", "label", 1),
             pipeline.Stage("student-1", "student", 1)]
   with caplog.at_level("WARNING"):
-    ctx = types.SimpleNamespace(config=ml_collections.ConfigDict({"students": [{}]}))
-    pipeline._compile_ahead(stages, ctx=ctx, state=None, workdir="unused")
+    ctx = types.SimpleNamespace(config=ml_collections.ConfigDict({"students": [{}]}),
+                                state=None, workdir="unused")
+    pipeline._compile_ahead(stages, ctx=ctx)
   warnings = [r.getMessage() for r in caplog.records]
   assert warnings == ["Stage student-1: its train step is not compiled ahead (KeyError: "
                       "'resolution'); it compiles at its first step."]

@@ -25,10 +25,10 @@ def run(stage: schedule.Stage, ctx: Context) -> dict:
   """Teacher, student or baseline training; returns a small result dict for the state file."""
   config = ctx.config
   stage_cfg = schedule.stage_config(stage, config)
-  if stage.kind == "teacher" and stage_cfg.get("checkpoint"):
+  if _imported(stage, stage_cfg):
     return import_teacher(stage_cfg, config, ctx.workdir)
   model = build_model(stage_cfg, config)
-  cfg = train_config(stage_cfg, config, num_examples(ctx.source("labeled")))
+  cfg = _stage_train_config(stage_cfg, ctx)
   if stage.kind == "student":  # (a smaller student was warned about by validation)
     validate.check_teacher_export(schedule.teacher_export_of(stage, config, ctx.workdir),
                                   model.num_classes, config.data.get("class_names"),
@@ -48,9 +48,9 @@ def compile_ahead(stage: schedule.Stage, ctx: Context) -> None:
   from the config alone (an online teacher) or nothing is trained (an imported teacher)."""
   config = ctx.config
   stage_cfg = schedule.stage_config(stage, config)
-  if stage.kind == "teacher" and stage_cfg.get("checkpoint"):
+  if _imported(stage, stage_cfg):
     return
-  cfg = train_config(stage_cfg, config, num_examples(ctx.source("labeled")))
+  cfg = _stage_train_config(stage_cfg, ctx)
   spec = batch_spec(stage, config, cfg)
   if spec is not None:
     loop.compile_ahead(cfg, build_model(stage_cfg, config), spec, mesh=ctx.mesh)
@@ -92,6 +92,15 @@ def build_model(stage_cfg, config) -> models.EfficientNet:
                              train_resolution=stage_cfg.resolution,
                              test_resolution=stage_cfg.test_resolution or stage_cfg.resolution,
                              **overrides)
+
+
+def _imported(stage: schedule.Stage, stage_cfg) -> bool:
+  """A teacher taken from an exported checkpoint: nothing to train."""
+  return stage.kind == "teacher" and bool(stage_cfg.get("checkpoint"))
+
+
+def _stage_train_config(stage_cfg, ctx: Context) -> ml_collections.ConfigDict:
+  return train_config(stage_cfg, ctx.config, num_examples(ctx.source("labeled")))
 
 
 def train_config(stage_cfg, config, num_labeled: int) -> ml_collections.ConfigDict:

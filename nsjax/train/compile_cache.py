@@ -72,10 +72,19 @@ def run_functions(model: nn.Module, mesh: jax.sharding.Mesh, hashable_cfg: tuple
                       loss_config=objective.loss_config(cfg, _num_classes(model)))
 
 
-@functools.lru_cache(maxsize=8)
 def train_step(fns: RunFunctions, teacher_model: nn.Module | None,
                teacher_image_shape: tuple[int, ...] | None, fsdp: bool,
                steps_per_call: int = 1) -> Callable:
+  """The jitted step of `steps_per_call` updates a call: one object per program however it is
+  asked for (the cache keys on all five arguments, so `steps_per_call` left to its default and
+  given as 1 reach the same one: `train` and `loop.compile_ahead` must)."""
+  return _train_step(fns, teacher_model, teacher_image_shape, fsdp, steps_per_call)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(fns: RunFunctions, teacher_model: nn.Module | None,
+                teacher_image_shape: tuple[int, ...] | None, fsdp: bool,
+                steps_per_call: int) -> Callable:
   placed_teacher = None  # the teacher variables' shardings, with an online teacher
   if teacher_model is not None:
     placed_teacher = teacher_shardings(teacher_model, fns.mesh, fsdp, teacher_image_shape)

@@ -262,8 +262,6 @@ def _step_program(fns: compile_cache.RunFunctions, teacher_model: nn.Module | No
                   num_steps: int) -> Callable:
   """The jitted step of `num_steps` updates a call (one cached object per program: `train` and
   `compile_ahead` must reach the same one)."""
-  if num_steps == 1:
-    return compile_cache.train_step(fns, teacher_model, teacher_shape, cfg.fsdp)
   return compile_cache.train_step(fns, teacher_model, teacher_shape, cfg.fsdp, num_steps)
 
 
