@@ -6,7 +6,7 @@ then two noisy students of the same size trained on labeled + filtered, balanced
 with RandAugment, dropout and stochastic depth; plus a supervised baseline: the final student's
 architecture and noise on the labels alone, trained as long as the (converged) teacher.
 
-Hardware: a 2-core CPU; with a cold XLA compilation cache, 5 min 45 s - 6 min 3 s on an AMD EPYC
+Hardware: a 2-core CPU; with a cold XLA compilation cache, 5 min 7 s - 6 min 3 s on an AMD EPYC
 Zen 3 (AVX2 only; 8 min 11 s there with one step per call and no compiling ahead), 3 min 42 s on
 an Intel Xeon with AMX-bf16 (one step per call).
 Published result: none (this is nsjax's own demo); the 3-seed numbers and the convergence checks
