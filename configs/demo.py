@@ -7,8 +7,8 @@ with RandAugment, dropout and stochastic depth; plus a supervised baseline: the 
 architecture and noise on the labels alone, trained as long as the (converged) teacher.
 
 Hardware: a 2-core CPU; with a cold XLA compilation cache, 5 min 7 s - 6 min 3 s on an AMD EPYC
-Zen 3 (AVX2 only; 8 min 11 s there with one step per call and no compiling ahead), 3 min 42 s on
-an Intel Xeon with AMX-bf16 (one step per call).
+Zen 3 (AVX2 only; 6 min 48 s when that VM ran a third slower; 8 min 11 s there with one step per
+call and no compiling ahead), 3 min 42 s on an Intel Xeon with AMX-bf16 (one step per call).
 Published result: none (this is nsjax's own demo); the 3-seed numbers and the convergence checks
 are in the README.
 
