@@ -50,11 +50,11 @@ def pytest_collection_modifyitems(config, items):
 def pytest_collection_finish(session):
   """Once every test module is imported: the objects that exist now (JAX, TensorFlow, TFDS, flax,
   Orbax, the tests themselves: hundreds of thousands) live as long as the session, so they are
-  frozen out of the garbage collector's view, as the commands do (`command.freeze_startup_objects`);
-  otherwise every full collection during the tests walks them again."""
+  frozen out of the garbage collector's view, as the commands do; otherwise every full collection
+  during the tests walks them again."""
   del session
-  gc.collect()
-  gc.freeze()
+  from nsjax import command
+  command.freeze_startup_objects()
 
 
 def pytest_sessionfinish(session):
