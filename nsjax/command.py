@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from absl import logging
 
-from nsjax import host_memory
+from nsjax import cpu_features, host_memory
 
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again later
 EXIT_BAD_CONFIG = 2
@@ -30,12 +30,16 @@ class QuietLibraries:
 
 
 def before_jax(pixels: int) -> None:
-  """Quiet logs; for steps of `pixels` (images x height x width) large enough, keep freed host
-  memory. Call before JAX's first computation starts its thread pools. (Huge pages are the
+  """Quiet logs; XLA's CPU thread count fixed (cpu_features.fix_threads); for steps of `pixels`
+  (images x height x width) large enough, keep freed host memory. Call before JAX's first
+  computation starts its thread pools. (Huge pages are the
   programs' own first step, start_again_with_huge_pages: a library call must never restart the
   process that called it, e.g. pytest.)"""
   import logging as py_logging
   py_logging.getLogger("absl").addFilter(QuietLibraries())
+  threads = cpu_features.fix_threads()
+  logging.info("XLA's CPU operations use %d threads (%s; a run's numbers depend on it, not on "
+               "taskset pinning).", threads, cpu_features.THREADS_VARIABLE)
   if host_memory.HUGETLB_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
     logging.info("malloc asks for transparent huge pages (GLIBC_TUNABLES=%s; NSJAX_HUGE_PAGES=0 "
                  "turns this off).", os.environ["GLIBC_TUNABLES"])

@@ -53,3 +53,41 @@ def describe(cpuinfo_path: str = CPUINFO) -> dict[str, object]:
           "family_model": family_model,
           "vector": [f for f in VECTOR_FLAGS if f in flags],
           "matrix": [f for f in MATRIX_FLAGS if f in flags]}
+
+
+# XLA's CPU client sizes its intra-op thread pool from NPROC where it is set, else from the cores
+# this process may run on. The pool's size decides how reductions and matrix products are split,
+# so a run's numbers depend on it: `fix_threads` makes them independent of taskset pinning.
+THREADS_VARIABLE = "NPROC"
+
+
+def fix_threads(threads: int | None = None) -> int:
+  """Sets the thread count of XLA's CPU operations before JAX starts its CPU client: `threads`,
+  else NPROC where the environment sets it, else every core of the machine (not only the ones a
+  `taskset` lets this process use). Returns it."""
+  import os
+  if threads is None:
+    threads = int(os.environ.get(THREADS_VARIABLE) or os.cpu_count() or 1)
+  if threads < 1:
+    raise ValueError(f"The CPU thread count must be at least 1, got {threads}.")
+  os.environ[THREADS_VARIABLE] = str(threads)
+  return threads
+
+
+def threads() -> int:
+  """The thread count of XLA's CPU operations in this process: NPROC where set, else the cores
+  this process may run on (what the CPU client reads when it starts)."""
+  import os
+  if os.environ.get(THREADS_VARIABLE):
+    return int(os.environ[THREADS_VARIABLE])
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def product_dtype(settings, backend: str = "cpu") -> str:
+  """The operand dtype of large matrix products for models whose `matmul_operands` settings are
+  `settings` ("auto", "float32", "bfloat16"; see models.layers.resolve_matmul_operands):
+  "float32", "bfloat16", or "mixed" when the models differ."""
+  amx = backend == "cpu" and has("amx_bf16")
+  resolved = {"bfloat16" if s == "bfloat16" or (s == "auto" and amx) else "float32"
+              for s in settings}
+  return resolved.pop() if len(resolved) == 1 else "mixed" if resolved else "float32"

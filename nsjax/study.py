@@ -59,6 +59,7 @@ from nsjax import claims as claims_lib
 from nsjax import cli, command, pipeline, report, validate, workdir_lock
 from nsjax.files import atomic_write_json, atomic_write_text, read_json
 from nsjax.run_state import RunState
+from nsjax.stages import summary as summary_stage
 
 RECORD_FILE = "stage.json"  # in a shared stage folder: the stage's result, once it is complete
 RESULTS_JSON, RESULTS_TABLE, RESULTS_PLOT = "study.json", "study.md", "study.png"
@@ -70,6 +71,14 @@ class Variant:
   """One row of a study: what it tests, and its overrides of the schedule ({path: value})."""
   about: str
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # Only these of the study's seeds (None: all), e.g. for a side question that needs fewer.
+  seeds: Sequence[int] | None = None
+
+
+def variant_seeds(study: "Study", name: str, seeds: Sequence[int]) -> list[int]:
+  """The study's `seeds` that variant `name` runs for."""
+  only = study.variants[name].seeds
+  return [int(s) for s in seeds if only is None or int(s) in {int(o) for o in only}]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +88,12 @@ class Study:
   variants: Mapping[str, Variant]
   common: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   about: str = ""
-  # What the study tests: each claim says one row should beat another (nsjax.claims); the report
-  # says whether the seeds show it.
+  # What the study tests: each claim says one row should beat another, or not fall more than a
+  # margin below it (nsjax.claims); the report says what the seeds show.
   claims: Sequence[claims_lib.Claim] = ()
+  # Points of top-1: an undecided superiority claim whose interval lies inside +-this is reported
+  # as "no effect larger than this".
+  smallest_effect: float = claims_lib.SMALLEST_EFFECT
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,7 +302,7 @@ def plan(config, study: Study, seeds: Sequence[int], workdir: str,
   validate.check_keys(config)
   runs = []
   for name in chosen:
-    for seed in seeds:
+    for seed in variant_seeds(study, name, seeds):
       cfg = variant_config(config, study, name, seed)
       identities = stage_identities(cfg)  # before data_dir: where the data is cached is no identity
       if not cfg.data.get("data_dir"):  # one copy of mnist5k & co for the whole study
@@ -401,7 +413,8 @@ def _write_record(run: Run, s, workdir: str, result: dict[str, Any]) -> None:
   os.makedirs(folder, exist_ok=True)
   atomic_write_json(os.path.join(folder, RECORD_FILE), {
       "stage": s.name, "kind": s.kind, "identity": run.identities[s.name], "result": result,
-      "first_run": {"variant": run.variant, "seed": run.seed}})
+      "first_run": {"variant": run.variant, "seed": run.seed},
+      "environment": summary_stage.environment(run.config)})
 
 
 def _adopt(run: Run, s, workdir: str, state: RunState) -> bool:
@@ -480,44 +493,96 @@ def _lock(folder: str, what: str, wait: bool):
 # ------------------------------------------------------------------------------------------------
 # Report.
 
-def _stats(top1: dict[str, float]) -> dict[str, Any]:
+ROW_DETAILS = ("top1_per_image", "num_examples", "params_sha256")
+
+
+def _stats(per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """A row of study.json: top1 {seed: %}, mean, std, and per seed what its model is (the seed
+  that reached its initialisation, data order and noise; its parameters' hash) and which test
+  images it got right."""
+  top1 = {s: e["top1"] for s, e in per_seed.items()}
   values = np.array(list(top1.values()), dtype=float)
-  return {"top1": top1,
-          "mean": float(values.mean()) if len(values) else None,
-          "std": float(values.std(ddof=1)) if len(values) > 1 else (0.0 if len(values) else None)}
+  out = {"top1": top1,
+         "mean": float(values.mean()) if len(values) else None,
+         "std": float(values.std(ddof=1)) if len(values) > 1 else (0.0 if len(values) else None),
+         "train_seed": {s: e["train_seed"] for s, e in per_seed.items()}}
+  for key in ROW_DETAILS:
+    out[key] = {s: e[key] for s, e in per_seed.items() if e.get(key) is not None}
+  return out
+
+
+def _train_seed(cfg, stage: str) -> int:
+  """The seed a model stage's initialisation, data order and noise are drawn from
+  (stages.train.train_config)."""
+  section = cfg.teacher if stage == "teacher" else cfg.baseline if stage == "baseline" else \
+      cfg.students[int(stage.split("-")[1]) - 1]
+  return int(cfg.seed) * 1000 + int(section.seed_offset)
+
+
+def _environment_key(record: dict[str, Any]) -> str:
+  """The machine a stage ran on, as text ("unknown" for records written before environments
+  were recorded): two stages of one seed must agree on it for their difference to be paired."""
+  return json.dumps(record.get("environment", "unknown"), sort_keys=True)
+
+
+def _shared_value(environments: Sequence[dict[str, Any]], key: str) -> Any:
+  """What every environment has for `key`, else the list of the different values."""
+  values = [e[key] for e in environments if isinstance(e, dict)]
+  unique = [v for i, v in enumerate(values) if v not in values[:i]]
+  return unique[0] if len(unique) == 1 else unique
 
 
 def collect(config, study: Study, seeds: Sequence[int], workdir: str,
             name: str = "study") -> dict[str, Any]:
   """study.json's content from the shared records: each variant's final model (its last student),
-  the reference variant's teacher and baseline; test top-1 in percent, per seed, mean and std.
-  Seeds not complete yet are left out (and listed under study.missing)."""
-  top1 = {v: {} for v in study.variants}
-  refs: dict[str, dict[str, float]] = {"teacher": {}, "baseline": {}}
-  missing = []
+  the reference variant's teacher and baseline; test top-1 in percent, per seed, mean and std;
+  the claims. Seeds not complete yet are left out (and listed under study.missing); a seed whose
+  stages ran on different machines (CPU, threads or product dtype) is left out of the claims."""
+  rows: dict[str, dict[str, dict]] = {v: {} for v in [*study.variants, "teacher", "baseline"]}
+  environments: dict[str, set[str]] = {str(s): set() for s in seeds}
+  missing, student_steps = [], {}
   reference = next(iter(study.variants))
   for variant in study.variants:
-    for seed in seeds:
+    for seed in variant_seeds(study, variant, seeds):
       cfg = variant_config(config, study, variant, seed)
+      student_steps[variant] = [int(s.train.num_train_steps) for s in cfg.students]
       ids = stage_identities(cfg)
-      wanted = {variant: f"eval-student-{len(cfg.students)}"}
+      final = f"student-{len(cfg.students)}"
+      wanted = {variant: final}
       if variant == reference:
-        wanted.update(teacher="eval-teacher", baseline="eval-baseline")
-      for key, stage in wanted.items():
-        record = _read_record(shared_dir(workdir, ids[stage])) if stage in ids else None
-        table = top1[variant] if key == variant else refs[key]
+        wanted.update(teacher="teacher", baseline="baseline")
+      for stage, identity in ids.items():
+        record = _read_record(shared_dir(workdir, identity))
         if record is not None:
-          table[str(seed)] = 100.0 * float(record["result"]["top1"])
-        elif stage in ids:
-          missing.append(f"{variant} seed {seed} {stage}")
-  results = {"variants": {v: _stats(t) for v, t in top1.items()},
-             "teacher": _stats(refs["teacher"]), "baseline": _stats(refs["baseline"])}
-  return {**results, "claims": [claims_lib.check(results, c) for c in study.claims],
+          environments[str(seed)].add(_environment_key(record))
+      for key, model in wanted.items():
+        if f"eval-{model}" not in ids:
+          continue  # (a schedule without a baseline has no row)
+        record = _read_record(shared_dir(workdir, ids[f"eval-{model}"]))
+        if record is None:
+          missing.append(f"{variant} seed {seed} eval-{model}")
+          continue
+        result = record["result"]
+        rows[key][str(seed)] = {"top1": 100.0 * float(result["top1"]),
+                                "train_seed": _train_seed(cfg, model),
+                                **{k: result.get(k) for k in ROW_DETAILS}}
+  mixed = {s: [json.loads(e) for e in sorted(envs)] for s, envs in environments.items()
+           if len(envs) > 1}
+  results = {"variants": {v: _stats(rows[v]) for v in study.variants},
+             "teacher": _stats(rows["teacher"]), "baseline": _stats(rows["baseline"])}
+  checked = claims_lib.check_all(results, study.claims, study.smallest_effect, excluded=mixed)
+  used = [json.loads(e) for e in sorted(set().union(*environments.values()))]
+  return {**results, "claims": checked,
           "study": {"name": name, "description": study.about,
                     "seeds": [int(s) for s in seeds], "reference": reference,
                     "about": {v: study.variants[v].about for v in study.variants},
                     "top1_unit": "percent", "std": "sample standard deviation over seeds",
-                    "missing": missing}}
+                    "smallest_effect": study.smallest_effect,
+                    "cpu": _shared_value(used, "cpu"),
+                    "cpu_threads": _shared_value(used, "cpu_threads"),
+                    "product_dtype": _shared_value(used, "product_dtype"),
+                    "seeds_from_mixed_machines": mixed,
+                    "student_steps": student_steps, "missing": missing}}
 
 
 def _fmt(entry: dict[str, Any]) -> str:
@@ -527,7 +592,8 @@ def _fmt(entry: dict[str, Any]) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-  """Markdown: one row per variant, then the reference lines (teacher, supervised baseline)."""
+  """Markdown: one row per variant, then the reference lines (teacher, supervised baseline), then
+  the claims."""
   meta = results["study"]
   reference = results["variants"][meta["reference"]]["mean"]
   lines = [f"Study `{meta['name']}`: test top-1 (%) of each variant's final student, mean +- std "
@@ -538,7 +604,7 @@ def format_table(results: dict[str, Any]) -> str:
   for key, about in (("teacher", "the reference's teacher"),
                      ("baseline", "supervised baseline (labels only)")):
     if results[key]["top1"] or any(m.endswith(f"eval-{key}") for m in meta["missing"]):
-      rows.append((key, about, results[key]))  # (a schedule without a baseline has no row)
+      rows.append((key, about, results[key]))
   for name, about, entry in rows:
     seeds = " / ".join(f"{entry['top1'][k]:.1f}" for k in sorted(entry["top1"], key=int)) or "-"
     delta = ("-" if entry["mean"] is None or reference is None or name == meta["reference"]
@@ -546,20 +612,35 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"| {name} | {about} | {_fmt(entry)} | {seeds} | {delta} |")
   if meta["missing"]:
     lines += ["", f"Not complete yet: {', '.join(meta['missing'])}."]
+  if meta.get("seeds_from_mixed_machines"):
+    lines += ["", "Left out of the claims (their stages ran on different machines): seeds "
+              f"{', '.join(meta['seeds_from_mixed_machines'])}."]
   if results.get("claims"):
-    lines += ["", "Claims (holds: the paired per-seed difference exceeds its one-sided 95% "
-              "Student-t bound; nsjax.claims):", "",
+    lines += ["", "Claims: the paired per-seed difference (points) with its two-sided 95% "
+              "Student-t interval (seeds' spread and the test set's sampling error); p against "
+              f"the claim's boundary, Holm-corrected over the {len(results['claims'])} claims "
+              "(nsjax.claims):", "",
               claims_lib.format_table(results, results["claims"]).rstrip("\n")]
   return "\n".join(lines) + "\n"
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-  """Per variant: mean +- std and one dot per seed; teacher and baseline means as lines."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """Left: per variant mean +- std and one dot per seed, teacher and baseline means as lines.
+  Right: each claim's mean paired difference with its 95% interval and boundary."""
+  plt = report._pyplot()  # pylint: disable=protected-access
   names = list(results["variants"])
-  fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(names) + 2), 4.0))
+  checked = [c for c in results.get("claims", []) if c.get("ci95")]
+  fig, axes = plt.subplots(1, 2 if checked else 1, squeeze=False,
+                           figsize=(max(5.0, 0.7 * len(names) + 2) + (6.0 if checked else 0), 4.5))
+  _plot_rows(axes[0][0], results, names)
+  if checked:
+    _plot_claims(axes[0][1], checked)
+  fig.tight_layout()
+  report._save_figure(fig, path)  # pylint: disable=protected-access
+  plt.close(fig)
+
+
+def _plot_rows(ax, results: dict[str, Any], names: Sequence[str]) -> None:
   for x, name in enumerate(names):
     entry = results["variants"][name]
     ax.scatter([x] * len(entry["top1"]), list(entry["top1"].values()), s=14, color="tab:blue",
@@ -577,8 +658,22 @@ def plot(results: dict[str, Any], path: str) -> None:
                fontsize=9)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
-  report._save_figure(fig, path)  # pylint: disable=protected-access
-  plt.close(fig)
+
+
+def _plot_claims(ax, checked: Sequence[dict[str, Any]]) -> None:
+  colors = {"holds": "tab:green", "reversed": "tab:red"}
+  for y, c in enumerate(checked):
+    low, high = c["ci95"]
+    ax.errorbar([c["diff_mean"]], [y], xerr=[[c["diff_mean"] - low], [high - c["diff_mean"]]],
+                fmt="o", capsize=3, color=colors.get(c["verdict_corrected"], "tab:gray"))
+    if c["test"] == "non_inferiority":
+      ax.plot([-c["margin"]] * 2, [y - 0.4, y + 0.4], color="tab:orange", lw=2)
+  ax.axvline(0, color="black", lw=0.8)
+  ax.set_yticks(range(len(checked)), [f"{c['better']} - {c['worse']}" for c in checked],
+                fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlabel("paired difference, points of top-1 (95% CI; orange: non-inferiority margin)")
+  ax.set_title("claims: green holds, red reversed, gray undecided (after Holm)", fontsize=9)
 
 
 def write_report(config, study: Study, seeds: Sequence[int], workdir: str,

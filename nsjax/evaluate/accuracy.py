@@ -41,7 +41,8 @@ def _jit_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, variables_sharding
     logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
     counts = metrics.topk_correct(logits, batch["label"], (1, 5), batch.get("mask"))
     return {"top1_correct": counts["top1"], "top5_correct": counts["top5"],
-            "count": counts["count"]}
+            "count": counts["count"],
+            "top1_hits": metrics.top1_hits(logits, batch["label"], batch.get("mask"))}
 
   return parallel.jit(eval_step,
                       in_shardings=(variables_shardings, parallel.data_sharding(mesh)),
@@ -49,11 +50,18 @@ def _jit_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, variables_sharding
 
 
 def evaluate(eval_step: Callable, variables: Any, batches: Iterable[dict[str, Any]],
-             mesh: jax.sharding.Mesh) -> dict[str, float]:
-  """Top-1 / top-5 accuracy (fractions) over `batches`, padded examples excluded via `mask`."""
-  totals = None
+             mesh: jax.sharding.Mesh, per_image: bool = False) -> dict[str, Any]:
+  """Top-1 / top-5 accuracy (fractions) over `batches`, padded examples excluded via `mask`.
+
+  `per_image` (for eval steps that return "top1_hits"): also "top1_per_image", which of the
+  examples, in the order read, the model got right (metrics.pack_hits), so that two models can be
+  compared on the same images."""
+  totals, hits = None, []
   for batch in batches:
     counts = eval_step(variables, parallel.to_global_batch(batch, mesh))
+    if per_image and "top1_hits" in counts:
+      hits.append(counts["top1_hits"])  # fetched once at the end: no wait per batch
+    counts = {k: v for k, v in counts.items() if k != "top1_hits"}
     totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
   if totals is None:
     raise ValueError("evaluate() got no batches; check the evaluation dataset.")
@@ -61,8 +69,11 @@ def evaluate(eval_step: Callable, variables: Any, batches: Iterable[dict[str, An
   count = float(totals["count"])
   if count == 0:
     raise ValueError("Every evaluation example was masked out (mask == 0); nothing to score.")
-  return {"top1": float(totals["top1_correct"]) / count,
-          "top5": float(totals["top5_correct"]) / count, "num_examples": int(count)}
+  result = {"top1": float(totals["top1_correct"]) / count,
+            "top5": float(totals["top5_correct"]) / count, "num_examples": int(count)}
+  if hits:
+    result["top1_per_image"] = metrics.pack_hits(metrics.real_hits(jax.device_get(hits)))
+  return result
 
 
 def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh,
@@ -77,7 +88,8 @@ def make_eval_fn(model: nn.Module, mesh: jax.sharding.Mesh,
 
 def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_size: int,
                    small_image: bool | None = None, eval_step=None) -> dict[str, Any]:
-  """Top-1 / top-5 over a whole split through the eval view (+ "num_skipped" undecodable images).
+  """Top-1 / top-5 over a whole split through the eval view (+ "num_skipped" undecodable images,
+  and "top1_per_image": which images, in the split's order, the model got right).
 
   `small_image` None: the model's own. Pass `eval_step` (`make_eval_step(model, mesh)`) to reuse
   one compilation over many sets."""
@@ -85,6 +97,7 @@ def clean_accuracy(model, variables, src: input_pipeline.Source, *, mesh, batch_
   batches = input_pipeline.eval_batches(
       src, global_batch_size=batch_size, mesh=mesh,
       preprocess_fn=views.eval_view_fn(model.test_resolution, small_image, src.image_key))
-  result = evaluate(eval_step or make_eval_step(model, mesh), variables, batches, mesh)
+  result = evaluate(eval_step or make_eval_step(model, mesh), variables, batches, mesh,
+                    per_image=True)
   result["num_skipped"] = batches.num_skipped
   return result

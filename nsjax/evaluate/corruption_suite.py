@@ -190,6 +190,7 @@ def evaluate_export(export: str, src: input_pipeline.Source, *, mesh, batch_size
   variables = jax.device_put(variables, parallel.replicated(mesh))
   results = accuracy.clean_accuracy(model, variables, src, mesh=mesh, batch_size=batch_size,
                                     small_image=small_image)
+  results["params_sha256"] = exported_model.params_sha256(variables["params"])
   if corruptions:
     unknown = sorted(set(corruptions) - set(corruption_lib.CORRUPTIONS))
     if unknown:

@@ -54,6 +54,37 @@ def topk_correct(logits: Any, labels: Any, ks: Sequence[int] = (1, 5), mask: Any
   return counts
 
 
+def top1_hits(logits: Any, labels: Any, mask: Any = None) -> jax.Array:
+  """Per example: 1 where the argmax is the label, 0 where not, -1 for masked-out padding
+  (int8 [B]; `real_hits` drops the padding on the host)."""
+  hit = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.int8)
+  return hit if mask is None else jnp.where(jnp.asarray(mask) > 0, hit, jnp.int8(-1))
+
+
+def real_hits(batches: Sequence[Any]) -> np.ndarray:
+  """The real examples' hits (bool, in order) from `top1_hits` outputs of consecutive batches."""
+  flat = np.concatenate([np.asarray(b).reshape(-1) for b in batches]) if len(batches) else \
+      np.zeros(0, np.int8)
+  return flat[flat >= 0].astype(bool)
+
+
+def pack_hits(hits: np.ndarray) -> str:
+  """A compact text form of per-image hits: base64 of the bits, 8 images a byte (1,000 test
+  images: 168 characters). `unpack_hits(text, len(hits))` gives them back."""
+  import base64
+  return base64.b64encode(np.packbits(np.asarray(hits, bool)).tobytes()).decode("ascii")
+
+
+def unpack_hits(text: str, count: int) -> np.ndarray:
+  """The `count` per-image hits (bool) that `pack_hits` wrote."""
+  import base64
+  bits = np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8))
+  if bits.size < count or bits.size - count >= 8:
+    raise ValueError(f"A per-image record of {bits.size} bits cannot hold exactly {count} images; "
+                     "was it written for another test split?")
+  return bits[:count].astype(bool)
+
+
 class TopKAccumulator:
   """Sums masked top-k counts over batches; `result()` gives accuracies.
 

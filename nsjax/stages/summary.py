@@ -7,7 +7,7 @@ import time
 
 import jax
 
-from nsjax import exported_model, report, schedule
+from nsjax import cpu_features, exported_model, report, schedule
 from nsjax.data import folder
 from nsjax.run_state import RunState
 from nsjax.stages.context import Context
@@ -32,6 +32,17 @@ def summary_rows(config, workdir: str, state: RunState) -> list[dict]:
   return rows
 
 
+def environment(config) -> dict:
+  """What a run's numbers depend on besides its config: the CPU (another CPU may round
+  differently), the thread count of XLA's CPU operations and the matrix products' operand dtype."""
+  sections = [config.teacher, *config.students] + ([config.baseline] if config.get("baseline")
+                                                    else [])
+  settings = [(s.get("model_overrides") or {}).get("matmul_operands", "auto") for s in sections]
+  backend = jax.default_backend()
+  return {"backend": backend, "cpu": cpu_features.describe(), "cpu_threads": cpu_features.threads(),
+          "product_dtype": cpu_features.product_dtype(settings, backend)}
+
+
 def skipped_images(state: RunState) -> dict[str, dict[str, int]]:
   """Undecodable images dropped per stage: unlabeled ones once each by the label stages (or, per
   epoch read, by online-teacher students), labeled ones once per epoch read by training stages."""
@@ -53,7 +64,8 @@ def run(stage: schedule.Stage, ctx: Context) -> dict:
   rows = summary_rows(ctx.config, workdir, state)
   wall = time.time() - state.data.get("started_at", ctx.started)
   if jax.process_index() == 0:
-    extra = {**skipped_images(state), "skipped_files": folder.skipped_files(workdir)}
+    extra = {**skipped_images(state), "skipped_files": folder.skipped_files(workdir),
+             "environment": environment(ctx.config)}
     report.write_summary(workdir, rows, wall, extra)
     report.plot_accuracy(rows, os.path.join(workdir, "summary.png"))
     report.plot_corruptions(rows, os.path.join(workdir, "corruptions.png"))
