@@ -357,10 +357,24 @@ def run_study(config, study: Study, seeds: Sequence[int], workdir: str,
                                "shared ones, which needs a local or mounted filesystem.")
   validate.check_workdir(workdir)
   runs = plan(config, study, seeds, workdir, variants)
+  prepare_datasets(runs, workdir)
   for run in runs:
     logging.info("Study %s: variant %s, seed %d.", name, run.variant, run.seed)
     run_one(run, workdir, run_fn, wait)
   return write_report(config, study, seeds, workdir, name)
+
+
+def prepare_datasets(runs: Sequence[Run], workdir: str) -> None:
+  """Builds the embedded datasets every run reads, once each, holding a study-wide lock: jobs
+  started together would otherwise build one dataset into the same folder at once, and all but
+  the first would fail to move their copy into place."""
+  with _lock(os.path.join(workdir, "locks", "datasets"), "the study's datasets", wait=True):
+    seen = set()
+    for run in runs:
+      sources = _digest({"data": run.config.data})
+      if sources not in seen:
+        seen.add(sources)
+        pipeline.prepare_data(run.config, workdir)
 
 
 def run_one(run: Run, workdir: str, run_fn: Callable[..., Any] = pipeline.run,
@@ -581,6 +595,8 @@ def collect(config, study: Study, seeds: Sequence[int], workdir: str,
                     "cpu": _shared_value(used, "cpu"),
                     "cpu_threads": _shared_value(used, "cpu_threads"),
                     "product_dtype": _shared_value(used, "product_dtype"),
+                    "environment_per_seed": {s: [json.loads(e) for e in sorted(envs)]
+                                             for s, envs in environments.items()},
                     "seeds_from_mixed_machines": mixed,
                     "student_steps": student_steps, "missing": missing}}
 
@@ -589,6 +605,16 @@ def _fmt(entry: dict[str, Any]) -> str:
   if entry["mean"] is None:
     return "not run yet"
   return f"{entry['mean']:.1f} +- {entry['std']:.1f}"
+
+
+def _missing_by_variant(missing: Sequence[str]) -> str:
+  """["full seed 0 eval-teacher", "full seed 1 eval-teacher", ...] -> "full (seeds 0, 1)"."""
+  seeds: dict[str, list[str]] = {}
+  for entry in missing:
+    variant, _, seed, _ = entry.split(" ", 3)
+    if seed not in seeds.setdefault(variant, []):
+      seeds[variant].append(seed)
+  return "; ".join(f"{v} (seeds {', '.join(s)})" for v, s in seeds.items())
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -611,7 +637,7 @@ def format_table(results: dict[str, Any]) -> str:
              else f"{entry['mean'] - reference:+.1f}")
     lines.append(f"| {name} | {about} | {_fmt(entry)} | {seeds} | {delta} |")
   if meta["missing"]:
-    lines += ["", f"Not complete yet: {', '.join(meta['missing'])}."]
+    lines += ["", f"Not complete yet: {_missing_by_variant(meta['missing'])}."]
   if meta.get("seeds_from_mixed_machines"):
     lines += ["", "Left out of the claims (their stages ran on different machines): seeds "
               f"{', '.join(meta['seeds_from_mixed_machines'])}."]
