@@ -17,7 +17,9 @@ so conservative). A zero spread over seeds therefore never gives a verdict on it
 
 Verdicts: "holds" (the interval lies above the boundary), "reversed" (below it), "no effect larger
 than E points" (a superiority claim whose interval lies inside +-E, E the study's smallest effect
-of interest), or "undecided" with the number of seeds that would decide it at 80% power. The
+of interest), "worse, but not shown to be more than m points worse" (a non-inferiority claim whose
+interval straddles -m below 0), or "undecided" with the number of seeds that would decide it at 80%
+power. The
 interval's p-value (two-sided, against the boundary) is corrected for the number of claims by
 Holm's step-down method; `verdict_corrected` is the verdict that survives it. Per-image records
 add a paired bootstrap interval over the test images and per-seed McNemar tests beside.
@@ -162,15 +164,19 @@ def check(results: dict[str, Any], claim: Claim, smallest_effect: float = SMALLE
 
 def _verdict(claim: Claim, mean: float, half: float, sd: float, se_test: float,
              smallest_effect: float) -> str:
-  low, high = mean - half - claim.boundary, mean + half - claim.boundary
-  if low > 0:
+  low, high = mean - half, mean + half
+  if low > claim.boundary:
     return "holds"
-  if high < 0:
+  if high < claim.boundary:
     return "reversed"
-  if claim.test == "superiority" and -smallest_effect < mean - half and \
-      mean + half < smallest_effect:
+  if claim.test == "superiority" and -smallest_effect < low and high < smallest_effect:
     return f"no effect larger than {smallest_effect:g} points"
+  if claim.test == "non_inferiority" and high < 0:
+    return (f"undecided: worse (the interval lies below 0), but not shown to be more than "
+            f"{claim.margin:g} points worse")
   distance = abs(mean - claim.boundary)
+  if distance < smallest_effect / 10:
+    return "undecided: the difference sits at the claim's boundary"
   if claim.test == "superiority" and distance < smallest_effect / 2:
     distance = smallest_effect - distance  # too small to resolve: resolve "none larger than E"
   n = seeds_needed(distance, sd, se_test)

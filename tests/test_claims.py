@@ -94,6 +94,15 @@ def test_non_inferiority_holds_within_the_margin_and_fails_beyond_it():
   assert worse["verdict"] == "reversed" and worse["ci95"][1] < -1.0
 
 
+def test_non_inferiority_worse_but_not_beyond_the_margin_is_said_so():
+  # -0.5 .. -1.5 around -1.0: worse than "other" for sure, but not shown beyond the 1-point margin
+  checked = claims.check(results([93.0, 93.5, 92.5, 93.2, 92.8], [94.0, 94.3, 93.8, 94.1, 93.9],
+                                 n=100000), NOT_WORSE)
+  assert checked["ci95"][1] < 0 < checked["ci95"][1] + 1.0 and checked["ci95"][0] < -1.0
+  assert checked["verdict"] == ("undecided: worse (the interval lies below 0), but not shown to "
+                                "be more than 1 points worse")
+
+
 def test_a_non_inferiority_claim_needs_a_margin():
   with pytest.raises(ValueError, match="needs a margin"):
     Claim("x", "-", "a", "b", "non_inferiority")
