@@ -11,8 +11,9 @@ differences d_s = better_s - worse_s (points of test top-1). Two kinds:
 The mean difference gets a two-sided 95% Student-t interval (n - 1 degrees of freedom) whose
 standard error adds two parts in quadrature: the seeds' spread, sd(d) / sqrt(n), and the test set's
 own sampling error, which no number of seeds removes (every seed is scored on the same images).
-With per-image records that error is the paired one, sd_i(u_i) / sqrt(N) for u_i the seed-mean
-difference on image i; without them, the unpaired binomial error of the two accuracies (larger,
+With per-image records that error is the paired one, from a seeds x images decomposition of the
+differences (`image_error`: the images' share of the grand mean's variance, less what the seeds'
+spread already holds); without them, the unpaired binomial error of the two accuracies (larger,
 so conservative). A zero spread over seeds therefore never gives a verdict on its own.
 
 Verdicts: "holds" (the interval lies above the boundary), "reversed" (below it), "no effect larger
@@ -92,12 +93,14 @@ def test_set_error(results: dict[str, Any], claim: Claim, seeds: Sequence[str]) 
   hits = [(_hits(better, s), _hits(worse, s)) for s in seeds]
   if seeds and all(b is not None and w is not None and b.size == w.size == hits[0][0].size
                    for b, w in hits):
-    diff = 100.0 * np.mean([b.astype(float) - w.astype(float) for b, w in hits], axis=0)
+    per_seed = 100.0 * np.array([b.astype(float) - w.astype(float) for b, w in hits])
+    diff = per_seed.mean(axis=0)
     rng = np.random.default_rng(0)
     boot = diff[rng.integers(0, diff.size, (BOOTSTRAP_SAMPLES, diff.size))].mean(axis=1)
     only = [(int(np.sum(b & ~w)), int(np.sum(~b & w))) for b, w in hits]
     return {"kind": "paired, per image", "images": int(diff.size),
-            "se": float(diff.std(ddof=1) / math.sqrt(diff.size)),
+            "se": image_error(per_seed),
+            "se_image_means": float(diff.std(ddof=1) / math.sqrt(diff.size)),
             "bootstrap_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
             "better_only": [b for b, _ in only], "worse_only": [w for _, w in only],
             "mcnemar_p": [float(stats.binomtest(b, b + w).pvalue) if b + w else 1.0
@@ -110,6 +113,19 @@ def test_set_error(results: dict[str, Any], claim: Claim, seeds: Sequence[str]) 
   p = [np.mean([row_["top1"][s] for s in seeds]) / 100.0 for row_ in (better, worse)]
   return {"kind": "binomial, unpaired (no per-image records)", "images": int(n),
           "se": 100.0 * math.sqrt(sum(q * (1 - q) for q in p) / n)}
+
+
+def image_error(per_seed: np.ndarray) -> float:
+  """The test set's sampling error of the grand mean of a seeds x images matrix of differences,
+  the part not already in the seeds' spread: in a two-way random-effects model (seed, image and
+  their interaction) the grand mean's variance is (MS_seeds + MS_images - MS_residual) / (n N),
+  and sd(d_s)^2 / n = MS_seeds / (n N) is the seeds' part, so this is the rest."""
+  n, count = per_seed.shape
+  image_means = per_seed.mean(axis=0)
+  ms_images = n * image_means.var(ddof=1)
+  residual = per_seed - per_seed.mean(axis=1, keepdims=True) - image_means + per_seed.mean()
+  ms_residual = float(np.sum(residual ** 2)) / ((n - 1) * (count - 1)) if n > 1 else 0.0
+  return math.sqrt(max(ms_images - ms_residual, 0.0) / (n * count))
 
 
 def _t(probability: float, df: int) -> float:

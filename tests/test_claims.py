@@ -140,14 +140,29 @@ def test_per_image_records_give_the_paired_test_set_error_and_mcnemar():
   assert test_set["kind"] == "paired, per image"
   assert test_set["better_only"] == [30, 30, 30] and test_set["worse_only"] == [0, 0, 0]
   assert all(p < 1e-8 for p in test_set["mcnemar_p"])
-  u = 100 * np.mean([b.astype(float) - w for b, w in zip(better, worse)], axis=0)
-  assert checked["se_test"] == pytest.approx(u.std(ddof=1) / math.sqrt(1000))
+  d = 100 * np.array([b.astype(float) - w for b, w in zip(better, worse)])
+  u = d.mean(axis=0)
+  assert test_set["se_image_means"] == pytest.approx(u.std(ddof=1) / math.sqrt(1000))
+  # two-way decomposition: (MS_images - MS_residual) / (n N), by hand
+  resid = d - d.mean(axis=1, keepdims=True) - u + d.mean()
+  ms_images, ms_resid = 3 * u.var(ddof=1), (resid ** 2).sum() / (2 * 999)
+  assert checked["se_test"] == pytest.approx(math.sqrt((ms_images - ms_resid) / 3000))
+  assert checked["se_test"] < test_set["se_image_means"]
   low, high = test_set["bootstrap_ci95"]
   assert low < 3.0 < high and high - low < 3.0
   # the paired error is smaller than the unpaired binomial one of the same accuracies
   unpaired = claims.check(results([100 * b.mean() for b in better],
                                   [100 * w.mean() for w in worse]), CLAIM)
   assert checked["se_test"] < unpaired["se_test"]
+
+
+def test_the_image_error_of_identical_seeds_is_the_image_means_error():
+  """The same models on every seed (sd over seeds 0): the test set's error is all that is left."""
+  rng = np.random.default_rng(2)
+  row_ = 100 * (rng.random(500) < 0.1).astype(float)  # +1 point on ~10% of the images
+  same = np.stack([row_] * 4)
+  assert claims.image_error(same) == pytest.approx(row_.std(ddof=1) / math.sqrt(500))
+  assert claims.image_error(same) > 0
 
 
 def test_only_seeds_both_rows_have_and_not_excluded_are_compared():
