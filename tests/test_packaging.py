@@ -124,8 +124,10 @@ class Installed:
     return str(self.venv / "bin" / "nsjax")
 
 
-def outside_checkout(entry: str) -> bool:
-  return bool(entry) and not pathlib.Path(entry).resolve().is_relative_to(ROOT)
+# The sys.path entries through which the checkout's own code is importable (`python -m pytest`
+# puts the working directory first, pytest the tests' folder). Only these: the interpreter's
+# site-packages may lie inside the checkout too (`python3 -m venv venv`, as the README says).
+CHECKOUT_ENTRIES = (ROOT, ROOT / "tests")
 
 
 def package_dirs() -> list[str]:
@@ -134,7 +136,8 @@ def package_dirs() -> list[str]:
   `venv --system-site-packages` is not this: it exposes the base interpreter's site-packages,
   so when the tests themselves run in a virtualenv the venv would see none of their packages.
   """
-  return [entry for entry in sys.path if outside_checkout(entry)]
+  return [entry for entry in sys.path
+          if entry and pathlib.Path(entry).resolve() not in CHECKOUT_ENTRIES]
 
 
 def venv_env(venv: pathlib.Path) -> dict:
