@@ -1,12 +1,13 @@
 """nsjax as an installed package: the wheel, the `nsjax` command, bundled configs and data files.
 
 The wheel tests build the wheel from a copy of the checkout (setuptools writes build/ and
-*.egg-info/ next to the sources), install it with pip into a fresh venv OFFLINE (the venv sees
-the system's packages, --no-deps --no-index: nothing is downloaded) and, from a directory outside
-the checkout with no PYTHONPATH, run `nsjax --help`, the smoke schedule as `nsjax run`'s example
-says and the export example on the student it trained; with `-m slow` (about a minute more on 2
-cores), also every subcommand's --help and the Colab notebook (fast mode, on that finished run)
-with the venv's kernel.
+*.egg-info/ next to the sources), install it with pip into a fresh venv OFFLINE (--no-deps
+--no-index: nothing is downloaded; the venv sees exactly the packages of the interpreter that
+runs the tests, be it a system Python, a virtualenv or a conda environment, but not the checkout)
+and, from a directory outside the checkout with no PYTHONPATH, run `nsjax --help`, the smoke
+schedule as `nsjax run`'s example says and the export example on the student it trained; with
+`-m slow` (about a minute more on 2 cores), also every subcommand's --help and the Colab notebook
+(fast mode, on that finished run) with the venv's kernel.
 """
 from __future__ import annotations
 
@@ -123,6 +124,63 @@ class Installed:
     return str(self.venv / "bin" / "nsjax")
 
 
+# The sys.path entries through which the checkout's own code is importable (`python -m pytest`
+# puts the working directory first, pytest the tests' folder). Only these: the interpreter's
+# site-packages may lie inside the checkout too (`python3 -m venv venv`, as the README says).
+CHECKOUT_ENTRIES = (ROOT, ROOT / "tests")
+
+
+def package_dirs() -> list[str]:
+  """Where the running interpreter finds its packages, in its order, the checkout left out.
+
+  `venv --system-site-packages` is not this: it exposes the base interpreter's site-packages,
+  so when the tests themselves run in a virtualenv the venv would see none of their packages.
+  """
+  return [entry for entry in sys.path
+          if entry and pathlib.Path(entry).resolve() not in CHECKOUT_ENTRIES]
+
+
+def venv_env(venv: pathlib.Path) -> dict:
+  """The environment of a user who activated `venv`: no PYTHONPATH, its bin/ first on PATH."""
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", JAX_PLATFORMS="cpu")
+  return env
+
+
+def make_venv(venv: pathlib.Path) -> dict:
+  """A fresh venv that sees the running interpreter's packages; returns its environment.
+
+  A .pth file in the venv's own site-packages adds them with site.addsitedir, which also runs
+  their .pth files (namespace packages, editable installs), after the venv's own site-packages:
+  what gets installed into the venv wins. pip comes from the running interpreter, as it does
+  for the wheel's build, so the venv needs no pip of its own.
+  """
+  run([sys.executable, "-m", "venv", "--without-pip", str(venv)], venv.parent, os.environ.copy())
+  env = venv_env(venv)
+  purelib = run([str(venv / "bin" / "python"), "-c", "import sysconfig; "
+                 "print(sysconfig.get_path('purelib'))"], venv.parent, env).strip()
+  adds = "; ".join(f"site.addsitedir({entry!r})" for entry in package_dirs())
+  (pathlib.Path(purelib) / "nsjax_test_host_packages.pth").write_text(f"import site; {adds}\n")
+  return env
+
+
+def distributions_seen(python: str, path: list[str] | None, cwd: pathlib.Path, env: dict) -> list:
+  """`python`'s installed distributions (name==version) on `path`, or on its sys.path."""
+  listing = ("import importlib.metadata as m, json, sys; "
+             "path = json.loads(sys.argv[1]) or sys.path; "
+             "names = sorted(f'{d.name}=={d.version}' for d in m.distributions(path=path)); "
+             "print(json.dumps(names))")
+  return json.loads(run([python, "-c", listing, json.dumps(path)], cwd, env))
+
+
+def test_wheel_venv_sees_exactly_the_running_interpreters_packages(tmp_path):
+  env = make_venv(tmp_path / "venv")
+  seen = distributions_seen(str(tmp_path / "venv" / "bin" / "python"), None, tmp_path, env)
+  ours = distributions_seen(sys.executable, package_dirs(), tmp_path, os.environ.copy())
+  assert seen == ours
+  assert any(name.startswith("absl-py==") for name in seen)
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
   """The wheel installed offline into a fresh venv; an environment without the checkout."""
@@ -130,10 +188,8 @@ def installed(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("wheel")
   wheel = build_wheel(tmp)
   venv = tmp / "venv"
-  run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], tmp, os.environ.copy())
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-  env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env['PATH']}", JAX_PLATFORMS="cpu")
-  run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-index",
+  env = make_venv(venv)
+  run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
        "--no-build-isolation", str(wheel)], tmp, env)
   outside = tmp / "elsewhere"
   outside.mkdir()
