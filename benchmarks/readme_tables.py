@@ -107,6 +107,15 @@ def teacher_statistics(result: dict[str, Any]) -> str:
   if ood:
     text += (f" On the out-of-domain patches the mean top-1 probability is "
              f"{mean(ood, 'mean_confidence'):.2f}.")
+  pairs = [e["teacher_and_baseline"] for e in result["per_seed"].values()
+           if "images_only_teacher_right" in e["teacher_and_baseline"]]
+  if pairs:
+    differ = [p["images_only_teacher_right"] + p["images_only_baseline_right"] for p in pairs]
+    same = sum(p["same_parameters"] for p in pairs)
+    text += (f" Teacher and baseline are independent runs: on each of {len(pairs)} seeds they are "
+             f"trained from other seeds (s * 1000 and s * 1000 + 3 reach their initialisation, data "
+             f"order and noise), {'none' if not same else same} of them share parameters, and "
+             f"they disagree on {min(differ)} to {max(differ)} of the test images.")
   return text
 
 
