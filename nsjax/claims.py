@@ -191,8 +191,8 @@ def _verdict(claim: Claim, mean: float, half: float, sd: float, se_test: float,
     return (f"undecided: worse (the interval lies below 0), but not shown to be more than "
             f"{claim.margin:g} points worse")
   distance = abs(mean - claim.boundary)
-  if distance < smallest_effect / 10:
-    return "undecided: the difference sits at the claim's boundary"
+  if claim.test == "non_inferiority" and distance < smallest_effect / 10:
+    return "undecided: the difference sits at the margin"
   if claim.test == "superiority" and distance < smallest_effect / 2:
     distance = smallest_effect - distance  # too small to resolve: resolve "none larger than E"
   n = seeds_needed(distance, sd, se_test)
