@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from nsjax import parallel
+from nsjax import artifacts, parallel
 from nsjax.data import balance, balanced_order, input_pipeline, pseudo_labels, random_access
 
 _EXAMPLE_STREAM = 13
@@ -61,10 +61,18 @@ def open_stream(directory: str, plan: balance.BalancePlan, seed: int, window: in
   reader = random_access.RecordReader(
       [os.path.join(directory, f) for f in files],
       table=lambda k: pseudo_labels.read_table(directory, files[k]),
-      table_bytes=lambda k: tf.io.gfile.stat(pseudo_labels.table_path(directory, files[k])).length)
+      table_bytes=lambda k: tf.io.gfile.stat(pseudo_labels.table_path(directory, files[k])).length,
+      fix=lambda path: relabel_fix(directory, path))
   blocks = RecordBlocks(reader, starts, plan.block_size)
   order = balanced_order.BalancedOrder(plan.block_counts, blocks.copies, seed, window)
   return order, blocks, reader, manifest
+
+
+def relabel_fix(directory: str, path: str) -> str:
+  """How to write a damaged shard again: relabel (in a workdir, rerun its label stage)."""
+  if artifacts.stage_of(path):
+    return artifacts.fix_for(path)
+  return f"Relabel: delete {directory} and rerun the label stage that wrote it."
 
 
 def locate_records(order, blocks, positions) -> tuple[np.ndarray, np.ndarray]:
@@ -109,16 +117,23 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
             .map(decode_and_view, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(local_batch_size, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE))
-  return _naming_the_shards(input_pipeline.host_iterator(stream), directory)
+  return _naming_the_shards(input_pipeline.host_iterator(stream), directory, reader)
 
 
-def _naming_the_shards(batches: Iterator[dict[str, np.ndarray]], directory: str
-                       ) -> Iterator[dict[str, np.ndarray]]:
-  """`batches`, whose errors name the label stage's folder and the fix for a damaged record
-  (still an InvalidArgumentError, so a student stage also looks for the damaged shard by name)."""
+def _naming_the_shards(batches: Iterator[dict[str, np.ndarray]], directory: str,
+                       reader: random_access.RecordReader) -> Iterator[dict[str, np.ndarray]]:
+  """`batches`, each handed out only while every record read so far is intact (the reader's
+  DamagedRecord otherwise); other errors name the label stage's folder and the fix for a record
+  that does not decode (still an InvalidArgumentError, so a student stage also looks for the
+  damaged shard by name)."""
   try:
-    yield from batches
-  except tf.errors.InvalidArgumentError as error:
+    for batch in batches:
+      reader.check()
+      yield batch
+  except tf.errors.OpError as error:
+    reader.check()  # a damaged record's error, as raised inside tf.data, names less
+    if not isinstance(error, tf.errors.InvalidArgumentError):
+      raise
     raise tf.errors.InvalidArgumentError(
         error.node_def, error.op,
         f"Reading the pseudo-labeled records in {directory} failed: {error.message} -- a record "
