@@ -505,8 +505,9 @@ class BatchIterator(Iterator[dict[str, Any]]):
       self._finish()
       raise
     except tf.errors.OpError:
-      self._check_records()
-      raise
+      if self.reader is None or self.reader.damage is None:
+        raise
+      batch = None  # the damaged record's error, raised below once this one is gone
     self._check_records()
     records = batch.pop(RECORD_KEY)
     real = records >= 0
@@ -519,8 +520,15 @@ class BatchIterator(Iterator[dict[str, Any]]):
     return self._to_global(batch)
 
   def _check_records(self) -> None:
-    if self.reader is not None:
+    """Raises the reader's DamagedRecord, if any, once this stream's threads have stopped (a
+    command exits right after it, and threads still reading then abort the interpreter)."""
+    if self.reader is not None and self.reader.damage is not None:
+      self.close()
       self.reader.check()
+
+  def close(self) -> None:
+    """Stops the stream's reading threads: deleting a tf.data iterator waits for them."""
+    self._iterator = None
 
   def _finish(self) -> None:
     """All records have been read: any after the last yielded example were bad ones."""

@@ -123,23 +123,26 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
 def _naming_the_shards(batches: Iterator[dict[str, np.ndarray]], directory: str,
                        reader: random_access.RecordReader) -> Iterator[dict[str, np.ndarray]]:
   """`batches`, each handed out only while every record read so far is intact (the reader's
-  DamagedRecord otherwise); other errors name the label stage's folder and the fix for a record
-  that does not decode (still an InvalidArgumentError, so a student stage also looks for the
-  damaged shard by name)."""
+  DamagedRecord otherwise, raised once the stream's threads have stopped: a command exits right
+  after it, and threads still reading then abort the interpreter); other errors name the label
+  stage's folder and the fix for a record that does not decode (still an InvalidArgumentError,
+  so a student stage also looks for the damaged shard by name)."""
   try:
     for batch in batches:
-      reader.check()
+      if reader.damage is not None:
+        break
       yield batch
-  except tf.errors.OpError as error:
-    reader.check()  # a damaged record's error, as raised inside tf.data, names less
-    if not isinstance(error, tf.errors.InvalidArgumentError):
-      raise
-    raise tf.errors.InvalidArgumentError(
-        error.node_def, error.op,
-        f"Reading the pseudo-labeled records in {directory} failed: {error.message} -- a record "
-        f"that does not parse or decode means a damaged shard: delete {directory} and rerun the "
-        "label stage that wrote it."
-    ) from error
+  except tf.errors.InvalidArgumentError as error:
+    if reader.damage is None:
+      raise tf.errors.InvalidArgumentError(
+          error.node_def, error.op,
+          f"Reading the pseudo-labeled records in {directory} failed: {error.message} -- a "
+          f"record that does not parse or decode means a damaged shard: delete {directory} and "
+          "rerun the label stage that wrote it."
+      ) from error
+  # Here the error (and its traceback, which holds the iterator) is gone.
+  del batches  # deleting a tf.data iterator waits for its threads
+  reader.check()
 
 
 class StageBatches:
@@ -155,11 +158,21 @@ class StageBatches:
     return self
 
   def __next__(self) -> dict:
-    lb = next(self.labeled)
-    batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
-    if self.unlabeled is not None:
-      batch["unlabeled"] = next(self.unlabeled)
+    try:
+      lb = next(self.labeled)
+      batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
+      if self.unlabeled is not None:
+        batch["unlabeled"] = next(self.unlabeled)
+    except random_access.DamagedRecord:
+      self.close()  # the other stream's threads too, before the error ends the run
+      raise
     return parallel.to_global_batch(batch, self.mesh)
+
+  def close(self) -> None:
+    """Stops both streams' reading threads."""
+    for stream in (self.labeled, self.unlabeled):
+      if hasattr(stream, "close"):
+        stream.close()
 
   def input_position(self) -> dict[str, dict[str, int]]:
     position = {"labeled": self.labeled.position()}
