@@ -132,8 +132,10 @@ def _naming_the_shards(batches: Iterator[dict[str, np.ndarray]], directory: str,
       if reader.damage is not None:
         break
       yield batch
-  except tf.errors.InvalidArgumentError as error:
+  except tf.errors.OpError as error:
     if reader.damage is None:
+      if not isinstance(error, tf.errors.InvalidArgumentError):
+        raise
       raise tf.errors.InvalidArgumentError(
           error.node_def, error.op,
           f"Reading the pseudo-labeled records in {directory} failed: {error.message} -- a "
