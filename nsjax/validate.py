@@ -246,7 +246,7 @@ def warn_if_smaller(teacher, student) -> None:
   """(where, model) pairs: a student smaller than its teacher only gets a warning, since the
   method allows it but the paper's gains come from equal or larger students."""
   (t_where, t_model), (s_where, s_model) = teacher, student
-  t, s = exported_model.count_params(t_model), exported_model.count_params(s_model)
+  t, s = models.count_params(t_model), models.count_params(s_model)
   if s < t:
     logging.warning("%s (%s, %d params) is smaller than its teacher %s (%s, %d params); Noisy "
                     "Student expects an equal or larger student.", s_where, s_model.model_name, s,
