@@ -17,6 +17,10 @@ from typing import Any
 import ml_collections
 
 
+class ConfigError(ValueError):
+  """The config cannot run as written (the commands exit 2 with its message, nsjax.command)."""
+
+
 def data_source(name: str = "", split: str = "", data_dir: str | None = None,
                 image_key: str = "image", *, folder: str = "",
                 kind: str = "labeled") -> ml_collections.ConfigDict:
