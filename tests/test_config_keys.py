@@ -180,10 +180,10 @@ def test_the_command_line_refuses_a_typo_with_exit_2_before_any_compute(where, t
 def _parse_config_flags(argv):
   """FLAGS.config after parsing `argv` with nsjax's --config flag (a private flag registry)."""
   from absl import flags
-  from nsjax import cli
-  argv = ["prog", *cli.resolve_config_flags(argv)]
+  from nsjax import config_flag
+  argv = ["prog", *config_flag.resolve_config_flags(argv)]
   registry = flags.FlagValues()
-  cli.define_config_flag("test", flag_values=registry, sys_argv=argv)  # not pytest's sys.argv
+  config_flag.define_config_flag("test", flag_values=registry, sys_argv=argv)  # not pytest's sys.argv
   registry(argv)
   return registry.config
 
@@ -207,13 +207,13 @@ def test_an_override_may_set_a_key_the_config_file_leaves_to_its_default():
     ("students[3].seed_offset=3", "config.students has no entry [3] (1 entries)"),
 ])
 def test_an_override_under_a_section_the_config_lacks_names_it_before_parsing(override, words):
-  """The flag parser could only fail with a traceback there; cli refuses first (exit 2 in the
+  """The flag parser could only fail with a traceback there; config_flag refuses first (exit 2 in the
   commands, which catch ConfigNotFound)."""
-  from nsjax import cli
+  from nsjax import config_flag
   smoke = os.path.join(ROOT, "configs", "smoke.py")
-  with pytest.raises(cli.UnknownOverride, match=re.escape(words)) as caught:
-    cli.resolve_config_flags(["prog", f"--config={smoke}", f"--config.{override}"])
-  assert isinstance(caught.value, cli.ConfigNotFound)
+  with pytest.raises(config_flag.UnknownOverride, match=re.escape(words)) as caught:
+    config_flag.resolve_config_flags(["prog", f"--config={smoke}", f"--config.{override}"])
+  assert isinstance(caught.value, config_flag.ConfigNotFound)
   if override.startswith("teachr"):
     assert "Did you mean config.teacher?" in str(caught.value)
 
