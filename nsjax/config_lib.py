@@ -34,8 +34,8 @@ def data_source(name: str = "", split: str = "", data_dir: str | None = None,
   if folder:
     if kind not in ("labeled", "unlabeled"):
       raise ValueError(f"data_source kind={kind!r}; use 'labeled' or 'unlabeled'.")
-    # Folder keys exist only on folder sources, so TFDS sources (and their workdirs' config
-    # fingerprints) are exactly as before.
+    # Folder keys exist only on folder sources: on TFDS sources they would change the config
+    # fingerprint of every workdir written before folders were supported.
     return ml_collections.ConfigDict(dict(name="", split=split or "train", data_dir="",
                                           image_key=image_key, folder=folder, kind=kind))
   if not split:
