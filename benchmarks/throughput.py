@@ -245,7 +245,7 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
 
   # The loop's own (cached) run functions: optimizer, schedule, shardings, init, train step.
   t = time.perf_counter()
-  fns = compile_cache.run_functions(model, mesh, compile_cache.hashable_config(cfg), image_shape,
+  fns = compile_cache.run_functions(model, mesh, settings.step_settings(cfg), image_shape,
                             int(model.frozen_blocks))
   if args.fast_compile:  # skip compiling the init: random variables through the loop's
     state = loop._state_from_variables(fns, _random_variables(model))  # initial_variables path

@@ -1,7 +1,8 @@
 """Config validation before any compute: one clear message per problem, naming the fix.
 
 `check_keys` refuses every key nsjax would not read (the accepted keys are nsjax.config_lib's
-defaults, `config_lib.schema()`), naming its full path and the nearest accepted key.
+defaults, `config_lib.schema()`, and the objectives' own settings), naming its full path and
+the nearest accepted key.
 Where a part of the config has an owner that checks it, this module asks it: the training
 settings (nsjax.train.settings), a fine-tuning (nsjax.stages.finetune), an imported teacher
 (nsjax.stages.teachers, whose checks the train stages run again when they read a teacher).
@@ -27,7 +28,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from nsjax import config_lib, models, schedule
+from nsjax import config_lib, models, objectives, schedule
 from nsjax.data import balance, input_pipeline, pseudo_labels
 from nsjax.stages import finetune, teachers
 from nsjax.train import settings
@@ -40,7 +41,8 @@ ConfigError = config_lib.ConfigError
 def check_keys(config) -> None:
   """Refuses the first key nsjax does not read (a typo would otherwise be silently ignored), with
   its full path and the nearest accepted key; the accepted keys are config_lib's defaults."""
-  _check_node(config, config_lib.schema(models.OVERRIDABLE + ("resolution",)), "")
+  _check_node(config, config_lib.schema(models.OVERRIDABLE + ("resolution",),
+                                        objectives.accepted_keys()), "")
 
 
 def _check_node(node, schema, path: str) -> None:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from nsjax import config_lib, models, validate
+from nsjax import config_lib, models, objectives, validate
 from nsjax.stages import finetune
 from nsjax.validate import ConfigError
 from test_configs import load_config
@@ -40,7 +40,7 @@ def sections(node, schema, path=""):
     yield from sections(node[key], schema[key], f"{path}.{key}" if path else key)
 
 
-SCHEMA = config_lib.schema(models.OVERRIDABLE + ("resolution",))
+SCHEMA = config_lib.schema(models.OVERRIDABLE + ("resolution",), objectives.accepted_keys())
 SECTIONS = [path for path, _, _ in sections(full_config(), SCHEMA)]
 
 
@@ -232,8 +232,12 @@ def _meaning_names(schema) -> set[str]:
 
 
 def test_every_accepted_key_has_a_meaning():
-  accepted = _meaning_names(config_lib.schema(models.OVERRIDABLE + ("resolution",)))
-  assert set(config_lib.MEANINGS) == accepted
+  """In config_lib.MEANINGS, or (an objective's own setting) beside its default in its class."""
+  own = {f"train.{key}" for _, _, rows in objectives.reference() for key, _, meaning in rows
+         if meaning}
+  assert own == {f"train.{key}" for key in objectives.accepted_keys()}
+  assert not own & set(config_lib.MEANINGS)  # one table each
+  assert set(config_lib.MEANINGS) | own == _meaning_names(SCHEMA)
 
 
 def test_the_configuration_reference_is_generated_from_config_lib():
@@ -241,7 +245,7 @@ def test_the_configuration_reference_is_generated_from_config_lib():
   command after changing a default or a meaning."""
   with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
     committed = f.read()
-  assert committed == config_lib.markdown(models.OVERRIDABLE)
+  assert committed == config_lib.markdown(models.OVERRIDABLE, objectives.reference())
   out = subprocess.run([sys.executable, "-m", "nsjax.config_lib", "--markdown"], cwd=ROOT,
                        capture_output=True, text=True, check=True)
   assert out.stdout == committed
