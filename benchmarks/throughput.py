@@ -213,14 +213,14 @@ def _random_variables(model) -> Any:
   """normal(0, 0.05) weights (BatchNorm variances 1) of the model's shapes, without compiling."""
   import jax
   import numpy as np
-  from nsjax import exported_model
+  from nsjax import models
   rng = np.random.default_rng(0)
 
   def fill(path, leaf):
     if jax.tree_util.keystr(path).endswith("['var']"):
       return np.ones(leaf.shape, np.float32)
     return (0.05 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-  return jax.tree_util.tree_map_with_path(fill, exported_model.abstract_variables(model))
+  return jax.tree_util.tree_map_with_path(fill, models.abstract_variables(model))
 
 
 def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -245,7 +245,7 @@ def bench_nsjax(args) -> tuple[dict[str, Any], dict[str, Any]]:
 
   # The loop's own (cached) run functions: optimizer, schedule, shardings, init, train step.
   t = time.perf_counter()
-  fns = compile_cache.run_functions(model, mesh, compile_cache.hashable_config(cfg), image_shape,
+  fns = compile_cache.run_functions(model, mesh, settings.step_settings(cfg), image_shape,
                             int(model.frozen_blocks))
   if args.fast_compile:  # skip compiling the init: random variables through the loop's
     state = loop._state_from_variables(fns, _random_variables(model))  # initial_variables path

@@ -3,7 +3,9 @@
 Every key nsjax reads from a config has its default here -- the sections of `base_config`, the
 data sources, a stage (`model_stage`), its noise, its training settings (`train_defaults`, what
 nsjax.train.loop reads) and its fine-tuning (`finetune_config`) -- plus a few keys a config may
-add that stay out of the defaults (`OPTIONAL`). `schema()` assembles them into the tree of
+add that stay out of the defaults (`OPTIONAL`), except the settings of a training objective,
+which its class in nsjax.objectives declares (the caller passes their names and tables in, as the
+model overrides', so that configs load without JAX). `schema()` assembles them into the tree of
 accepted keys that nsjax.validate checks every config against, so a key added here is accepted
 everywhere and a key not added here is refused before any compute (with the nearest valid name).
 `with_defaults(config)` fills in every key a config leaves out, so no reader repeats a default;
@@ -15,6 +17,10 @@ import copy
 from typing import Any
 
 import ml_collections
+
+
+class ConfigError(ValueError):
+  """The config cannot run as written (the commands exit 2 with its message, nsjax.command)."""
 
 
 def data_source(name: str = "", split: str = "", data_dir: str | None = None,
@@ -30,8 +36,8 @@ def data_source(name: str = "", split: str = "", data_dir: str | None = None,
   if folder:
     if kind not in ("labeled", "unlabeled"):
       raise ValueError(f"data_source kind={kind!r}; use 'labeled' or 'unlabeled'.")
-    # Folder keys exist only on folder sources, so TFDS sources (and their workdirs' config
-    # fingerprints) are exactly as before.
+    # Folder keys exist only on folder sources: on TFDS sources they would change the config
+    # fingerprint of every workdir written before folders were supported.
     return ml_collections.ConfigDict(dict(name="", split=split or "train", data_dir="",
                                           image_key=image_key, folder=folder, kind=kind))
   if not split:
@@ -59,15 +65,16 @@ DATA_SOURCES = ("labeled", "unlabeled", "test")  # the config.data keys that hol
 
 
 def train_defaults() -> ml_collections.ConfigDict:
-  """nsjax.train.loop's settings and their defaults, the official recipe (loop's docstring
-  explains each key); a stage's `train` dict and a fine-tune's `train` overrides take these keys."""
+  """nsjax.train.loop's settings and their defaults, the official recipe (MEANINGS explains each
+  key); a stage's `train` dict and a fine-tune's `train` overrides take these keys, and those of
+  its objective (nsjax.objectives: the loss's own settings, with their defaults)."""
   return ml_collections.ConfigDict(dict(
       seed=0, batch_size=None, num_train_steps=None, num_epochs=None, steps_per_epoch=None,
       num_labeled_examples=None, optimizer="rmsprop", base_learning_rate=0.016,
       lr_schedule="exponential", warmup_epochs=5.0, lr_decay_epochs=2.4, lr_decay_factor=0.97,
       rmsprop_decay=0.9, momentum=0.9, rmsprop_epsilon=1e-3, adamw_weight_decay=0.0,
-      weight_decay=1e-5, label_smoothing=0.1, unlabeled_ratio=1.0, pseudo_labels="soft",
-      temperature=1.0, ema_decay=0.9999, compute_dtype="", fsdp=False, log_every_steps=100,
+      weight_decay=1e-5, unlabeled_ratio=1.0, objective="noisy_student", ema_decay=0.9999,
+      compute_dtype="", fsdp=False, log_every_steps=100,
       checkpoint_every_steps=1000, keep_checkpoints=3, eval_every_steps=0, export=True,
       export_dir="", steps_per_call=1))
 
@@ -132,13 +139,15 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def schema(model_override_keys=()) -> dict[str, Any]:
+def schema(model_override_keys=(), objective_keys=()) -> dict[str, Any]:
   """The accepted keys of a whole config, from the defaults above: nested dicts (a key maps to the
   schema of its value, or None for a plain value); a list of stages is a one-element list holding
-  the stage's schema. `model_override_keys`: what nsjax.models accepts in `model_overrides`."""
+  the stage's schema. `model_override_keys`: what nsjax.models accepts in `model_overrides`;
+  `objective_keys`: the objectives' own settings (nsjax.objectives.accepted_keys())."""
   stage = _keys(model_stage("efficientnet-b0", 1, train={}))
   stage.update(dict.fromkeys(OPTIONAL["stage"]))
   stage["train"] = _keys(train_defaults())
+  stage["train"].update(dict.fromkeys(objective_keys))
   stage["noise"] = _keys(noise())
   stage["model_overrides"] = dict.fromkeys(model_override_keys)
   stage["finetune"] = _keys(finetune_config(1))
@@ -168,8 +177,9 @@ def with_defaults(config) -> ml_collections.ConfigDict:
   """A copy of `config` with every key it leaves out set to its default here: readers then read
   `config.eval.severities`, never `config.eval.get("severities", [1, 2, 3, 4, 5])`.
 
-  A stage's `train` gets train_defaults() (the loop resolves its settings from the same), its
-  `noise` noise(); a fine-tune's `train` stays as written (it overrides the student's settings).
+  A stage's `train` gets train_defaults() (the loop resolves its settings from the same, and adds
+  its objective's defaults), its `noise` noise(); a fine-tune's `train` stays as written (it
+  overrides the student's settings).
   The config fingerprint of a workdir is of the config as written, taken before this."""
   full = _copy(config)
   _fill(full, base_config())
@@ -285,11 +295,10 @@ MEANINGS = {
     "train.rmsprop_epsilon": "inside the square root (TF1)",
     "train.adamw_weight_decay": "decoupled decay, only for optimizer='adamw'",
     "train.weight_decay": "L2 in the loss, wd * sum(w^2) / 2, all params but BatchNorm's",
-    "train.label_smoothing": "on labels and on hard pseudo labels",
-    "train.unlabeled_ratio": "unlabeled images per labeled one in a batch, and the weight of "
-                             "their mean cross-entropy",
-    "train.pseudo_labels": "'soft' (teacher probabilities ^ 1/T) or 'hard' (argmax, smoothed)",
-    "train.temperature": "T of the soft pseudo labels",
+    "train.unlabeled_ratio": "unlabeled images per labeled one in a batch (noisy_student also "
+                             "weights their mean cross-entropy by it)",
+    "train.objective": "what a step minimises: a registered objective (nsjax/objectives/); its "
+                       "own settings are train keys too (the tables below)",
     "train.ema_decay": "EMA of the weights: min(decay, (1 + t) / (10 + t)); the EMA is exported",
     "train.compute_dtype": "'bfloat16' trains with bf16 activations; '' keeps the model's",
     "train.fsdp": "shard params, EMA and optimizer slots over the devices",
@@ -362,8 +371,10 @@ def documented_keys() -> set[str]:
   return keys
 
 
-def markdown(model_override_keys=()) -> str:
-  """docs/configuration.md: every key, its default and its meaning, from this module."""
+def markdown(model_override_keys=(), objective_tables=()) -> str:
+  """docs/configuration.md: every key, its default and its meaning, from this module and
+  `objective_tables` (nsjax.objectives.reference(): per objective its keys' defaults and
+  meanings)."""
   lines = ["# Configuration reference", "",
            "Generated by `python -m nsjax.config_lib --markdown > docs/configuration.md` from",
            "nsjax/config_lib.py, the one home of every default (a test keeps this page current).",
@@ -379,9 +390,23 @@ def markdown(model_override_keys=()) -> str:
     for key, value in values.items():
       lines.append(f"| `{key}` | {_format_default(value)} | {MEANINGS[prefix + key]} |")
     lines.append("")
+    if prefix == "train.":
+      lines += _objective_sections(objective_tables)
   lines += ["## Removed keys", "", "| key | what replaced it |", "|---|---|"]
   lines += [f"| `{key}` | {fix} |" for key, fix in REMOVED.items()]
   return "\n".join(lines) + "\n"
+
+
+def _objective_sections(objective_tables) -> list[str]:
+  """A table per objective (`train.objective = NAME`), of its own settings."""
+  lines = []
+  for name, summary, rows in objective_tables:
+    lines += [f"## stage.train with `objective = {name!r}`", "", summary, "",
+              "| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | {_format_default(value)} | {meaning} |"
+              for key, value, meaning in rows]
+    lines.append("")
+  return lines
 
 
 def _format_default(value) -> str:
@@ -397,7 +422,7 @@ def _format_default(value) -> str:
 if __name__ == "__main__":
   import sys  # noqa: E402  (the command line only)
 
-  from nsjax import models  # noqa: E402  (models imports jax; the config helpers do not)
+  from nsjax import models, objectives  # noqa: E402  (they import jax; config helpers do not)
   if sys.argv[1:] != ["--markdown"]:
     sys.exit("usage: python -m nsjax.config_lib --markdown > docs/configuration.md")
-  sys.stdout.write(markdown(models.OVERRIDABLE))
+  sys.stdout.write(markdown(models.OVERRIDABLE, objectives.reference()))

@@ -7,19 +7,17 @@ An export directory holds
 Restoring needs nothing but the directory: the model is rebuilt from model.json, and the recorded
 shapes give Orbax a target, so leaves come back as arrays in the right tree (Orbax restore without a
 target turns tuples into lists). Exports without that record (older ones) and loads with overrides
-that could change shapes trace the model with `jax.eval_shape` instead: 0.25-0.8 s for B0, which
-the labeling stage would otherwise pay on every call.
+that could change shapes trace the model (`models.abstract_variables`) instead, which costs the
+labeling stage a trace per call where the record spares it.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -29,28 +27,6 @@ from nsjax.files import atomic_write_text
 
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
-
-
-def abstract_variables(model: models.EfficientNet, resolution: int | None = None) -> Any:
-  """ShapeDtypeStructs of {"params", "batch_stats"} without allocating them.
-
-  Traced with XLA's convolutions: the CPU formulations hold the same variables (tested) in many
-  more traced ops (each depthwise layer's taps, custom gradients), and each trace is paid at a
-  run's start (validation, teacher loading; an L2 took 3.2-3.8 s against 2.1 s)."""
-  res = resolution or model.test_resolution
-  model = model.clone(depthwise_impl="xla", stem_impl="xla")
-  x = jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-
-
-@functools.lru_cache(maxsize=64)
-def count_params(model: models.EfficientNet) -> int:
-  """Trainable parameters (BatchNorm moving statistics excluded), without allocating any. The
-  shapes do not depend on the image size: traced at a small one. Cached: a schedule's checks ask
-  for each middle student twice (as a student, then as the next one's teacher), and a trace of
-  an L2 takes seconds."""
-  abstract = abstract_variables(model, resolution=32)
-  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract["params"]))
 
 
 # Overrides that leave every variable's shape and dtype as exported (tested): with only these, the
@@ -129,7 +105,7 @@ def load_exported(directory: str | os.PathLike, shardings: Any = None,
   if "variables" in description and set(model_overrides) <= SHAPE_PRESERVING_OVERRIDES:
     abstract = _abstract_from_spec(description["variables"])
   else:
-    abstract = abstract_variables(model)
+    abstract = models.abstract_variables(model)
   if shardings is None:
     everywhere = parallel.replicated(parallel.make_mesh())
     shardings = jax.tree.map(lambda _: everywhere, abstract)

@@ -4,12 +4,13 @@ XLA:CPU allocates each step's buffers with posix_memalign and frees them when th
 serves a large allocation with a fresh mmap and unmaps it on free -- always so for allocations
 over 64 MiB made by a thread outside the main malloc arena, which is where XLA's worker threads
 allocate. The next step then touches every page of its activations for the first time again: one
-page fault per 4 KiB. EfficientNet-B0's train step at batch 32 took about a million faults
-(4 GB) per step, and a [401408, 96] matmul output spent two thirds of its time in them.
+page fault per 4 KiB, which for a large step (EfficientNet-B0 at batch 32 and 224 px) costs
+more than the arithmetic of its largest outputs.
 
 Three settings keep freed memory in the process: one arena for all threads (M_ARENA_MAX = 1), no
 mmap for large blocks (M_MMAP_MAX = 0) and no returning the heap's top to the system
-(M_TRIM_THRESHOLD = SIZE_MAX). B0's train step then runs ~1.45x faster, inference ~1.2x.
+(M_TRIM_THRESHOLD = SIZE_MAX). Large train and inference steps then reuse warm pages
+(benchmarks/README.md has the speed-ups).
 
 An explicit `malloc_trim(0)` undoes this: it hands every free page of the arena back to the
 system, and the next steps fault them in again. protobuf's Python runtime (upb) calls it once per
@@ -17,9 +18,8 @@ system, and the next steps fault them in again. protobuf's Python runtime (upb) 
 pseudo-label writer serialises its records itself (`nsjax.data.example_proto`).
 
 Two costs: the resident memory does not shrink after its peak, and compiling gets slower (one
-arena for XLA's compiler threads too: B0's train step compiles in ~11.5 s instead of ~8.3 s),
-which small runs -- the demo (628 s instead of 545 s), the tests -- pay without gaining anything,
-since their buffers are small. So the settings are applied only
+arena for XLA's compiler threads too), which small runs -- the demo, the tests -- pay without
+gaining anything, since their buffers are small. So the settings are applied only
 - by `python -m nsjax.main` when a step of the config processes at least LARGE_STEP_PIXELS
   pixels (batch x resolution^2, see `worth_retaining`), and by benchmarks/throughput.py likewise;
 - on `import nsjax` when NSJAX_RETAIN_FREED_MEMORY=1 (notebooks, scripts). NSJAX_RETAIN_FREED_MEMORY=0
@@ -46,8 +46,8 @@ _SIZE_MAX = -1  # mallopt takes an int; glibc stores the trim threshold as size_
 
 _ACCELERATOR_MODULES = ("libtpu", "jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin")
 
-# Per step, in images x height x width: B0 at batch 32 and 224 px is 1.6M (its train step then
-# runs ~1.4x faster); the demo's 96 x 32 x 32 is 0.1M.
+# Per step, in images x height x width: B0 at batch 32 and 224 px is 1.6M (it gains); the demo's
+# 96 x 32 x 32 is 0.1M (it would pay the slower compiles for nothing).
 LARGE_STEP_PIXELS = 2 ** 20
 
 _applied = False
@@ -96,8 +96,7 @@ def retain_freed_memory(environ=os.environ) -> bool:
 # Where the kernel gives transparent huge pages only on request (`madvise`, the common default),
 # glibc's malloc asks for them when the process starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 # (glibc 2.35+; older versions ignore the tunable). XLA:CPU's per-step buffers then fault in 2 MiB
-# pages instead of 4 KiB ones: the demo's teacher step took ~18,000 page faults and ~100 ms of CPU
-# a step with glibc's defaults, ~300 faults and ~55 ms with huge pages, on a 2-core VM where every
+# pages instead of 4 KiB ones, up to 512 times fewer faults, which matters on a VM where every
 # fault is expensive (benchmarks/README.md). The tunable is read at process start only, so the run
 # programs start themselves again with it (`command.start_again_with_huge_pages`, called by their
 # entry points only).

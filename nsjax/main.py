@@ -19,10 +19,11 @@ import sys
 
 from absl import app, flags
 
-from nsjax import cli, command
+from nsjax import command, config_flag
 
-_CONFIG = cli.define_config_flag("Experiment config: a file (configs/*.py) or a bundled config's "
-                                 "name (smoke, demo, ...); --config.a.b=value overrides any key.")
+_CONFIG = config_flag.define_config_flag(
+    "Experiment config: a file (configs/*.py) or a bundled config's name (smoke, demo, ...); "
+    "--config.a.b=value overrides any key.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, labels and results go.")
 _STAGE = flags.DEFINE_string("stage", None, "Run only this stage, e.g. teacher, label-1, student-1, "
                              "baseline, eval-student-2, summary (default: the whole schedule).")
@@ -64,4 +65,4 @@ pixels_per_step = command.pixels_per_step
 
 if __name__ == "__main__":
   command.start_again_with_huge_pages()
-  app.run(main, argv=cli.resolve_config_flags_or_exit(sys.argv))
+  app.run(main, argv=config_flag.resolve_config_flags_or_exit(sys.argv))

@@ -173,14 +173,12 @@ def nsjax_compiler_options() -> dict[str, Any] | None:
   """XLA options for nsjax's jitted steps on a CPU backend (accelerators: None).
 
   - The memory-optimized instruction scheduler, on every CPU: XLA:CPU's default order keeps more
-    buffers alive at once, and a step that touches less memory runs faster. The same programs bit
-    for bit, compiled in one process, steps alternated (2-core Intel Xeon with AMX-bf16, the
-    loop's train step): the demo's at batch 32 26.5-27.7 -> 23.1-23.7 ms, at batch 96 86-89 ->
-    65-69 ms, B0 at 224 px 1.84 -> 1.58 s; compiles ~10 % shorter (benchmarks/README.md).
+    buffers alive at once, and a step that touches less memory runs faster; the programs compute
+    the same values bit for bit, and compile sooner (benchmarks/README.md).
   - 512-bit vectors where the CPU has AVX-512. XLA:CPU generates its loops (elementwise passes,
     the depthwise and stem taps) for 256-bit vectors by default, a guard against the clock
-    throttling of early AVX-512 Intel parts. Twice the width: B0's inference step at batch 32 on
-    a 2-core AMD EPYC, median 0.329 -> 0.284 s; its train step, mostly matrix products, ~2 %.
+    throttling of early AVX-512 Intel parts; twice the width speeds up those loops (inference
+    more than the train step, which is mostly matrix products).
   An option set in XLA_FLAGS stands: then nsjax does not add its own.
   """
   if jax.default_backend() != "cpu":
@@ -204,8 +202,8 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
   """Persists XLA compilations across processes (reruns, stages run as jobs, test sessions).
 
   Directory: the argument, else $NSJAX_COMPILATION_CACHE, else ~/.cache/nsjax/jax_cache; the env
-  var set to "" disables it. On a 2-core CPU a tiny EfficientNet's init compiles in ~30 s cold
-  and loads in a few seconds from the cache.
+  var set to "" disables it. On a small CPU, loading a program from the cache takes a fraction
+  of compiling it.
   """
   if directory is None:
     directory = os.environ.get("NSJAX_COMPILATION_CACHE",

@@ -1,7 +1,11 @@
 """Config validation before any compute: one clear message per problem, naming the fix.
 
 `check_keys` refuses every key nsjax would not read (the accepted keys are nsjax.config_lib's
-defaults, `config_lib.schema()`), naming its full path and the nearest accepted key.
+defaults, `config_lib.schema()`, and the objectives' own settings), naming its full path and
+the nearest accepted key.
+Where a part of the config has an owner that checks it, this module asks it: the training
+settings (nsjax.train.settings), a fine-tuning (nsjax.stages.finetune), an imported teacher
+(nsjax.stages.teachers, whose checks the train stages run again when they read a teacher).
 `validate_config` checks a schedule as written: its keys, model names, the imported teacher,
 batch sizes against the device count, ranges, each stage's training settings, the workdir.
 "Stages chain" means each stage can consume what the previous one produces:
@@ -24,20 +28,21 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from nsjax import config_lib, exported_model, models, schedule
-from nsjax.data import balance, folder, input_pipeline, pseudo_labels
-from nsjax.stages import finetune
+from nsjax import config_lib, models, objectives, schedule
+from nsjax.data import balance, input_pipeline, pseudo_labels
+from nsjax.stages import finetune, teachers
 from nsjax.train import settings
 
 
-class ConfigError(ValueError):
-  """The config cannot run as written."""
+# Raised by every check here; defined in config_lib so that the stages' own checks raise it too.
+ConfigError = config_lib.ConfigError
 
 
 def check_keys(config) -> None:
   """Refuses the first key nsjax does not read (a typo would otherwise be silently ignored), with
   its full path and the nearest accepted key; the accepted keys are config_lib's defaults."""
-  _check_node(config, config_lib.schema(models.OVERRIDABLE + ("resolution",)), "")
+  _check_node(config, config_lib.schema(models.OVERRIDABLE + ("resolution",),
+                                        objectives.accepted_keys()), "")
 
 
 def _check_node(node, schema, path: str) -> None:
@@ -104,7 +109,7 @@ def validate_config(config, workdir: str) -> None:
   previous = None  # (where, model) of the latest teacher or student
   for where, stage in _model_stages(config):
     if where == "teacher" and stage.checkpoint:
-      previous = (where, _check_imported_teacher(stage, config.data.num_classes))
+      previous = (where, teachers.check_imported_teacher(stage, config.data.num_classes))
       continue
     model = _check_trained_stage(where, stage, config.data.num_classes)
     if where.startswith("students") and previous is not None:
@@ -121,23 +126,6 @@ def check_divisible(where: str, value: int, what: str = "") -> None:
   if int(value) % num_devices:
     raise ConfigError(f"{where}{what or f' = {value}'} is not divisible by the {num_devices} "
                       f"devices; use a multiple of {num_devices}.")
-
-
-def _check_imported_teacher(stage, num_classes: int) -> models.EfficientNet:
-  """teacher.checkpoint holds an export predicting num_classes; returns its model."""
-  path = stage.checkpoint
-  if not exported_model.is_exported(path):
-    raise ConfigError(f"teacher.checkpoint {path} holds no exported model (model.json + "
-                      "variables/). Convert an official checkpoint with `python -m "
-                      "nsjax.tools.convert_checkpoint`, or point to a stage's export/ folder.")
-  teacher = exported_model.read_description(path)["model"]
-  check_teacher_classes(f"teacher.checkpoint {path}", teacher["num_classes"], num_classes,
-                        "config.data.num_classes")
-  if stage.get("model") and stage.model != teacher["model_name"]:
-    raise ConfigError(f"teacher.model is {stage.model!r} but teacher.checkpoint {path} holds "
-                      f"{teacher['model_name']!r}; the checkpoint decides the architecture, so "
-                      f"set teacher.model = {teacher['model_name']!r}.")
-  return models.model_from_config(teacher)
 
 
 def _check_trained_stage(where: str, stage, num_classes: int) -> models.EfficientNet:
@@ -221,32 +209,11 @@ def check_stage_inputs(stage_name: str, config, completed) -> None:
                       "schedule without --stage).")
 
 
-def check_teacher_export(teacher_dir: str, num_classes: int, class_names, student: str) -> None:
-  """The check, when a stage has the teacher's export at hand, that it predicts what `student`
-  (e.g. "the student's labeled data") learns: the class count, and the class names when both
-  sides know them (image folders)."""
-  description = exported_model.read_description(teacher_dir)
-  folder.check_class_names(description["metadata"].get("class_names"), class_names,
-                           f"the teacher at {teacher_dir}", student,
-                           "Use a teacher trained on these classes (or a new workdir).")
-  check_teacher_classes(f"The teacher at {teacher_dir}", description["model"]["num_classes"],
-                        num_classes, "config.data.num_classes")
-
-
-def check_teacher_classes(teacher: str, teacher_classes: int, num_classes: int,
-                          student: str) -> None:
-  """The one check that a teacher predicts the classes its student (or the config) has."""
-  if teacher_classes != num_classes:
-    raise ConfigError(f"{teacher} predicts {teacher_classes} classes but {student} is "
-                      f"{num_classes}; use a teacher trained on these classes (or set "
-                      "config.data.num_classes to match).")
-
-
 def warn_if_smaller(teacher, student) -> None:
   """(where, model) pairs: a student smaller than its teacher only gets a warning, since the
   method allows it but the paper's gains come from equal or larger students."""
   (t_where, t_model), (s_where, s_model) = teacher, student
-  t, s = exported_model.count_params(t_model), exported_model.count_params(s_model)
+  t, s = models.count_params(t_model), models.count_params(s_model)
   if s < t:
     logging.warning("%s (%s, %d params) is smaller than its teacher %s (%s, %d params); Noisy "
                     "Student expects an equal or larger student.", s_where, s_model.model_name, s,

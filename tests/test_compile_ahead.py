@@ -54,7 +54,7 @@ def test_a_program_that_fails_to_compile_ahead_falls_back_to_the_call(monkeypatc
 def test_train_uses_the_step_compiled_ahead_and_ends_where_it_would_have(tmp_path):
   mesh = parallel.make_mesh()
   cfg = settings.resolve_config(CONFIG)
-  fns = compile_cache.run_functions(MODEL, mesh, compile_cache.hashable_config(cfg),
+  fns = compile_cache.run_functions(MODEL, mesh, settings.step_settings(cfg),
                                     (SIZE, SIZE, 3), -1)
   four_steps = compile_cache.train_step(fns, None, None, False, 4)
   # One object per program however it is asked for (the single step by default or as 1).
@@ -75,7 +75,7 @@ def test_a_run_whose_batches_are_not_the_spec_compiles_at_its_call_and_looks_onc
     tmp_path, monkeypatch):
   mesh = parallel.make_mesh()
   config = dict(CONFIG, base_learning_rate=0.25)  # a step function of this test's own
-  fns = compile_cache.run_functions(MODEL, mesh, compile_cache.hashable_config(
+  fns = compile_cache.run_functions(MODEL, mesh, settings.step_settings(
       settings.resolve_config(config)), (SIZE, SIZE, 3), -1)
   four_steps = compile_cache.train_step(fns, None, None, False, 4)
   other = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2 * x.shape[0],) + x.shape[1:], x.dtype),

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from nsjax import config_lib, models, validate
+from nsjax import config_lib, models, objectives, validate
 from nsjax.stages import finetune
 from nsjax.validate import ConfigError
 from test_configs import load_config
@@ -40,7 +40,7 @@ def sections(node, schema, path=""):
     yield from sections(node[key], schema[key], f"{path}.{key}" if path else key)
 
 
-SCHEMA = config_lib.schema(models.OVERRIDABLE + ("resolution",))
+SCHEMA = config_lib.schema(models.OVERRIDABLE + ("resolution",), objectives.accepted_keys())
 SECTIONS = [path for path, _, _ in sections(full_config(), SCHEMA)]
 
 
@@ -180,10 +180,10 @@ def test_the_command_line_refuses_a_typo_with_exit_2_before_any_compute(where, t
 def _parse_config_flags(argv):
   """FLAGS.config after parsing `argv` with nsjax's --config flag (a private flag registry)."""
   from absl import flags
-  from nsjax import cli
-  argv = ["prog", *cli.resolve_config_flags(argv)]
+  from nsjax import config_flag
+  argv = ["prog", *config_flag.resolve_config_flags(argv)]
   registry = flags.FlagValues()
-  cli.define_config_flag("test", flag_values=registry, sys_argv=argv)  # not pytest's sys.argv
+  config_flag.define_config_flag("test", flag_values=registry, sys_argv=argv)  # not pytest's sys.argv
   registry(argv)
   return registry.config
 
@@ -207,13 +207,13 @@ def test_an_override_may_set_a_key_the_config_file_leaves_to_its_default():
     ("students[3].seed_offset=3", "config.students has no entry [3] (1 entries)"),
 ])
 def test_an_override_under_a_section_the_config_lacks_names_it_before_parsing(override, words):
-  """The flag parser could only fail with a traceback there; cli refuses first (exit 2 in the
+  """The flag parser could only fail with a traceback there; config_flag refuses first (exit 2 in the
   commands, which catch ConfigNotFound)."""
-  from nsjax import cli
+  from nsjax import config_flag
   smoke = os.path.join(ROOT, "configs", "smoke.py")
-  with pytest.raises(cli.UnknownOverride, match=re.escape(words)) as caught:
-    cli.resolve_config_flags(["prog", f"--config={smoke}", f"--config.{override}"])
-  assert isinstance(caught.value, cli.ConfigNotFound)
+  with pytest.raises(config_flag.UnknownOverride, match=re.escape(words)) as caught:
+    config_flag.resolve_config_flags(["prog", f"--config={smoke}", f"--config.{override}"])
+  assert isinstance(caught.value, config_flag.ConfigNotFound)
   if override.startswith("teachr"):
     assert "Did you mean config.teacher?" in str(caught.value)
 
@@ -232,8 +232,12 @@ def _meaning_names(schema) -> set[str]:
 
 
 def test_every_accepted_key_has_a_meaning():
-  accepted = _meaning_names(config_lib.schema(models.OVERRIDABLE + ("resolution",)))
-  assert set(config_lib.MEANINGS) == accepted
+  """In config_lib.MEANINGS, or (an objective's own setting) beside its default in its class."""
+  own = {f"train.{key}" for _, _, rows in objectives.reference() for key, _, meaning in rows
+         if meaning}
+  assert own == {f"train.{key}" for key in objectives.accepted_keys()}
+  assert not own & set(config_lib.MEANINGS)  # one table each
+  assert set(config_lib.MEANINGS) | own == _meaning_names(SCHEMA)
 
 
 def test_the_configuration_reference_is_generated_from_config_lib():
@@ -241,7 +245,7 @@ def test_the_configuration_reference_is_generated_from_config_lib():
   command after changing a default or a meaning."""
   with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
     committed = f.read()
-  assert committed == config_lib.markdown(models.OVERRIDABLE)
+  assert committed == config_lib.markdown(models.OVERRIDABLE, objectives.reference())
   out = subprocess.run([sys.executable, "-m", "nsjax.config_lib", "--markdown"], cwd=ROOT,
                        capture_output=True, text=True, check=True)
   assert out.stdout == committed

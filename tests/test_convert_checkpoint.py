@@ -25,7 +25,7 @@ def random_variables(model, seed):
   wrongly mapped or skipped tensor changes the logits. numpy only: no init to compile."""
   rng = np.random.default_rng(seed)
   out = {}
-  for path, leaf in traverse_util.flatten_dict(exported_model.abstract_variables(model)).items():
+  for path, leaf in traverse_util.flatten_dict(models.abstract_variables(model)).items():
     shape = leaf.shape
     if path[-1] == "var":
       value = rng.uniform(0.5, 2.0, shape)

@@ -32,7 +32,7 @@ def random_variables(model, seed=0):
     if jax.tree_util.keystr(path).endswith("['var']"):
       return np.ones(leaf.shape, np.float32)
     return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, exported_model.abstract_variables(model))
+  return jax.tree_util.tree_map_with_path(fill, models.abstract_variables(model))
 
 
 def signal_preserving_variables(model, seed=0):
@@ -47,7 +47,7 @@ def signal_preserving_variables(model, seed=0):
       return (np.sqrt(2.0 / fan_in) * rng.standard_normal(leaf.shape)).astype(np.float32)
     ones = name.endswith(("['scale']", "['var']"))
     return (np.ones if ones else np.zeros)(leaf.shape, np.float32)
-  return jax.tree_util.tree_map_with_path(fill, exported_model.abstract_variables(model))
+  return jax.tree_util.tree_map_with_path(fill, models.abstract_variables(model))
 
 
 def export_constant_model(directory, num_classes, bias):

@@ -100,7 +100,7 @@ def calibrated_variables(model, seed, views, logit_std=2.0):
   from other random images they blow up (logits spread over hundreds): either would make the
   comparisons blind or chaotic."""
   rng = np.random.default_rng(seed)
-  abstract = exported_model.abstract_variables(model)
+  abstract = models.abstract_variables(model)
   params = {}
   for path, leaf in traverse_util.flatten_dict(abstract["params"]).items():
     if len(leaf.shape) == 1:  # BatchNorm scale 1, every bias and offset 0

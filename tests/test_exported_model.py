@@ -66,7 +66,7 @@ def test_load_restores_from_the_recorded_shapes_without_tracing(tmp_path, monkey
   model, variables, export = _tiny_export(tmp_path)
   description = exported_model.read_description(export)
   assert description["variables"] == exported_model.variables_spec(variables)
-  monkeypatch.setattr(exported_model, "abstract_variables", _no_tracing)
+  monkeypatch.setattr(models, "abstract_variables", _no_tracing)
   assert set(_SHAPE_PRESERVING) == exported_model.SHAPE_PRESERVING_OVERRIDES
   for loaded_with in ({}, _SHAPE_PRESERVING):
     _, restored, _ = exported_model.load_exported(export, **loaded_with)
@@ -82,10 +82,10 @@ def test_shape_preserving_overrides_really_keep_every_shape(tmp_path):
   recorded = exported_model.read_description(export)["variables"]
   for key, value in _SHAPE_PRESERVING.items():
     config = dict(models.describe(model), **{key: value})
-    traced = exported_model.abstract_variables(models.model_from_config(config))
+    traced = models.abstract_variables(models.model_from_config(config))
     assert exported_model.variables_spec(traced) == recorded, key
   wider = models.model_from_config(dict(models.describe(model), width=0.2))
-  assert exported_model.variables_spec(exported_model.abstract_variables(wider)) != recorded
+  assert exported_model.variables_spec(models.abstract_variables(wider)) != recorded
 
 
 def test_abstract_variables_are_the_cpu_formulations_variables():
@@ -95,31 +95,31 @@ def test_abstract_variables_are_the_cpu_formulations_variables():
   assert model.depthwise_impl == model.stem_impl == "auto"  # "shift" and "taps" on the CPU
   built = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
                          jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-  abstract = exported_model.abstract_variables(model, resolution=32)
+  abstract = models.abstract_variables(model, resolution=32)
   assert exported_model.variables_spec(abstract) == exported_model.variables_spec(built)
-  assert exported_model.count_params(model) == sum(
+  assert models.count_params(model) == sum(
       int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(built["params"]))
 
 
 def test_each_model_is_counted_once(monkeypatch):
   traced = []
-  original = exported_model.abstract_variables
-  monkeypatch.setattr(exported_model, "abstract_variables",
+  original = models.abstract_variables
+  monkeypatch.setattr(models, "abstract_variables",
                       lambda m, *a, **k: traced.append(m) or original(m, *a, **k))
-  exported_model.count_params.cache_clear()
+  models.count_params.cache_clear()
   model = models.create_model("efficientnet-b0", 10, width=0.1, depth=0.1, block_stages=2)
-  first = exported_model.count_params(model)
-  assert exported_model.count_params(models.model_from_config(models.describe(model))) == first
+  first = models.count_params(model)
+  assert models.count_params(models.model_from_config(models.describe(model))) == first
   assert len(traced) == 1  # an equal model (the next iteration's teacher) is not traced again
-  assert exported_model.count_params(model.clone(width=0.2)) > first and len(traced) == 2
+  assert models.count_params(model.clone(width=0.2)) > first and len(traced) == 2
 
 
 def test_older_exports_and_shape_changing_overrides_trace_the_model(tmp_path, monkeypatch):
   model, variables, export = _tiny_export(tmp_path)
   description = exported_model.read_description(export)
   traced = []
-  original = exported_model.abstract_variables
-  monkeypatch.setattr(exported_model, "abstract_variables",
+  original = models.abstract_variables
+  monkeypatch.setattr(models, "abstract_variables",
                       lambda m, *a, **k: traced.append(m) or original(m, *a, **k))
   del description["variables"]  # as written before the shapes were recorded
   (export / exported_model.MODEL_JSON).write_text(json.dumps(description))
@@ -135,7 +135,7 @@ def test_older_exports_and_shape_changing_overrides_trace_the_model(tmp_path, mo
   def stop_after_tracing(m, *a, **k):
     traced.append(m)
     raise Traced  # (restoring width 0.2 from a width 0.1 export would fail inside Orbax)
-  monkeypatch.setattr(exported_model, "abstract_variables", stop_after_tracing)
+  monkeypatch.setattr(models, "abstract_variables", stop_after_tracing)
   with pytest.raises(Traced):  # width changes the shapes, so the recorded ones cannot serve
     exported_model.load_exported(export, width=0.2)
   assert len(traced) == 2 and traced[1].width == 0.2

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nsjax import config_lib, exported_model, parallel, pipeline, validate
+from nsjax import config_lib, exported_model, parallel, pipeline
 from nsjax.data import folder, input_pipeline, pseudo_labels
 from nsjax.stages import evaluate as eval_stage
+from nsjax.stages import teachers
 from nsjax.stages import train as train_stage
 from nsjax.stages.context import Context
 
@@ -189,9 +190,9 @@ def test_class_mismatch_between_teacher_and_data_is_an_error(example_run, tmp_pa
   with pytest.raises(folder.ClassMismatchError,
                      match=r"only in the teacher at .*\['emu'\]; only in the student's labeled "
                            r"data: \['fox'\]"):
-    validate.check_teacher_export(teacher_dir, student.num_classes, ["cat", "dog", "fox"],
+    teachers.check_teacher_export(teacher_dir, student.num_classes, ["cat", "dog", "fox"],
                                   "the student's labeled data")
-  validate.check_teacher_export(teacher_dir, student.num_classes, ["cat", "dog", "emu"],
+  teachers.check_teacher_export(teacher_dir, student.num_classes, ["cat", "dog", "emu"],
                                 "the student's labeled data")  # the same classes pass
   # An eval whose test classes differ from the model's.
   other = make_labeled(str(tmp_path / "other"), classes={"ant": (1, 2, 3), "bee": (4, 5, 6),

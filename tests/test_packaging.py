@@ -25,7 +25,7 @@ import tomllib
 import pytest
 from packaging.requirements import Requirement
 
-from nsjax import cli
+from nsjax import cli, config_flag
 from nsjax.evaluate import metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,15 +74,15 @@ def test_config_names_resolve_to_files(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # outside the checkout: configs/smoke.py is not a relative path here
   smoke = str(ROOT / "configs" / "smoke.py")
   for value in ("smoke", "smoke.py", "configs/smoke.py"):
-    assert cli.resolve_config(value) == smoke
-  assert cli.resolve_config("folder_example:/data/x,tiny") == (
+    assert config_flag.resolve_config(value) == smoke
+  assert config_flag.resolve_config("folder_example:/data/x,tiny") == (
       str(ROOT / "configs" / "folder_example.py") + ":/data/x,tiny")
   (tmp_path / "mine.py").write_text("")
-  assert cli.resolve_config("mine.py") == "mine.py"  # a real file wins
-  assert cli.resolve_config_flags(["--config", "demo", "--config.seed=1"]) == [
+  assert config_flag.resolve_config("mine.py") == "mine.py"  # a real file wins
+  assert config_flag.resolve_config_flags(["--config", "demo", "--config.seed=1"]) == [
       "--config", str(ROOT / "configs" / "demo.py"), "--config.seed=1"]
-  with pytest.raises(cli.ConfigNotFound, match="smoke, svhn_b0"):
-    cli.resolve_config("nope")
+  with pytest.raises(config_flag.ConfigNotFound, match="smoke, svhn_b0"):
+    config_flag.resolve_config("nope")
 
 
 def test_unknown_subcommand_and_bare_command(capsys):

@@ -14,7 +14,7 @@ from nsjax.evaluate import accuracy
 from nsjax.stages import context, label
 from nsjax.stages import train as train_stage
 from nsjax.stages.context import Context
-from nsjax.train import compile_ahead, compile_cache, loop
+from nsjax.train import compile_ahead, compile_cache, loop, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,7 @@ def step_program(config, stage_cfg, workdir):
   cfg = train_stage.train_config(stage_cfg, config, context.num_examples(labeled))
   fns = compile_cache.run_functions(
       train_stage.build_model(stage_cfg, config), parallel.make_mesh(),
-      compile_cache.hashable_config(cfg), (stage_cfg.resolution,) * 2 + (3,), -1)
+      settings.step_settings(cfg), (stage_cfg.resolution,) * 2 + (3,), -1)
   return compile_cache.train_step(fns, None, None, cfg.fsdp, cfg.steps_per_call)
 
 

@@ -60,7 +60,7 @@ def runs(tmp_path_factory):
   config = dict(CONFIG, steps_per_call=4)
   single = loop.train(dict(CONFIG, num_train_steps=NUM_STEPS), MODEL, batches, root / "single",
                       eval_fn=eval_fn, mesh=mesh)
-  fns = compile_cache.run_functions(MODEL, mesh, compile_cache.hashable_config(
+  fns = compile_cache.run_functions(MODEL, mesh, settings.step_settings(
       settings.resolve_config(dict(config, num_train_steps=NUM_STEPS))), (SIZE, SIZE, 3), -1)
   one_step = compile_cache.train_step(fns, None, None, False)
   compiled_single = one_step._cache_size()
@@ -87,7 +87,7 @@ def test_every_call_makes_four_steps_and_the_single_step_never_compiles(runs):
   assert compiled_single >= 1  # the run with steps_per_call = 1 compiled it ...
   assert compiled_after == compiled_single  # ... and the run of 4-step calls used no new one
   multi = compile_cache.train_step(
-      compile_cache.run_functions(MODEL, runs["mesh"], compile_cache.hashable_config(
+      compile_cache.run_functions(MODEL, runs["mesh"], settings.step_settings(
           settings.resolve_config(dict(CONFIG, num_train_steps=NUM_STEPS))), (SIZE, SIZE, 3), -1),
       None, None, False, 4)
   assert multi._cache_size() == 1

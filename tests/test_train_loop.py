@@ -168,7 +168,7 @@ def test_another_seed_reuses_the_compiled_step(runs, tmp_path):
   """A run that differs only in its seed (a teacher and its baseline, a study's seeds) compiles
   no new train step, yet draws other noise and another init."""
   config = dict(CONFIG, num_train_steps=4, eval_every_steps=0, export=False)
-  fns = compile_cache.run_functions(MODEL, runs["mesh"], compile_cache.hashable_config(
+  fns = compile_cache.run_functions(MODEL, runs["mesh"], settings.step_settings(
       settings.resolve_config(config)), (SIZE, SIZE, 3), -1)
   step_fn = compile_cache.train_step(fns, None, None, False)
   compiled = step_fn._cache_size()

@@ -20,8 +20,9 @@ from nsjax import models, parallel
 from nsjax.models import inputs as model_inputs
 from nsjax.evaluate import accuracy, inference
 from nsjax.stages import label
-from nsjax.train import objective
+from nsjax.objectives import noisy_student
 from nsjax.train import optimizer as opt
+from nsjax.train import settings
 from nsjax.train import state as state_lib
 from nsjax.train import steps
 
@@ -42,9 +43,10 @@ class TinyNet(nn.Module):
 
 
 IMAGE_SHAPE = (8, 8, 3)
-LOSS = objective.LossConfig(num_classes=NUM_CLASSES, label_smoothing=0.1, unlabeled_ratio=3.0,
-                        pseudo_labels="soft", temperature=0.5, weight_decay=1e-3,
-                        ema_decay=0.9999)
+# The step reads the objective, the weight decay and the EMA decay (its optimizer is built below).
+LOSS = settings.step_settings(settings.resolve_config(dict(
+    batch_size=8, steps_per_epoch=2, num_train_steps=3, unlabeled_ratio=3.0, temperature=0.5,
+    weight_decay=1e-3, ema_decay=0.9999)))
 SEED = 7
 
 
@@ -220,7 +222,7 @@ def test_loss_decomposition_and_joint_batchnorm_match_manual(compiled, mesh4):
   logits = np.asarray(logits, np.float64)
   onehot = np.eye(NUM_CLASSES)[batch["labeled"]["label"]]
   labeled_targets = onehot * 0.9 + 0.1 / NUM_CLASSES
-  sharp = batch["unlabeled"]["probs"].astype(np.float64) ** (1 / LOSS.temperature)
+  sharp = batch["unlabeled"]["probs"].astype(np.float64) ** (1 / LOSS.objective.temperature)
   sharp /= sharp.sum(-1, keepdims=True)
   labeled = -(labeled_targets * np_log_softmax(logits[:8])).sum(-1).mean()
   unlabeled = -(sharp * np_log_softmax(logits[8:])).sum(-1).mean()
@@ -286,7 +288,7 @@ def test_online_teacher_equal_to_initial_student_gives_expected_loss(mesh4):
   teacher_logits = np.asarray(model.apply(teacher_vars, batch["unlabeled"]["teacher_image"]),
                               np.float64)
   teacher_probs = np.exp(np_log_softmax(teacher_logits))
-  targets = teacher_probs ** (1 / LOSS.temperature)
+  targets = teacher_probs ** (1 / LOSS.objective.temperature)
   targets /= targets.sum(-1, keepdims=True)
   images = np.concatenate([batch["labeled"]["image"], batch["unlabeled"]["image"]])
   student_logits, _ = model.apply(initial.variables, images, train=True,
@@ -304,7 +306,7 @@ def test_online_teacher_equal_to_initial_student_gives_expected_loss(mesh4):
 # Pure target/loss math.
 
 def test_label_smoothing_values():
-  out = np.asarray(objective.smooth_labels(jnp.array([2, 0]), 4, 0.1))
+  out = np.asarray(noisy_student.smooth_labels(jnp.array([2, 0]), 4, 0.1))
   np.testing.assert_allclose(out[0], [0.025, 0.025, 0.925, 0.025])
   np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-6)
 
@@ -314,14 +316,14 @@ def test_temperature_sharpening_and_hard_labels():
   for t in (1.0, 0.5, 2.0):
     expected = p.astype(np.float64) ** (1 / t)
     expected /= expected.sum(-1, keepdims=True)
-    np.testing.assert_allclose(objective.sharpen(jnp.asarray(p), t), expected, rtol=1e-5)
-  sharp = np.asarray(objective.sharpen(jnp.asarray(p), 0.5))
+    np.testing.assert_allclose(noisy_student.sharpen(jnp.asarray(p), t), expected, rtol=1e-5)
+  sharp = np.asarray(noisy_student.sharpen(jnp.asarray(p), 0.5))
   assert sharp[0, 0] > 0.5 and sharp[1, 2] > 0.8  # lower T sharpens
-  hard = np.asarray(objective.pseudo_label_targets(jnp.asarray(p), "hard", 0.5, 0.1))
+  hard = np.asarray(noisy_student.pseudo_label_targets(jnp.asarray(p), "hard", 0.5, 0.1))
   np.testing.assert_allclose(hard, [[0.1 / 3 + 0.9, 0.1 / 3, 0.1 / 3],
                                     [0.1 / 3, 0.1 / 3, 0.1 / 3 + 0.9]], rtol=1e-6)
   with pytest.raises(ValueError, match="pseudo_labels"):
-    dataclasses.replace(LOSS, pseudo_labels="argmax")
+    dataclasses.replace(LOSS.objective, pseudo_labels="argmax")
 
 
 def test_weight_decay_mask_excludes_batchnorm_only():

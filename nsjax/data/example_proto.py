@@ -5,7 +5,7 @@ Why not `tf.train.Example(...).SerializeToString()`: protobuf's Python runtime (
 On a CPU run that keeps freed memory for reuse (`nsjax.host_memory`: one malloc arena, no
 trimming), each such call hands every free page of that arena back to the system -- the inference
 step's retained activations included -- and the next steps fault them all in again. Writing
-pseudo-label shards that way cost the B0 labeling stage ~10% of its throughput on a 2-core CPU.
+pseudo-label shards that way cost the labeling stage a share of its throughput.
 
 The wire format (proto3, `tensorflow/core/example/{example,feature}.proto`):
   Example   { Features features = 1; }

@@ -106,10 +106,10 @@ def host_iterator(dataset: tf.data.Dataset) -> Iterator[Any]:
   iterator starts here.
 
   Autotuning's optimization thread sleeps for its period, which grows to 60 s, and deleting an
-  iterator waits for that sleep to end: each student stage's end stalled for 35-80 s while its
-  input pipelines were destroyed (benchmarks/README.md). Without it, parallel maps run at the cores
-  this process may use (the most autotuning would choose) and prefetch buffers still adapt; the
-  pseudo-label stream read as fast or faster (40-51 against 37-40 batches/s, 2 cores)."""
+  iterator waits for that sleep to end: a stage's end stalls while its input pipelines are
+  destroyed (benchmarks/README.md). Without it, parallel maps run at the cores this process may
+  use (the most autotuning would choose) and prefetch buffers still adapt, and the pseudo-label
+  stream reads no slower."""
   return untuned(dataset).as_numpy_iterator()
 
 
@@ -205,7 +205,7 @@ def _decode_fn(image_key: str, channels: int, shape: list[int | None], keep_enco
       features[ENCODED_IMAGE_KEY] = encoded
     return record, features
 
-  # Graph ops only: AutoGraph need not convert it, nor TFDS's parsing under it (~0.5 s a process).
+  # Graph ops only: AutoGraph need not convert it, nor TFDS's parsing under it (a cost per process).
   return tf.autograph.experimental.do_not_convert(decode)
 
 

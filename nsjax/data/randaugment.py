@@ -356,9 +356,9 @@ def randaugment(image: tf.Tensor, seed, config: RandAugmentConfig = RandAugmentC
 
   Each layer calls the drawn op's function through a `Case` op that stays a call. `tf.switch_case`
   marks its `Case` to be lowered into Switch/Merge, which puts all 16 ops' nodes into the graph
-  of every image and sends dead tensors through the 15 not taken: ~80 us of a 28 px image's ~100
-  us a layer on one core. Called, a layer costs ~60 us (benchmarks/README.md); the images are
-  the same bit for bit.
+  of every image and sends dead tensors through the 15 not taken, most of a small image's cost
+  a layer; called, a layer costs less (benchmarks/README.md), with the same images bit for
+  bit.
   """
   image = check_uint8_rgb(image)
   choices, op_seeds = layer_plan(seed, config)

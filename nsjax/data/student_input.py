@@ -6,8 +6,8 @@ and each host reads by byte offset only the records of its own rows. So the glob
 same for any number of hosts, each host reads 1/P of the data, and a stage starts or resumes at any
 step by computing where that step's records are -- nothing is read or counted through the epoch.
 The epoch size and the balanced count of every block of records come with the balance plan. Each example's noise
-seed is derived from its stream position, as before. `StageBatches` joins the stream with the
-labeled stream into a training stage's global batches.
+seed is derived from its stream position, so a resume replays it. `StageBatches` joins the
+stream with the labeled stream into a training stage's global batches.
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
     # The label stage wrote only images that decoded, so one that does not is damage: its error
     # stops the stream (dropping the record would shift every later batch off its step, and a
     # resume would no longer be exact). Decoded directly: preprocess.decode, which never raises,
-    # costs ~0.2 ms more a record, a third of the student's input pipeline (benchmarks/README.md).
+    # costs more a record, a large share of the student's input pipeline (benchmarks/README.md).
     image = tf.io.decode_image(ex["image"], channels=3, expand_animations=False)
     image = tf.ensure_shape(image, [None, None, 3])
     noise_seed = tf.random.experimental.stateless_fold_in(example_seed, position)

@@ -12,7 +12,7 @@ from nsjax.data import randaugment as ra
 
 # How the eval view's pixels come out: "normalized" (mean/std, what a model takes), "pixels"
 # (0..255: the labeling step normalises on the device, fused into the stem, sparing the input
-# pipeline ~0.2 ms of host CPU per 224 px image) or "unit" ([0, 1]: what adversarial attacks
+# pipeline's host CPU a pass per image) or "unit" ([0, 1]: what adversarial attacks
 # perturb).
 EVAL_UNITS = ("normalized", "pixels", "unit")
 
@@ -67,6 +67,6 @@ def train_view_fn(noise, small_image: bool, resolution: int):
 
 def _graph_only(view):
   """`view`, left alone by AutoGraph when a tf.data map traces it: the views are written with
-  graph ops only (tf.cond, tf.where), and converting their call tree cost each process ~1.3 s
-  the first time a pipeline was built."""
+  graph ops only (tf.cond, tf.where), and converting their call tree costs each process time
+  the first time it builds a pipeline."""
   return tf.autograph.experimental.do_not_convert(view)

@@ -90,8 +90,8 @@ def eval_views(images: np.ndarray, resolution: int, small_image: bool) -> np.nda
   """uint8 [n,H,W,C] -> float32 eval views [n,S,S,3], as preprocess.eval_view makes each.
 
   Small images already at the model's resolution only need normalising: done in numpy on the
-  whole batch instead of a TF loop over the images (~5 ms a batch of 100 digits, a fifth of an
-  evaluation of the demo's corruption suite), with the float32 operations of the TF path, whose
+  whole batch instead of a TF loop over the images (a per-image loop is a large share of a small
+  model's corruption suite), with the float32 operations of the TF path, whose
   graph optimiser turns the division by the standard deviation into a product with its
   reciprocal: the same views, bit for bit."""
   if small_image and images.ndim == 4 and images.shape[1:3] == (resolution, resolution) and (
@@ -166,7 +166,7 @@ def corruption_accuracy(model, variables, images, labels, *, mesh, batch_size: i
   per_setting = {}
   # One setting is corrupted ahead, in a thread, while the model evaluates the one before: the
   # corruptions are mostly single-threaded Python and numpy, the evaluation mostly XLA, which
-  # releases the GIL (the teacher's eval stage in the demo: corrupting its 45 sets took ~6 s).
+  # releases the GIL.
   # One ahead, not all: a set of full-size images takes gigabytes.
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     ahead = pool.submit(corrupted, 0) if settings else None

@@ -5,7 +5,7 @@ The serving graph must do exactly what nsjax's evaluation does to an image
 resize to S, or for small-image models the whole image, resized only when its size differs; then
 ImageNet mean/std). `eval_view` itself works on one image and calls `tf.image.resize(...,
 "bicubic")`, whose kernel (ResizeBicubic) is not a TFLite builtin: a graph using it converts only
-with the Flex delegate, which the TFLite interpreter in the TensorFlow pip package no longer has.
+with the Flex delegate, which the TFLite interpreter in the TensorFlow pip package lacks.
 So the resize is written here as gathers and multiply-adds that follow TensorFlow's kernel
 (tensorflow/core/kernels/image/resize_bicubic_op.cc, half-pixel centres: Keys' cubic with
 a = -0.5, the tap weights read from a 1024-entry table, out-of-range taps dropped and the rest

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from nsjax import exported_model, models
+from nsjax import models
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 # Optimizer slots (`<var>/RMSProp`, `<var>/RMSProp_1`; `<var>/Momentum` for the official code's
@@ -70,7 +70,7 @@ def _join(scope: str, name: str) -> str:
 
 def _official_table(model: models.EfficientNet) -> dict[tuple[str, ...], tuple[str, tuple]]:
   """Flax variable path -> (official name without scope, shape in TF layout)."""
-  flat = traverse_util.flatten_dict(exported_model.abstract_variables(model))
+  flat = traverse_util.flatten_dict(models.abstract_variables(model))
   return {path: (_official_leaf_name(path), _to_tf_layout(path, tuple(leaf.shape)))
           for path, leaf in flat.items()}
 

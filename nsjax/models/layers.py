@@ -3,14 +3,14 @@
 Depthwise convolution has two numerically equal formulations, picked by backend:
 - "xla": `lax.conv_general_dilated` with `feature_group_count` -- what TPUs and GPUs run best;
 - "shift": a sum of k*k shifted, strided slices times per-channel weights. XLA's CPU backend
-  compiles grouped convolutions ~20x slower than oneDNN (REFERENCE.md section 5); elementwise
-  multiply-adds it vectorises well. Its gradients are written by hand (`custom_vjp`): autodiff of
-  the k*k strided slices is ~10x slower than the forward pass.
+  compiles grouped convolutions to much slower code than oneDNN's; elementwise multiply-adds it
+  vectorises well. Its gradients are written by hand (`custom_vjp`): autodiff of the k*k strided
+  slices is many times slower than the forward pass.
 1x1 convolutions are dots (`PointwiseConv`) so that their CPU gradients are dots too, with a
 `custom_vjp` that keeps XLA:CPU from fusing BatchNorm's backward pass into a transpose.
 Dense k x k convolutions over few channels (the stem's RGB input) likewise have two formulations
 (`conv`): "xla", or "taps" -- a sum of k*k*C_in strided windows times kernel rows, which XLA:CPU
-runs as one vectorised loop, ~4x faster than its convolution for 3 input channels.
+runs as one vectorised loop, faster than its convolution for 3 input channels.
 """
 from __future__ import annotations
 
@@ -78,8 +78,7 @@ def _shifted_multiply_add(padded: jax.Array, kernel: jax.Array, out_h: int, out_
   i * W + j, reshaped to rows of W, then strided. The values are those of 4-D slices, but XLA
   cannot rewrite a window as a slice of the unpadded input, as it did the centre tap's: that gave
   the activation feeding the padding a second consumer, so XLA:CPU computed its sigmoid in a pass
-  of its own and the depthwise pass re-read three tensors instead of one (an MBConv block's
-  forward pass, 32 x 56 x 56 x 144: 25.8 -> 19.5 ms).
+  of its own and the depthwise pass re-read three tensors instead of one.
   """
   batch, height, width, channels = padded.shape
   kh, kw = kernel.shape[:2]
@@ -126,7 +125,7 @@ def _depthwise_conv_shift_fwd(x, kernel, stride):
 
 
 def _depthwise_conv_shift_bwd(stride, residuals, cotangent):
-  """Hand-written gradients: autodiff of the slices is ~10x slower than the forward pass.
+  """Hand-written gradients: autodiff of the slices is many times slower than the forward pass.
 
   Input gradient: the cotangent, dilated by the stride and padded, correlated with the flipped
   kernel -- the same shifted multiply-adds as the forward pass. Kernel gradient: k*k products
@@ -134,8 +133,7 @@ def _depthwise_conv_shift_bwd(stride, residuals, cotangent):
   pass over memory instead of k*k), then over the batch and columns. The first sum keeps the
   batch axis, and so the reduction, local to each device when the batch is sharded. Summing
   rows first, not whole images, keeps each partial sum a contiguous [W, C] row that XLA:CPU
-  vectorises: blocks_1 of B0 at batch 32 (32 x 112 x 112 x 96, stride 2) 122 -> 77 ms,
-  blocks_0 (32 channels, stride 1) 91 -> 45 ms, on a 2-core Xeon with AVX-512.
+  vectorises.
   """
   x, kernel = residuals
   kh, kw = kernel.shape[:2]
@@ -190,9 +188,9 @@ def _conv_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
   XLA:CPU lowers a convolution with 3 input channels to a matrix product with a 27-long
   contraction, which its matmul library runs far from the memory floor; these multiply-adds are
-  one loop over the output, vectorised along C_out (B0's stem at batch 32, 224 px: 36 -> 8 ms).
-  Accumulates in float32. The gradients are the XLA convolution's: autodiff of this form gives
-  one reduction per kernel row, each re-reading the cotangent (27 x 11 ms inside B0's train step).
+  one loop over the output, vectorised along C_out. Accumulates in float32. The gradients are
+  the XLA convolution's: autodiff of this form gives one reduction per kernel row, each re-reading
+  the cotangent (k * k * C_in passes over it).
   """
   padded, _, (out_h, out_w) = _pad_same(x, kernel.shape, stride)
   out = None
@@ -274,8 +272,8 @@ def resolve_matmul_operands(setting: str, compute_dtype: Any, contraction: int) 
 def _dot(a: jax.Array, b: jax.Array, dims, setting: str, out_dtype: Any) -> jax.Array:
   """`lax.dot_general` with operands in the dtype `setting` resolves to, the result in `out_dtype`.
 
-  When the operands already have that dtype nothing is cast, so the float32 program is the same
-  one as before the setting existed.
+  When the operands already have that dtype nothing is cast: a float32 model's program holds no
+  conversions for this setting.
   """
   contraction = math.prod(a.shape[d] for d in dims[0][0])
   operands = resolve_matmul_operands(setting, a.dtype, contraction)
@@ -308,8 +306,8 @@ def _pointwise_conv_bwd(operands, residuals, cotangent):
 
   The kernel gradient contracts the pixel axis, which is major in both operands, so XLA:CPU
   transposes one of them. Left alone it fuses the cotangent's producer (BatchNorm's backward
-  pass) into that transpose, which then evaluates it in transposed, cache-hostile order: 300 ms
-  for blocks_1 of B0 at batch 32, against ~20 ms for writing it out and transposing the copy.
+  pass) into that transpose, which then evaluates it in transposed, cache-hostile order, many
+  times slower than writing it out and transposing the copy.
   """
   x, kernel = residuals
   if jax.default_backend() == "cpu":

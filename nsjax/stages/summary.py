@@ -7,7 +7,7 @@ import time
 
 import jax
 
-from nsjax import cpu_features, exported_model, report, schedule
+from nsjax import cpu_features, exported_model, models, report, schedule
 from nsjax.data import folder
 from nsjax.run_state import RunState
 from nsjax.stages.context import Context
@@ -22,7 +22,7 @@ def summary_rows(config, workdir: str, state: RunState) -> list[dict]:
     role = "teacher" if name == "teacher" else ("baseline" if name == "baseline" else "student")
     row = {"iteration": (schedule.iteration_of(name) if role != "baseline"
                          else len(config.students)),
-           "role": role, "model": model.model_name, "params": exported_model.count_params(model),
+           "role": role, "model": model.model_name, "params": models.count_params(model),
            "test_top1": results["top1"], "test_top5": results["top5"],
            "params_sha256": exported_model.params_sha256(variables["params"])}
     if "corruption_top1" in results:

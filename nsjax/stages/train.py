@@ -14,9 +14,9 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from nsjax import artifacts, exported_model, models, schedule, validate
+from nsjax import artifacts, exported_model, models, schedule
 from nsjax.data import input_pipeline, preprocess, pseudo_labels, student_input, views
-from nsjax.stages import label
+from nsjax.stages import label, teachers
 from nsjax.stages.context import Context, num_examples
 from nsjax.train import loop, settings
 
@@ -30,7 +30,7 @@ def run(stage: schedule.Stage, ctx: Context) -> dict:
   model = build_model(stage_cfg, config)
   cfg = _stage_train_config(stage_cfg, ctx)
   if stage.kind == "student":  # (a smaller student was warned about by validation)
-    validate.check_teacher_export(schedule.teacher_export_of(stage, config, ctx.workdir),
+    teachers.check_teacher_export(schedule.teacher_export_of(stage, config, ctx.workdir),
                                   model.num_classes, config.data.get("class_names"),
                                   "the student's labeled data")
   batches, teacher = training_batches(stage, ctx, cfg)
@@ -190,7 +190,7 @@ def _online_unlabeled(ctx: Context, stage_cfg, teacher_model, unlabeled_batch: i
 
 def import_teacher(stage_cfg, config, workdir: str) -> dict:
   """A teacher from an exported (or converted official) checkpoint, re-exported into the workdir."""
-  validate.check_teacher_export(stage_cfg.checkpoint, config.data.num_classes,
+  teachers.check_teacher_export(stage_cfg.checkpoint, config.data.num_classes,
                                 config.data.get("class_names"), "the labeled data")
   model, variables, metadata = exported_model.load_exported(stage_cfg.checkpoint)
   out = schedule.export_dir(workdir, "teacher")

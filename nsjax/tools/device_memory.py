@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import AbstractMesh
 
-from nsjax import cli, command, config_lib, parallel, schedule, validate
+from nsjax import command, config_flag, config_lib, parallel, schedule, validate
 from nsjax.stages import train as train_stage
 from nsjax.train import optimizer as opt
 from nsjax.train import settings
@@ -148,8 +148,9 @@ def define_flags() -> None:
   global _CONFIG, _NUM_DEVICES
   if "num_devices" in flags.FLAGS:
     return
-  _CONFIG = cli.define_config_flag("Experiment config (configs/*.py or a bundled config's name "
-                                   "with `nsjax memory`); --config.a.b=value overrides any key.")
+  _CONFIG = config_flag.define_config_flag(
+      "Experiment config (configs/*.py or a bundled config's name with `nsjax memory`); "
+      "--config.a.b=value overrides any key.")
   _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices on the data axis (default: "
                                       "this machine's); they need not exist here.")
   flags.mark_flags_as_required(["config"])
@@ -167,4 +168,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, argv=cli.resolve_config_flags_or_exit(sys.argv))
+  app.run(main, argv=config_flag.resolve_config_flags_or_exit(sys.argv))

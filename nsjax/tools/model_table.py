@@ -3,7 +3,7 @@
   python -m nsjax.tools.model_table [--num_classes=1000] [--models=efficientnet-b0,efficientnet-b7]
 
 Parameter counts come from `jax.eval_shape` of the actual Flax modules (nothing is allocated;
-`exported_model.count_params`), so the table cannot drift from the code; tests check them against
+`models.count_params`), so the table cannot drift from the code; tests check them against
 the published counts.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from typing import Sequence
 
-from nsjax import exported_model, models
+from nsjax import models
 
 HEADER = ("model", "params", "width", "depth", "train res", "test res", "dropout")
 
@@ -38,7 +38,7 @@ def model_rows(num_classes: int = 1000, names: Sequence[str] | None = None) -> l
   rows = []
   for name in names or list(models.MODEL_SPECS):
     model = models.create_model(name, num_classes)
-    rows.append(ModelRow(name, exported_model.count_params(model), model.width, model.depth,
+    rows.append(ModelRow(name, models.count_params(model), model.width, model.depth,
                          model.train_resolution, model.test_resolution, model.dropout_rate))
   return rows
 

@@ -1,6 +1,6 @@
 """Compiling a stage's train step in the background, before the stage makes its first call.
 
-XLA compiles a train step at its first call (15-25 s for the demo's programs on a 2-core CPU),
+XLA compiles a train step at its first call (a large part of a short stage on a small CPU),
 after the stage has built its input pipelines and initialised its state: mostly single-threaded
 Python, which leaves a core idle, and a later stage's step could compile while an earlier one
 trains. `start` queues a jitted function and abstract arguments on one background thread, which

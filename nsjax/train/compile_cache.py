@@ -1,7 +1,8 @@
 """What a (model, settings, mesh, input shape) combination compiles, built once per process.
 
 Cached so repeated `train` calls in one process (resume, sweeps, notebooks, benchmarks) reuse
-their compilations; only the settings that change the compiled step key the cache.
+their compilations; only the settings that change the compiled step key the cache
+(nsjax.train.settings.StepSettings, the objective's own settings object among them).
 """
 from __future__ import annotations
 
@@ -11,24 +12,14 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 import optax
 
 from nsjax import parallel
-from nsjax.train import objective
 from nsjax.train import optimizer as opt
 from nsjax.train import state as state_lib
 from nsjax.train import steps
-from nsjax.train.settings import make_tx, steps_per_epoch
-
-
-# Config keys that change the compiled step (the rest only steer the loop; the seed is an argument
-# of the step, see nsjax.train.steps).
-_STEP_KEYS = ("batch_size", "optimizer", "base_learning_rate", "lr_schedule",
-              "warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "rmsprop_decay", "momentum",
-              "rmsprop_epsilon", "adamw_weight_decay", "weight_decay", "label_smoothing",
-              "unlabeled_ratio", "pseudo_labels", "temperature", "ema_decay", "fsdp")
+from nsjax.train.settings import StepSettings, make_tx
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (it is itself cached)
@@ -42,17 +33,13 @@ class RunFunctions:
   decay_mask: Any
   model: nn.Module
   mesh: jax.sharding.Mesh
-  loss_config: objective.LossConfig
-
-
-def hashable_config(cfg: ml_collections.ConfigDict) -> tuple:
-  return tuple((k, cfg[k]) for k in _STEP_KEYS) + (("steps_per_epoch", steps_per_epoch(cfg)),)
+  settings: StepSettings
 
 
 @functools.lru_cache(maxsize=8)
-def run_functions(model: nn.Module, mesh: jax.sharding.Mesh, hashable_cfg: tuple,
-                   image_shape: tuple[int, ...], frozen_blocks: int) -> RunFunctions:
-  cfg = ml_collections.ConfigDict(dict(hashable_cfg))
+def run_functions(model: nn.Module, mesh: jax.sharding.Mesh, cfg: StepSettings,
+                  image_shape: tuple[int, ...], frozen_blocks: int) -> RunFunctions:
+  """`cfg`: nsjax.train.settings.step_settings of the run's resolved config."""
   schedule = opt.learning_rate_schedule(cfg.base_learning_rate, cfg.batch_size,
                                         cfg.steps_per_epoch, cfg.warmup_epochs,
                                         cfg.lr_decay_epochs, cfg.lr_decay_factor, cfg.lr_schedule)
@@ -68,8 +55,7 @@ def run_functions(model: nn.Module, mesh: jax.sharding.Mesh, hashable_cfg: tuple
   return RunFunctions(schedule=schedule, tx=tx, abstract_state=abstract, shardings=shardings,
                       init=init, decay_mask=opt.weight_decay_mask(params, batch_stats,
                                                                   frozen_blocks),
-                      model=model, mesh=mesh,
-                      loss_config=objective.loss_config(cfg, _num_classes(model)))
+                      model=model, mesh=mesh, settings=cfg)
 
 
 def train_step(fns: RunFunctions, teacher_model: nn.Module | None,
@@ -88,7 +74,7 @@ def _train_step(fns: RunFunctions, teacher_model: nn.Module | None,
   placed_teacher = None  # the teacher variables' shardings, with an online teacher
   if teacher_model is not None:
     placed_teacher = teacher_shardings(teacher_model, fns.mesh, fsdp, teacher_image_shape)
-  return steps.make_train_step(fns.model, fns.tx, fns.schedule, fns.loss_config, fns.mesh,
+  return steps.make_train_step(fns.model, fns.tx, fns.schedule, fns.settings, fns.mesh,
                                fns.shardings, fns.decay_mask, teacher_model, placed_teacher,
                                steps_per_call)
 
@@ -99,8 +85,3 @@ def teacher_shardings(teacher_model: nn.Module, mesh: jax.sharding.Mesh, fsdp: b
       jax.random.key(0), np.zeros((1,) + image_shape, np.float32), train=False))
   return parallel.tree_shardings(mesh, abstract, fsdp=fsdp)
 
-
-def _num_classes(model: nn.Module) -> int:
-  if not hasattr(model, "num_classes"):
-    raise ValueError(f"The model ({type(model).__name__}) needs a `num_classes` attribute.")
-  return int(model.num_classes)

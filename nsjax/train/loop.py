@@ -14,7 +14,7 @@ Settings: nsjax.train.settings (defaults in nsjax.config_lib; every key, its def
 meaning in docs/configuration.md). Preemption, the reporter, input positions and the compile cache
 have their own modules in nsjax/train/.
 
-Batches: see `nsjax.train.objective` for the dict layout ("labeled", optional "unlabeled").
+Batches: see `nsjax.train.steps` for the dict layout ("labeled", optional "unlabeled").
 
 Preemption: SIGTERM makes `train` finish the step in flight, save a checkpoint of it, and raise
 `nsjax.train.preemption.Preempted`; calling `train` again with the same arguments resumes there.
@@ -40,7 +40,7 @@ from nsjax.train import steps
 from nsjax.train.preemption import Preempted, PreemptionWatch
 from nsjax.train.reporter import Reporter, hparams
 from nsjax.train.run_checkpoints import DamagedCheckpoint, TrainCheckpoints
-from nsjax.train.settings import num_train_steps, resolve_config
+from nsjax.train.settings import num_train_steps, resolve_config, step_settings
 
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def _run_functions(cfg: ml_collections.ConfigDict, model: nn.Module, mesh: jax.s
   """The run's cached functions, for `model` in cfg.compute_dtype (`train` and `compile_ahead`
   must reach the same ones)."""
   train_model = model.clone(dtype=cfg.compute_dtype) if cfg.compute_dtype else model
-  return compile_cache.run_functions(train_model, mesh, compile_cache.hashable_config(cfg),
+  return compile_cache.run_functions(train_model, mesh, step_settings(cfg),
                                      image_shape, int(getattr(model, "frozen_blocks", -1)))
 
 
@@ -441,7 +441,7 @@ def train(config: Any, model: nn.Module, train_iter: Iterable | Callable[[int], 
   Args:
     config: hyperparameters (nsjax.train.settings); dict or ConfigDict.
     model: e.g. `nsjax.models.create_model(...)`. Exported at the end with its EMA variables.
-    train_iter: an iterator of global batches (see `nsjax.train.objective`), or a callable
+    train_iter: an iterator of global batches (see `nsjax.train.steps`), or a callable
       `start_step -> iterable` so a resumed run continues the data where it stopped.
     workdir: checkpoints/, TensorBoard events and (by default) export/ go here.
     eval_fn: `eval_fn(ema_variables) -> {"top1": ..., "top5": ...}` (see

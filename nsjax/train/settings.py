@@ -1,19 +1,20 @@
 """A training run's settings: the defaults (nsjax.config_lib), their checks, and what they make.
 
 Hyperparameters (an `ml_collections.ConfigDict`, a plain dict, or keyword overrides of
-`default_config()`; unknown keys are an error). Every key, its default and its meaning are listed
-in docs/configuration.md (generated from nsjax.config_lib, the one home of defaults).
+`default_config()`; unknown keys are an error). The general keys have their defaults in
+nsjax.config_lib; `objective` names the objective (nsjax.objectives), whose own keys have their
+defaults in its class. Every key, its default and its meaning are listed in docs/configuration.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import ml_collections
 import optax
 
-from nsjax import config_lib
-from nsjax.train import objective
+from nsjax import config_lib, objectives
 from nsjax.train import optimizer as opt
 
 
@@ -24,13 +25,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def resolve_config(config: Any = None, **overrides: Any) -> ml_collections.ConfigDict:
-  """`default_config()` updated with `config` (dict / ConfigDict) and `overrides`; validated."""
+  """`default_config()` and the chosen objective's defaults, updated with `config` (dict /
+  ConfigDict) and `overrides`; validated."""
   cfg = default_config()
   given = dict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config or {})
   given.update(overrides)
-  unknown = sorted(set(given) - set(cfg))
-  if unknown:
-    raise ValueError(f"Unknown training config key(s) {unknown}; valid keys: {sorted(cfg)}.")
+  objective = given.get("objective", cfg.objective)
+  for key, value in objectives.defaults(objective).items():
+    setattr(cfg, key, value)
+  _check_known_keys(given, cfg, objective)
   for key, value in given.items():
     setattr(cfg, key, value)
   if not cfg.batch_size or cfg.batch_size < 1:
@@ -46,8 +49,23 @@ def resolve_config(config: Any = None, **overrides: Any) -> ml_collections.Confi
                      f"call), got {cfg.steps_per_call!r}.")
   steps_per_epoch(cfg)
   num_train_steps(cfg)
-  objective.loss_config(cfg, num_classes=1)  # checks the loss settings
+  objectives.from_settings(cfg)  # the objective's own checks of its settings
   return cfg
+
+
+def _check_known_keys(given: dict[str, Any], cfg: ml_collections.ConfigDict,
+                      objective: str) -> None:
+  """Refuses keys neither general nor the chosen objective's, naming the objectives they belong
+  to (a setting of another objective is not silently ignored)."""
+  unknown = sorted(set(given) - set(cfg))
+  for key in unknown:
+    owners = objectives.owners(key)
+    if owners:
+      raise ValueError(f"{key} is a setting of the objective {' or '.join(map(repr, owners))}, "
+                       f"but objective = {objective!r}; set objective = {owners[0]!r} or "
+                       f"remove {key}.")
+  if unknown:
+    raise ValueError(f"Unknown training config key(s) {unknown}; valid keys: {sorted(cfg)}.")
 
 
 def steps_per_epoch(cfg: ml_collections.ConfigDict) -> float:
@@ -78,3 +96,35 @@ def make_tx(cfg: ml_collections.ConfigDict, schedule: opt.Schedule) -> optax.Gra
   return opt.make_optimizer(cfg.optimizer, schedule, rmsprop_decay=cfg.rmsprop_decay,
                             momentum=cfg.momentum, rmsprop_epsilon=cfg.rmsprop_epsilon,
                             adamw_weight_decay=cfg.adamw_weight_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What a compiled train step depends on, and so the key of its compilation cache
+  (nsjax.train.compile_cache): each field but the last two is the resolved training setting of
+  its name; `objective` is the objective's own settings object (nsjax.objectives), so a setting
+  an objective adds keys the cache with no edit here. The seed is not a field: it is an argument
+  of the compiled step, so runs that differ only in their seed share one compilation."""
+  batch_size: int
+  optimizer: str
+  base_learning_rate: float
+  lr_schedule: str
+  warmup_epochs: float
+  lr_decay_epochs: float
+  lr_decay_factor: float
+  rmsprop_decay: float
+  momentum: float
+  rmsprop_epsilon: float
+  adamw_weight_decay: float
+  weight_decay: float
+  ema_decay: float
+  fsdp: bool
+  steps_per_epoch: float
+  objective: Any
+
+
+def step_settings(cfg: ml_collections.ConfigDict) -> StepSettings:
+  """The StepSettings of a resolved training config."""
+  derived = {"steps_per_epoch": steps_per_epoch(cfg), "objective": objectives.from_settings(cfg)}
+  return StepSettings(**{f.name: derived[f.name] if f.name in derived else cfg[f.name]
+                         for f in dataclasses.fields(StepSettings)})

@@ -77,8 +77,8 @@ def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
 
 
 def _init_compiler_options() -> dict[str, Any] | None:
-  # Init runs once; on CPU, LLVM's full optimisation of the many small RNG kernels costs ~4x the
-  # compile time of the whole init for nothing. Other backends keep their defaults.
+  # Init runs once; on CPU, LLVM's full optimisation of the many small RNG kernels costs several
+  # times the compile time of the whole init for nothing. Other backends keep their defaults.
   return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
