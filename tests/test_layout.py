@@ -27,13 +27,15 @@ LAYERS = (
     # A whole config checked before any compute; each part by its owner (the stages' own checks).
     ("validation", ("nsjax.validate",)),
     ("stages", ("nsjax.stages",)),
+    # What a study's seeds say about its claims: statistics over per-image evaluation records.
+    ("claims", ("nsjax.claims",)),
     ("train, evaluate, export", ("nsjax.train", "nsjax.evaluate", "nsjax.export")),
     ("exported models", ("nsjax.exported_model",)),  # the artifact a model stage hands on
     ("config", ("nsjax.config_lib", "nsjax.schedule")),  # defaults, and the stages a config makes
     ("data, models, objectives", ("nsjax.data", "nsjax.models", "nsjax.objectives")),
     ("runtime", ("nsjax", "nsjax.parallel", "nsjax.cpu_features", "nsjax.host_memory")),
     ("files and artifacts", ("nsjax.files", "nsjax.artifacts", "nsjax.run_state",
-                             "nsjax.workdir_lock", "nsjax.report", "nsjax.claims")),
+                             "nsjax.workdir_lock", "nsjax.report")),
 )
 # Function-level imports of nsjax modules, each with its reason (no cycle is a reason).
 DEFERRED_NSJAX_IMPORTS = {

@@ -51,7 +51,7 @@ def toy():
 
 def toy_config(**student_train):
   """The smoke schedule, 4 steps a model, both models trained with the toy objective."""
-  config = load_config("smoke")
+  config = load_config("smoke")[1]
   for stage in (config.teacher, config.students[0]):
     stage.train.update(objective="confidence_weighted", num_train_steps=4,
                        checkpoint_every_steps=4)
@@ -64,7 +64,7 @@ def test_a_toy_objective_trains_the_smoke_schedule(toy, tmp_path):
   config = toy_config(confidence_power=2.0)
   validate.validate_config(config, str(tmp_path))
   state = pipeline.run(config, str(tmp_path))
-  student = state.result("student-1")
+  student = state["completed"]["student-1"]
   assert student["step"] == 4
   assert student["final_metrics"]["confidence_weighted_loss"] > 0  # the toy's own part, logged
   assert "unlabeled_loss" not in student["final_metrics"]  # noisy_student's is not there
@@ -103,7 +103,7 @@ def test_a_config_names_the_objective_and_its_settings_or_is_refused(toy, tmp_pa
   with pytest.raises(validate.ConfigError, match="did you mean "
                                                  "students\\[0\\].train.confidence_power"):
     validate.check_keys(config)
-  config = load_config("smoke")
+  config = load_config("smoke")[1]
   config.students[0].train.objective = "confidence_weightd"
   with pytest.raises(validate.ConfigError, match="objective = 'confidence_weightd' is not a "
                                                  "registered objective; use one of "
