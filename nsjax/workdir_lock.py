@@ -233,22 +233,22 @@ def _gcs_errors():
 
 def gcs_holder(blob) -> tuple[dict[str, Any], int, float] | None:
   """(record, generation, seconds since it was written) of the lock object, or None when there
-  is none. The age is read against GCS's own time stamp of the object. (Each request gets a new
-  Blob: one that has read a generation's metadata asks for that generation from then on.)"""
+  is none. The age is read against GCS's own time stamp of the object."""
   errors = _gcs_errors()
-  for _ in range(5):
-    current = blob.bucket.get_blob(blob.name)
-    if current is None:
-      return None
+  for _ in range(5):  # replaced between the two requests: read the new one
     try:
-      data = blob.bucket.blob(blob.name, generation=current.generation).download_as_bytes()
-    except errors.NotFound:  # replaced between the two requests: read the new one
+      blob.reload()
+      generation = int(blob.generation)
+      data = blob.bucket.blob(blob.name, generation=generation).download_as_bytes()
+    except errors.NotFound:
+      if not blob.exists():
+        return None
       continue
     try:
       record = json.loads(data)
     except ValueError:
       record = {"host": "?", "pid": -1, "started": "?", "command": "(unreadable lock record)"}
-    return record, int(current.generation), max(time.time() - current.updated.timestamp(), 0.0)
+    return record, generation, max(time.time() - blob.updated.timestamp(), 0.0)
   raise RuntimeError(f"The lock record {blob.name} keeps changing; rerun.")
 
 

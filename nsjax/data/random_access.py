@@ -229,20 +229,11 @@ def host_rows(read: Callable[[np.ndarray], list[bytes]], first_batch: int, globa
   """(stream position, serialized record) of this process's rows of global batches first_batch,
   first_batch + 1, ...: rows [process_index * local_batch, (process_index + 1) * local_batch) of
   each, fetched by `read(positions)` two batches at a time, in order. Every training stream (labeled
-  and pseudo-labeled) is cut into host batches here, so they slice hosts alike. A read that meets a
-  damaged record gives empty records: the stream's iterator must check its RecordReader's
-  `damage` before handing out a batch (`RecordReader.check`)."""
+  and pseudo-labeled) is cut into host batches here, so they slice hosts alike."""
 
   def read_batch(batch):
     positions = int(batch) * global_batch + process_index * local_batch + np.arange(local_batch)
-    try:
-      records = read(positions)
-    except DamagedRecord:
-      # Empty records instead: the reader keeps the damage, and the stream's iterator raises it
-      # before handing out any batch read after it. (Raised here, it would reach the log with a
-      # Python traceback through tf.data's error, and the labeled stream would drop it.)
-      records = [b""] * local_batch
-    return np.array(records, dtype=object), positions.astype(np.int64)
+    return np.array(read(positions), dtype=object), positions.astype(np.int64)
 
   def fetch(batch):
     records, positions = tf.numpy_function(read_batch, [batch], (tf.string, tf.int64),
