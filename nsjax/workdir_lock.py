@@ -221,13 +221,8 @@ def gcs_blob(path: str):
 
 
 def _gcs_errors():
-  """google.api_core's exceptions (installed with google-cloud-storage, which gcs_blob needs
-  first, so only a gs:// workdir ever gets here)."""
-  try:
-    from google.api_core import exceptions
-  except ImportError as error:
-    raise ImportError("The lock of a gs:// workdir needs google-cloud-storage: pip install -r "
-                      "requirements.txt (or pip install 'nsjax[gcs]').") from error
+  """google.api_core's exceptions (installed with google-cloud-storage; imported as it is)."""
+  from google.api_core import exceptions
   return exceptions
 
 
