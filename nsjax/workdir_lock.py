@@ -12,19 +12,12 @@ SIGKILL. Whether the workdir is free is decided differently by where it lives:
   drops when the holding process dies, so a run that was SIGKILLed or lost its VM never blocks the
   next one. A record left behind by such a run is taken over with a warning naming it. A record
   whose process is alive on this host blocks even where flock is not enforced.
-- gs:// workdirs: the record is created only if absent, through google-cloud-storage's generation
-  precondition (`if_generation_match=0`: of two runs started together, GCS lets exactly one create
-  it; tf.io.gfile cannot ask for that). The holder renews the record every
-  `REMOTE_HEARTBEAT_SECONDS`; a record not renewed for `REMOTE_STALE_SECONDS` belongs to a run that
-  is gone (its host died) and is taken over, as is at once one of a dead process on this host --
-  each by replacing exactly the generation found (a precondition again), so two runs taking over
-  together cannot both succeed. A holder whose record was taken over all the same (its renewals
-  failed for that long) learns it at its next renewal and stops as if preempted (SIGTERM), so two
-  runs do not go on writing one workdir. google-cloud-storage is imported only for gs://.
-- Other object stores (through tf.io.gfile, which has no create-if-absent): best effort. A record
-  present means busy (a record of a dead process on this host is taken over); otherwise this run
-  writes its record and reads it back after a moment. Two runs started within that moment can
-  both proceed; a run whose host died leaves a record only deleting it clears (the message says so).
+- Object stores (gs://, through tf.io.gfile): no atomic create-if-absent is available through
+  plain file APIs (GCS offers one only as a generation precondition, which tf.io.gfile does not
+  expose), so the check is best effort: a record present means busy (a record of a dead process on
+  this host is taken over); otherwise this run writes its record and reads it back after a moment.
+  Two runs started within that moment can both proceed; a run whose host died leaves a record only
+  deleting it clears (the message says so).
 
 Several hosts: process 0 takes the lock and tells the others at the run's start barrier; they
 stop with the same exit code when it could not.
@@ -38,9 +31,7 @@ import fcntl
 import json
 import os
 import socket
-import signal
 import sys
-import threading
 import time
 import uuid
 from typing import Any, Callable, Iterator
@@ -54,11 +45,6 @@ from nsjax.files import atomic_write_json
 
 LOCK_FILE = "nsjax.lock"
 _REMOTE_SETTLE_SECONDS = 2.0  # object stores: how long a record must survive before it counts
-# gs://: how often the holder renews its record, and how long one not renewed lasts. Ten missed
-# renewals: a live holder is never judged gone for a slow request, and hosts' clocks (which the
-# age of a record is read against) stay well within that of GCS's on NTP-synced VMs.
-REMOTE_HEARTBEAT_SECONDS = 30.0
-REMOTE_STALE_SECONDS = 300.0
 
 
 class WorkdirBusy(RuntimeError):
@@ -71,12 +57,8 @@ def lock_path(workdir: str) -> str:
 
 
 def is_local(workdir: str) -> bool:
-  """Local paths get flock; URLs (gs://, ...) a record on the object store."""
+  """Local paths get flock; URLs (gs://, ...) only the best-effort record."""
   return "://" not in workdir
-
-
-def is_gcs(workdir: str) -> bool:
-  return workdir.startswith("gs://")
 
 
 def holder_record(stage: str | None = None) -> dict[str, Any]:
@@ -91,9 +73,6 @@ def holder_record(stage: str | None = None) -> dict[str, Any]:
 
 def read_record(workdir: str) -> dict[str, Any] | None:
   """The holder record, or None when there is none (or it cannot be parsed)."""
-  if is_gcs(workdir):
-    found = gcs_holder(gcs_blob(lock_path(workdir)))
-    return found and found[0]
   try:
     with tf.io.gfile.GFile(lock_path(workdir)) as f:
       return json.loads(f.read())
@@ -128,13 +107,11 @@ def alive_here(record: dict[str, Any]) -> bool:
       int(record["pid"]) != os.getpid() and pid_alive(int(record["pid"]))
 
 
-def busy_message(workdir: str, record: dict[str, Any] | None, remote: bool = False,
-                 fix: str | None = None) -> str:
+def busy_message(workdir: str, record: dict[str, Any] | None, remote: bool = False) -> str:
   """Names the holder, the rule (one run per workdir, --stage jobs too) and what to do."""
-  fix = fix or ("If that run is gone (its host died), delete that file and rerun."
-                if remote else "If that process is gone, rerun: its lock is taken over (if the "
-                "record is wrong, e.g. its pid now belongs to another program, delete the lock "
-                "file).")
+  fix = ("If that run is gone (its host died), delete that file and rerun."
+         if remote else "If that process is gone, rerun: its lock is taken over (if the record "
+         "is wrong, e.g. its pid now belongs to another program, delete the lock file).")
   return (f"The workdir {workdir} is in use by {describe(record)} (lock file "
           f"{lock_path(workdir)}). One run per workdir: runs on one workdir, --stage jobs "
           "included, go one after another. Wait for that run to end, stop it, or use another "
@@ -207,143 +184,6 @@ class _RemoteLock:
       _remove_record(self.workdir)
 
 
-def gcs_blob(path: str):
-  """The google-cloud-storage Blob of a gs:// path. The package is imported here: only gs://
-  workdirs need it (credentials: the VM's, as for every other gs:// read; STORAGE_EMULATOR_HOST
-  points it at an emulator)."""
-  try:
-    from google.cloud import storage
-  except ImportError as error:
-    raise ImportError(f"The lock of a gs:// workdir ({path}) needs google-cloud-storage: pip "
-                      "install -r requirements.txt (or pip install 'nsjax[gcs]').") from error
-  bucket, _, name = path[len("gs://"):].partition("/")
-  return storage.Client().bucket(bucket).blob(name)
-
-
-def _gcs_errors():
-  """google.api_core's exceptions (installed with google-cloud-storage; imported as it is)."""
-  from google.api_core import exceptions
-  return exceptions
-
-
-def gcs_holder(blob) -> tuple[dict[str, Any], int, float] | None:
-  """(record, generation, seconds since it was written) of the lock object, or None when there
-  is none. The age is read against GCS's own time stamp of the object."""
-  errors = _gcs_errors()
-  for _ in range(5):  # replaced between the two requests: read the new one
-    try:
-      blob.reload()
-      generation = int(blob.generation)
-      data = blob.bucket.blob(blob.name, generation=generation).download_as_bytes()
-    except errors.NotFound:
-      if not blob.exists():
-        return None
-      continue
-    try:
-      record = json.loads(data)
-    except ValueError:
-      record = {"host": "?", "pid": -1, "started": "?", "command": "(unreadable lock record)"}
-    return record, generation, max(time.time() - blob.updated.timestamp(), 0.0)
-  raise RuntimeError(f"The lock record {blob.name} keeps changing; rerun.")
-
-
-def _gcs_write(blob, record: dict[str, Any], if_generation_match: int) -> int:
-  """Writes `record` only if the object's generation is `if_generation_match` (0: only if there
-  is none); returns the new generation. google.api_core's PreconditionFailed otherwise."""
-  blob.upload_from_string(json.dumps(record), content_type="application/json",
-                          if_generation_match=if_generation_match)
-  return int(blob.generation)
-
-
-def _stop_as_preempted(message: str) -> None:
-  """What a gs:// holder does when its record was taken over: stop the run as a preemption does
-  (it checkpoints and exits 75), so the two runs do not both go on writing."""
-  logging.error("%s Stopping this run as if preempted.", message)
-  os.kill(os.getpid(), signal.SIGTERM)
-
-
-class _GcsLock:
-  """gs:// workdirs: create-if-absent, renewed by a heartbeat (see the module docstring)."""
-
-  def __init__(self, workdir: str, stage: str | None, heartbeat_seconds: float,
-               stale_seconds: float, on_lost: Callable[[str], None]):
-    self.workdir, self.stage = workdir, stage
-    self.heartbeat, self.stale, self.on_lost = heartbeat_seconds, stale_seconds, on_lost
-    self.blob, self.record, self.generation = None, None, None
-    self.lost = False
-    self._stop = threading.Event()
-    self._thread = None
-
-  def acquire(self) -> None:
-    self.blob = gcs_blob(lock_path(self.workdir))
-    self.record = holder_record(self.stage)
-    try:
-      self.generation = _gcs_write(self.blob, self.record, if_generation_match=0)
-    except _gcs_errors().PreconditionFailed:
-      self.generation = self._take_over_if_gone()
-    self._thread = threading.Thread(target=self._renew, name="nsjax-workdir-lock", daemon=True)
-    self._thread.start()
-
-  def _take_over_if_gone(self) -> int:
-    """The generation this run holds after finding a record: its own (a create the client
-    retried), or the record of a run that is gone, replaced; else WorkdirBusy."""
-    found = gcs_holder(self.blob)
-    if found is None:  # removed since: create it again, or lose to whoever did first
-      return self._replace(None, 0)
-    record, generation, age = found
-    if record.get("token") == self.record["token"]:
-      return generation
-    dead_here = (record.get("host") == socket.gethostname() and int(record.get("pid", -1)) > 0
-                 and not pid_alive(int(record["pid"])))
-    if age < self.stale and not dead_here:
-      raise WorkdirBusy(busy_message(self.workdir, record, fix=self._busy_fix(age)))
-    logging.warning("Taking over the lock of a run that is gone: %s (lock file %s; %s). Its "
-                    "stages resume from their checkpoints and shards.", describe(record),
-                    lock_path(self.workdir), "its process is dead" if dead_here else
-                    f"not renewed for {age:.0f} s")
-    return self._replace(record, generation)
-
-  def _replace(self, record: dict[str, Any] | None, generation: int) -> int:
-    try:
-      return _gcs_write(self.blob, self.record, if_generation_match=generation)
-    except _gcs_errors().PreconditionFailed:  # another run took it first
-      found = gcs_holder(self.blob)
-      raise WorkdirBusy(busy_message(self.workdir, found and found[0],
-                                     fix=self._busy_fix(0.0))) from None
-
-  def _busy_fix(self, age: float) -> str:
-    return (f"Its record was renewed {age:.0f} s ago; the lock of a run that is gone is taken "
-            f"over once its record has not been renewed for {self.stale:.0f} s.")
-
-  def _renew(self) -> None:
-    """Rewrites the record every `heartbeat` seconds, if it is still this run's generation."""
-    while not self._stop.wait(self.heartbeat):
-      try:
-        self.generation = _gcs_write(self.blob, self.record, self.generation)
-      except _gcs_errors().PreconditionFailed:
-        self.lost = True
-        found = gcs_holder(self.blob)
-        self.on_lost(f"The lock of the workdir {self.workdir} was taken over by "
-                     f"{describe(found and found[0])}: this run's renewals had failed.")
-        return
-      except Exception as error:  # noqa: BLE001 -- a failed request: try again next beat
-        logging.warning("Renewing the workdir lock %s failed (%s); trying again in %.0f s.",
-                        lock_path(self.workdir), error, self.heartbeat)
-
-  def release(self) -> None:
-    """Stops renewing; removes the record if it is still this run's generation."""
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
-    if self.lost or self.generation is None:
-      return
-    errors = _gcs_errors()
-    try:
-      self.blob.delete(if_generation_match=self.generation)
-    except (errors.NotFound, errors.PreconditionFailed):
-      pass
-
-
 def _take_over_if_stale(workdir: str, record: dict[str, Any] | None) -> None:
   """A record whose process is gone: warn, naming it, and carry on (it is overwritten)."""
   if record is None:
@@ -371,19 +211,10 @@ def _broadcast_from_process_0(ok: bool) -> bool:
 def hold(workdir: str, stage: str | None = None, *, process_index: int = 0,
          process_count: int = 1,
          broadcast: Callable[[bool], bool] | None = None,
-         settle_seconds: float = _REMOTE_SETTLE_SECONDS,
-         heartbeat_seconds: float = REMOTE_HEARTBEAT_SECONDS,
-         stale_seconds: float = REMOTE_STALE_SECONDS,
-         on_lost: Callable[[str], None] = _stop_as_preempted) -> Iterator[None]:
-  """Holds the workdir for the block's duration; raises WorkdirBusy when another run has it.
-  `heartbeat_seconds`, `stale_seconds`, `on_lost`: gs:// only (see the module docstring);
-  `settle_seconds`: other object stores only."""
-  if is_local(workdir):
-    lock = _LocalLock(workdir, stage)
-  elif is_gcs(workdir):
-    lock = _GcsLock(workdir, stage, heartbeat_seconds, stale_seconds, on_lost)
-  else:
-    lock = _RemoteLock(workdir, stage, settle_seconds)
+         settle_seconds: float = _REMOTE_SETTLE_SECONDS) -> Iterator[None]:
+  """Holds the workdir for the block's duration; raises WorkdirBusy when another run has it."""
+  lock = (_LocalLock(workdir, stage) if is_local(workdir)
+          else _RemoteLock(workdir, stage, settle_seconds))
   failure = None
   if process_index == 0:
     try:

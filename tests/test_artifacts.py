@@ -10,20 +10,16 @@ import glob
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from nsjax import artifacts, config_lib, exported_model, files, pipeline, schedule
-from nsjax.data import pseudo_labels, random_access, student_input
-from nsjax.stages import label
-from nsjax.stages import train as train_stage
+from nsjax import artifacts, exported_model, files, pipeline
+from nsjax.data import pseudo_labels
 from nsjax.run_state import RunState
 from nsjax.train.run_checkpoints import TrainCheckpoints
 from test_pipeline import ROOT, load_config
@@ -203,74 +199,12 @@ def test_a_damaged_or_missing_shard_names_it_and_the_label_stage(smoke, tmp_path
   with pytest.raises(artifacts.DamagedArtifact) as error:
     pipeline.run(config, work, stage="student-1")
   message = str(error.value)
-  assert re.match(rf"{shard}: record \d+ \(at byte \d+\) is damaged: ", message), message
+  assert message.startswith(f"{shard}: this pseudo-label shard is damaged (DataLossError")
   assert f"stage label-1: delete {work}/label-1 and rerun" in message
   os.remove(shard)
   with pytest.raises(artifacts.MissingArtifact, match=rf"{shard}: this pseudo-label shard is "
                      "missing. It was written by stage label-1"):
     pipeline.run(config, work, stage="student-1")
-
-
-def flip_byte(path, at):
-  data = bytearray(open(path, "rb").read())
-  data[at] ^= 0x10
-  open(path, "wb").write(bytes(data))
-
-
-def first_pseudo_label(config, work):
-  """(shard, record, the record's byte offset, the file offset of a byte of its stored float16
-  probabilities) of the first record student-1 reads."""
-  config = config_lib.with_defaults(config)
-  stage = next(s for s in schedule.schedule(config) if s.name == "student-1")
-  seed = train_stage.train_config(schedule.stage_config(stage, config), config, 100).seed
-  labels = os.path.join(work, "label-1")
-  order, blocks, reader, _ = student_input.open_stream(labels, label.read_plan(labels), seed)
-  shard, record = (int(x[0]) for x in student_input.locate_records(order, blocks, np.arange(1)))
-  start, end = reader.table(shard)[0][record:record + 2]
-  with open(reader.paths[shard], "rb") as f:
-    f.seek(start)
-    framed = f.read(end - start)
-  probs = tf.io.parse_single_example(
-      framed[12:-4], {"probs": tf.io.FixedLenFeature([], tf.string)})["probs"].numpy()
-  return reader.paths[shard], record, int(start), int(start) + framed.find(probs) + 1
-
-
-def test_a_flipped_byte_in_a_pseudo_label_stops_the_student_with_one_line_and_exit_2(
-    smoke, tmp_path):
-  # The issue's case: one byte of a stored probability, then `--stage=student-1`. It trained on
-  # the damaged shard and exited 0.
-  config, work = copy_run(smoke, tmp_path, forget=LATER)
-  shard, record, offset, probability_byte = first_pseudo_label(config, work)
-  flip_byte(shard, probability_byte)
-  done = subprocess.run([sys.executable, "-m", "nsjax.main", "--config=configs/smoke.py",
-                         f"--workdir={work}", "--stage=student-1"], cwd=ROOT, capture_output=True,
-                        text=True, timeout=600)
-  assert done.returncode == 2, done.stderr[-3000:]
-  assert "Traceback" not in done.stderr
-  line = [l for l in done.stderr.splitlines() if l.startswith("Damaged or missing artifact")]
-  assert line == [
-      f"Damaged or missing artifact: {shard}: record {record} (at byte {offset}) is damaged: its "
-      "payload does not match its checksum (TFRecord's masked CRC-32C); nothing is trained on "
-      f"it. It was written by stage label-1: delete {work}/label-1 and rerun the same command; "
-      "the stage runs again (with --stage, run --stage=label-1 first) and reproduces it."]
-  assert not glob.glob(os.path.join(work, "student-1", "checkpoints", "*"))  # no step was saved
-
-
-def test_a_flipped_byte_in_a_labeled_image_names_the_file_and_rebuilding_it_works(smoke, tmp_path):
-  config, work = copy_run(smoke, tmp_path, forget=LATER)
-  (train,) = glob.glob(os.path.join(work, "tensorflow_datasets", "mnist5k", "labels_10", "*",
-                                    "mnist5k-train.tfrecord*"))
-  offsets = random_access.tfrecord_offsets(train)
-  flip_byte(train, int(offsets[37] + offsets[38]) // 2)  # mid-record: in the image's bytes
-  with pytest.raises(random_access.DamagedRecord,
-                     match=rf"^{train}: record 37 \(at byte {offsets[37]}\) is damaged: its "
-                     rf"payload .* Rebuild that TFDS split: delete {os.path.dirname(train)} and"):
-    pipeline.run(config, work, stage="student-1")
-  assert not glob.glob(os.path.join(work, "student-1", "checkpoints", "*"))
-  shutil.rmtree(os.path.dirname(train))  # the fix: the dataset is rebuilt, its files reindexed
-  pipeline.run(config, work, stage="student-1")
-  assert export_sha(os.path.join(work, "student-1", "export")) == export_sha(
-      os.path.join(smoke[1], "student-1", "export"))
 
 
 def test_a_damaged_manifest_names_it_and_the_label_stage(smoke, tmp_path):

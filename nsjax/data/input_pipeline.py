@@ -318,8 +318,7 @@ def train_batches(source: Source, *, global_batch_size: int,
   index_paths = random_access.index_tfds_files(paths, index_dir, index, count)
   reader = random_access.RecordReader(
       paths, table=lambda k: (random_access.load_offsets(index_paths[k]), None),
-      table_bytes=lambda k: tf.io.gfile.stat(index_paths[k]).length, first_record=skips,
-      fix=random_access.rebuild_tfds_fix)
+      table_bytes=lambda k: tf.io.gfile.stat(index_paths[k]).length, first_record=skips)
   order = balanced_order.BalancedOrder(takes, lambda k: np.ones(takes[k], np.int64),
                                        seed=seed * 1009 + _SHUFFLE_STREAM, window=shuffle_block)
   first_record, skipped_before = _resume_point(position, int(start_step) * global_batch_size)
@@ -337,9 +336,11 @@ def train_batches(source: Source, *, global_batch_size: int,
       stream, builder, source, preprocess_fn, _seed_pair(seed, 0, _EXAMPLE_STREAM),
       parse=lambda serialized: features.deserialize_example(serialized, decoders=skip_image))
   batches = examples.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return BatchIterator(batches, mesh=mesh, first_record=first_record,
-                       first_step=int(start_step), num_skipped_before=skipped_before,
-                       own_rows=_own_rows_fn(global_batch_size, local, index), reader=reader)
+  iterator = BatchIterator(batches, mesh=mesh, first_record=first_record,
+                           first_step=int(start_step), num_skipped_before=skipped_before,
+                           own_rows=_own_rows_fn(global_batch_size, local, index))
+  iterator.reader = reader
+  return iterator
 
 
 def _builder_and_local_batch(source: Source, global_batch_size: int, mesh, index: int,
@@ -458,19 +459,13 @@ class BatchIterator(Iterator[dict[str, Any]]):
   image did not decode, including `num_skipped_before` from before a resume). Single-pass iterators
   also know `num_batches` and count trailing bad records once the last batch is out. `position()`
   is what a resumed `train_batches(position=...)` continues from.
-
-  `reader`: the RecordReader of a stream read by offset. A batch is handed out only while every
-  record it has read is intact: a damaged one raises its DamagedRecord here, also when tf.data
-  dropped the read's error with the undecodable images (`RecordReader.check`).
   """
 
   def __init__(self, dataset: tf.data.Dataset, *, mesh=None, first_record: int = 0,
                first_step: int = 0, num_records: int | None = None,
                num_batches: int | None = None, num_skipped_before: int = 0,
-               own_rows: Callable[[int, int], int] | None = None,
-               reader: random_access.RecordReader | None = None):
+               own_rows: Callable[[int, int], int] | None = None):
     self.dataset = dataset
-    self.reader = reader
     self.mesh = mesh
     self.num_batches = num_batches
     self.step = first_step
@@ -504,11 +499,6 @@ class BatchIterator(Iterator[dict[str, Any]]):
     except StopIteration:
       self._finish()
       raise
-    except tf.errors.OpError:
-      if self.reader is None or self.reader.damage is None:
-        raise
-      batch = None  # the damaged record's error, raised below once this one is gone
-    self._check_records()
     records = batch.pop(RECORD_KEY)
     real = records >= 0
     self.num_examples += int(real.sum())
@@ -518,17 +508,6 @@ class BatchIterator(Iterator[dict[str, Any]]):
     if self.num_batches is not None and self.step - self._first_step >= self.num_batches:
       self._finish()
     return self._to_global(batch)
-
-  def _check_records(self) -> None:
-    """Raises the reader's DamagedRecord, if any, once this stream's threads have stopped (a
-    command exits right after it, and threads still reading then abort the interpreter)."""
-    if self.reader is not None and self.reader.damage is not None:
-      self.close()
-      self.reader.check()
-
-  def close(self) -> None:
-    """Stops the stream's reading threads: deleting a tf.data iterator waits for them."""
-    self._iterator = None
 
   def _finish(self) -> None:
     """All records have been read: any after the last yielded example were bad ones."""

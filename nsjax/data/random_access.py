@@ -16,13 +16,6 @@ paths (google/array_record#120; riegeli has no open GCS reader), while a TPU run
 and workdir on GCS; TFRecord through tf.io.gfile reads them directly, keeps the TFDS datasets
 users already prepared, and needs no new dependency. The order and per-host slicing that Grain's
 index sampler would give are in nsjax.data.balanced_order.
-
-Every record read is verified against the checksums the TFRecord framing carries (the masked
-CRC-32C of its length field and of its payload; `record_problem`), as tf.data's sequential reader
-does: a flipped byte in a stored probability or image would otherwise become a wrong label or
-picture without a word. A record that fails stops the read with `DamagedRecord` (an
-ArtifactError) naming the file, the record and the fix. The index walk checks each length field
-the same way, so a damaged length is never taken for the end of a file cut short.
 """
 from __future__ import annotations
 
@@ -32,17 +25,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
-import google_crc32c
 import numpy as np
 import tensorflow as tf
 
-from nsjax import artifacts, parallel
+from nsjax import parallel
 from nsjax.files import atomic_write
 
 RECORD_FRAMING = 16  # uint64 length, uint32 masked crc of it, payload, uint32 masked crc of payload
 PAYLOAD_START = 12
-_LENGTH_BYTES = 8
-_CRC_MASK_DELTA = 0xA282EAD8  # TFRecord's (and LevelDB's) masking constant
 _HEADER_CHUNK = 1 << 20
 _IO_THREADS = 16
 
@@ -51,90 +41,34 @@ def is_local(path: str) -> bool:
   return "://" not in path
 
 
-class DamagedRecord(artifacts.DamagedArtifact):
-  """A record whose bytes do not match its checksums: the file changed after it was written."""
-
-
-def masked_crc(data: bytes) -> int:
-  """TFRecord's checksum of `data`: its CRC-32C rotated right by 15 bits, plus a constant."""
-  crc = google_crc32c.value(data)
-  return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
-
-
-def _stored_crc(data: bytes, at: int) -> int:
-  return int.from_bytes(data[at:at + 4], "little")
-
-
-def header_problem(header: bytes) -> str | None:
-  """What is wrong with a record's header (length field, its masked CRC), or None."""
-  if masked_crc(header[:_LENGTH_BYTES]) != _stored_crc(header, _LENGTH_BYTES):
-    return "its length field does not match its checksum"
-  return None
-
-
-def record_problem(framed: bytes) -> str | None:
-  """What is wrong with one framed record (header, payload, the payload's masked CRC), or None
-  when its length field, the length read and both checksums agree."""
-  problem = header_problem(framed)
-  if problem:
-    return problem
-  length = int.from_bytes(framed[:_LENGTH_BYTES], "little")
-  if length != len(framed) - RECORD_FRAMING:
-    return (f"its length field says {length} bytes where its index says "
-            f"{len(framed) - RECORD_FRAMING}")
-  if masked_crc(framed[PAYLOAD_START:-4]) != _stored_crc(framed, len(framed) - 4):
-    return "its payload does not match its checksum"
-  return None
-
-
-def damaged_record(path: str, record: int, offset: int, problem: str, fix: str) -> DamagedRecord:
-  return DamagedRecord(path, f"record {record} (at byte {offset}) is damaged: {problem} "
-                       "(TFRecord's masked CRC-32C); nothing is trained on it", fix)
-
-
-def rebuild_tfds_fix(path: str) -> str:
-  """How to write a TFDS dataset's file again: prepare the dataset anew (a new dataset_info.json
-  also renews every record index of it, see `fingerprint`)."""
-  folder = os.path.dirname(path)
-  return (f"Rebuild that TFDS split: delete {folder} and prepare the dataset again (tfds build "
-          "with the same name and data_dir; nsjax's embedded datasets and converted image "
-          "folders are rebuilt by the next run on their own), then rerun the same command.")
-
-
 def tfrecord_offsets(path: str) -> np.ndarray:
   """Byte offsets of the complete records of a TFRecord file, plus the end of the last one
-  ([n + 1]). A file cut short ends at its last complete record; a length field that fails its
-  checksum raises DamagedRecord (read as a length, it would cut the file short there)."""
+  ([n + 1]). A file cut short ends at its last complete record."""
   size = tf.io.gfile.stat(path).length
   offsets = [0]
-  for header in _headers(path, size, offsets):
-    problem = header_problem(header)
-    if problem:
-      raise damaged_record(path, len(offsets) - 1, offsets[-1], problem, rebuild_tfds_fix(path))
-    end = offsets[-1] + int.from_bytes(header[:_LENGTH_BYTES], "little") + RECORD_FRAMING
-    if end > size:
-      break
-    offsets.append(end)
-  return np.asarray(offsets, np.int64)
-
-
-def _headers(path: str, size: int, offsets: list[int]):
-  """The 12-byte header at `offsets[-1]`, for as long as a whole record's framing fits (the
-  caller appends each next offset)."""
   if is_local(path):
     with open(path, "rb") as f:
       while offsets[-1] + RECORD_FRAMING <= size:
         f.seek(offsets[-1])
-        yield f.read(PAYLOAD_START)
-    return
-  with tf.io.gfile.GFile(path, "rb") as f:  # remote: one request per MiB, not per record
-    buffer, buffer_start = b"", 0
-    while offsets[-1] + RECORD_FRAMING <= size:
-      at = offsets[-1] - buffer_start
-      if at + PAYLOAD_START > len(buffer):
-        f.seek(offsets[-1])
-        buffer, buffer_start, at = f.read(_HEADER_CHUNK), offsets[-1], 0
-      yield buffer[at:at + PAYLOAD_START]
+        length = int.from_bytes(f.read(8), "little")
+        end = offsets[-1] + length + RECORD_FRAMING
+        if end > size:
+          break
+        offsets.append(end)
+  else:  # remote: read sequentially in large chunks (one request per MiB, not per record)
+    with tf.io.gfile.GFile(path, "rb") as f:
+      buffer, buffer_start = b"", 0
+      while offsets[-1] + RECORD_FRAMING <= size:
+        at = offsets[-1] - buffer_start
+        if at + 8 > len(buffer):
+          f.seek(offsets[-1])
+          buffer, buffer_start, at = f.read(_HEADER_CHUNK), offsets[-1], 0
+        length = int.from_bytes(buffer[at:at + 8], "little")
+        end = offsets[-1] + length + RECORD_FRAMING
+        if end > size:
+          break
+        offsets.append(end)
+  return np.asarray(offsets, np.int64)
 
 
 def offsets_path(index_dir: str, path: str, stamp: str) -> str:
@@ -207,15 +141,9 @@ def index_tfds_files(paths: Sequence[str], index_dir: str, process_index: int,
   index_paths = [offsets_path(index_dir, path, stamp)
                  for path, stamp in zip(paths, _fingerprints(paths))]
   share = slice(process_index, None, process_count)
-  damage = None
-  try:
-    _index_missing(paths[share], index_paths[share], index_dir)
-  except DamagedRecord as error:  # raised past the barrier, so the other hosts do not wait
-    damage = error
+  _index_missing(paths[share], index_paths[share], index_dir)
   parallel.host_barrier("record-index-built")
-  if damage is not None:
-    raise damage
-  _index_missing(paths, index_paths, index_dir)  # a damaged file's index is still missing
+  _index_missing(paths, index_paths, index_dir)
   return index_paths
 
 
@@ -252,20 +180,12 @@ class RecordReader:
   `table(k) -> (offsets [n + 1], extra)` gives file k's record offsets (and whatever else the
   stream needs of it, e.g. balance copies); tables are cached, a bounded number at a time.
   `first_record[k]` is added to record indices (TFDS file instructions may skip records).
-
-  Every record read is verified (`record_problem`). The first that fails is kept in `damage` as
-  well as raised: a stream reads inside tf.data, where the error may be dropped (the labeled
-  stream skips what fails to decode), so the stream's iterator calls `check()` before it hands
-  out each batch, and no batch read after a damaged record is trained on. `fix(path)` is the fix
-  its message names (default: rerun the stage that wrote the file, nsjax.artifacts.fix_for).
   """
 
   def __init__(self, paths: Sequence[str], table: Callable[[int], tuple[np.ndarray, np.ndarray]],
-               table_bytes: Callable[[int], int], first_record: Sequence[int] | None = None,
-               fix: Callable[[str], str] = artifacts.fix_for):
+               table_bytes: Callable[[int], int], first_record: Sequence[int] | None = None):
     self.paths = list(paths)
-    self._table_fn, self._table_bytes, self._fix = table, table_bytes, fix
-    self.damage: DamagedRecord | None = None
+    self._table_fn, self._table_bytes = table, table_bytes
     self._first = np.zeros(len(paths), np.int64) if first_record is None else np.asarray(
         first_record, np.int64)
     self.bytes_read = 0  # records and tables
@@ -297,25 +217,10 @@ class RecordReader:
         continue
       start, end = int(offsets[r]), int(offsets[r + 1])
       data = self._read_range(k, start, end - start)
-      problem = (f"the file ends before it (its record index wants bytes up to {end})"
-                 if len(data) != end - start else record_problem(data))
-      if problem:
-        self._refuse(damaged_record(self.paths[k], r, start, problem, self._fix(self.paths[k])))
       out.append(data[PAYLOAD_START:len(data) - 4])
     with self._lock:
       self.bytes_read += sum(len(d) + RECORD_FRAMING for d in out)
     return out
-
-  def _refuse(self, error: DamagedRecord) -> None:
-    with self._lock:
-      self.damage = self.damage or error
-    raise error
-
-  def check(self) -> None:
-    """Raises the first damaged record met so far, if any (see the class docstring)."""
-    damage = self.damage
-    if damage is not None:
-      raise DamagedRecord(damage.path, damage.problem, damage.fix)
 
   def _read_range(self, k: int, start: int, size: int) -> bytes:
     path = self.paths[k]
@@ -326,10 +231,17 @@ class RecordReader:
             self._close_handles()
           self._handles[k] = os.open(path, os.O_RDONLY)
         fd = self._handles[k]
-      return os.pread(fd, size, start)
-    with tf.io.gfile.GFile(path, "rb") as f:
-      f.seek(start)
-      return f.read(size)
+      data = os.pread(fd, size, start)
+    else:
+      with tf.io.gfile.GFile(path, "rb") as f:
+        f.seek(start)
+        data = f.read(size)
+    if len(data) != size:
+      raise IOError(f"{path} is shorter than its record index says (wanted bytes [{start}, "
+                    f"{start + size})): the file was changed or damaged after it was indexed. "
+                    "Pseudo-label shards: delete the label directory and relabel; TFDS files: "
+                    "delete the run's record_index/ folder so it is rebuilt.")
+    return data
 
   def _close_handles(self) -> None:
     for fd in self._handles.values():

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from nsjax import artifacts, parallel
+from nsjax import parallel
 from nsjax.data import balance, balanced_order, input_pipeline, pseudo_labels, random_access
 
 _EXAMPLE_STREAM = 13
@@ -61,18 +61,10 @@ def open_stream(directory: str, plan: balance.BalancePlan, seed: int, window: in
   reader = random_access.RecordReader(
       [os.path.join(directory, f) for f in files],
       table=lambda k: pseudo_labels.read_table(directory, files[k]),
-      table_bytes=lambda k: tf.io.gfile.stat(pseudo_labels.table_path(directory, files[k])).length,
-      fix=lambda path: relabel_fix(directory, path))
+      table_bytes=lambda k: tf.io.gfile.stat(pseudo_labels.table_path(directory, files[k])).length)
   blocks = RecordBlocks(reader, starts, plan.block_size)
   order = balanced_order.BalancedOrder(plan.block_counts, blocks.copies, seed, window)
   return order, blocks, reader, manifest
-
-
-def relabel_fix(directory: str, path: str) -> str:
-  """How to write a damaged shard again: relabel (in a workdir, rerun its label stage)."""
-  if artifacts.stage_of(path):
-    return artifacts.fix_for(path)
-  return f"Relabel: delete {directory} and rerun the label stage that wrote it."
 
 
 def locate_records(order, blocks, positions) -> tuple[np.ndarray, np.ndarray]:
@@ -117,34 +109,22 @@ def pseudo_label_batches(directory: str, plan: balance.BalancePlan, *, local_bat
             .map(decode_and_view, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(local_batch_size, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE))
-  return _naming_the_shards(input_pipeline.host_iterator(stream), directory, reader)
+  return _naming_the_shards(input_pipeline.host_iterator(stream), directory)
 
 
-def _naming_the_shards(batches: Iterator[dict[str, np.ndarray]], directory: str,
-                       reader: random_access.RecordReader) -> Iterator[dict[str, np.ndarray]]:
-  """`batches`, each handed out only while every record read so far is intact (the reader's
-  DamagedRecord otherwise, raised once the stream's threads have stopped: a command exits right
-  after it, and threads still reading then abort the interpreter); other errors name the label
-  stage's folder and the fix for a record that does not decode (still an InvalidArgumentError,
-  so a student stage also looks for the damaged shard by name)."""
+def _naming_the_shards(batches: Iterator[dict[str, np.ndarray]], directory: str
+                       ) -> Iterator[dict[str, np.ndarray]]:
+  """`batches`, whose errors name the label stage's folder and the fix for a damaged record
+  (still an InvalidArgumentError, so a student stage also looks for the damaged shard by name)."""
   try:
-    for batch in batches:
-      if reader.damage is not None:
-        break
-      yield batch
-  except tf.errors.OpError as error:
-    if reader.damage is None:
-      if not isinstance(error, tf.errors.InvalidArgumentError):
-        raise
-      raise tf.errors.InvalidArgumentError(
-          error.node_def, error.op,
-          f"Reading the pseudo-labeled records in {directory} failed: {error.message} -- a "
-          f"record that does not parse or decode means a damaged shard: delete {directory} and "
-          "rerun the label stage that wrote it."
-      ) from error
-  # Here the error (and its traceback, which holds the iterator) is gone.
-  del batches  # deleting a tf.data iterator waits for its threads
-  reader.check()
+    yield from batches
+  except tf.errors.InvalidArgumentError as error:
+    raise tf.errors.InvalidArgumentError(
+        error.node_def, error.op,
+        f"Reading the pseudo-labeled records in {directory} failed: {error.message} -- a record "
+        f"that does not parse or decode means a damaged shard: delete {directory} and rerun the "
+        "label stage that wrote it."
+    ) from error
 
 
 class StageBatches:
@@ -160,21 +140,11 @@ class StageBatches:
     return self
 
   def __next__(self) -> dict:
-    try:
-      lb = next(self.labeled)
-      batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
-      if self.unlabeled is not None:
-        batch["unlabeled"] = next(self.unlabeled)
-    except random_access.DamagedRecord:
-      self.close()  # the other stream's threads too, before the error ends the run
-      raise
+    lb = next(self.labeled)
+    batch = {"labeled": {"image": lb["image"], "label": lb["label"]}}
+    if self.unlabeled is not None:
+      batch["unlabeled"] = next(self.unlabeled)
     return parallel.to_global_batch(batch, self.mesh)
-
-  def close(self) -> None:
-    """Stops both streams' reading threads."""
-    for stream in (self.labeled, self.unlabeled):
-      if hasattr(stream, "close"):
-        stream.close()
 
   def input_position(self) -> dict[str, dict[str, int]]:
     position = {"labeled": self.labeled.position()}
