@@ -143,7 +143,9 @@ def test_fsdp_shards_params_slots_and_ema_and_matches_replicated(replicated_run,
   eval_step = accuracy.make_eval_step(TinyNet(), mesh4)
   batch = parallel.to_global_batch(make_batch(60, unlabeled=0)["labeled"], mesh4)
   counts = [jax.device_get(eval_step(s.ema_variables, batch)) for s in (state_fsdp, state_rep)]
+  hits = [c.pop("top1_hits") for c in counts]  # which images each got right: the same ones
   assert counts[0] == counts[1] and counts[0]["count"] == 8
+  np.testing.assert_array_equal(hits[0], hits[1])
 
 
 def test_eval_step_is_compiled_once_per_model_and_mesh(mesh4):
